@@ -1,0 +1,3 @@
+from lota_cli.cli import main
+
+main()

@@ -1,0 +1,137 @@
+"""Loading, fingerprinting, selecting from, patching and saving Hugging Face causal LMs."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lota_cli import LotaError
+from lota_cli.config import ModelConfig, ParamsConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FINGERPRINT_SAMPLES = 4096  # values sampled per tensor
+
+
+def _source(cfg: ModelConfig) -> tuple[str, dict]:
+    """Where from_pretrained looks, and the GGUF keyword if any."""
+    if not cfg.gguf_file:
+        return cfg.path, {}
+    gguf = Path(cfg.gguf_file)
+    if gguf.is_absolute():
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    return cfg.path, {"gguf_file": cfg.gguf_file}
+
+
+def load_model(cfg: ModelConfig):
+    """(model, tokenizer) from a hub id or local directory (or GGUF file), in cfg.dtype, on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, gguf = _source(cfg)
+    common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **gguf)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], **common)
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    except (OSError, ValueError, ImportError) as err:
+        text = str(err)
+        if "trust_remote_code" in text:
+            raise LotaError(f"model {cfg.path!r} needs its own code from the hub; if you trust it, set "
+                            "model.trust_remote_code=true") from err
+        first = next((line for line in text.splitlines() if line.strip()), type(err).__name__)
+        raise LotaError(f"cannot load model {cfg.path!r}{' / ' + cfg.gguf_file if cfg.gguf_file else ''}: "
+                        f"{first[:300]} (give a local directory or a reachable hub id)") from err
+    if gguf:  # dequantized on load: drop the quantizer so the model trains and saves as plain weights
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A fast fingerprint of the weights: names, shapes and a fixed sample of values (as bf16).
+
+    Hashing every byte of a 70B model would take minutes; a strided sample of every tensor tells bases apart
+    (another fine-tune of the same architecture differs in the sampled values) at no noticeable cost.
+    Values are hashed in bf16 so the same weights loaded in float32 or bfloat16 match.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+        sample = flat[::step][:FINGERPRINT_SAMPLES].to(torch.bfloat16).view(torch.int16)
+        digest.update(f"{name}:{list(tensor.shape)}".encode())
+        digest.update(sample.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def selected(shapes: dict[str, tuple[int, ...]], cfg: ParamsConfig) -> list[str]:
+    """Names of the 2-D tensors matching params.include and not params.exclude, in the given order."""
+    include = [re.compile(p) for p in cfg.include]
+    exclude = [re.compile(p) for p in cfg.exclude]
+    names = [
+        name for name, shape in shapes.items()
+        if len(shape) == 2 and any(r.fullmatch(name) for r in include) and not any(r.fullmatch(name) for r in exclude)
+    ]
+    if not names:
+        sample = ", ".join(list(shapes)[:6])
+        raise LotaError(f"no parameters match params.include={list(cfg.include)} (excluding {list(cfg.exclude)}); "
+                        f"the tensor names look like: {sample}")
+    return names
+
+
+def select_params(model: nn.Module, cfg: ParamsConfig) -> list[str]:
+    return selected({n: tuple(p.shape) for n, p in model.named_parameters()}, cfg)
+
+
+def check_tensor(model: nn.Module, name: str, shape: tuple[int, ...], source: str) -> torch.Tensor:
+    """The model's parameter `name`, refusing a name or shape the model does not have."""
+    try:
+        param = model.get_parameter(name)
+    except AttributeError:
+        raise LotaError(f"{source} has tensor {name!r}, which this model does not have; was it made for "
+                        "another architecture?") from None
+    if tuple(param.shape) != tuple(shape):
+        raise LotaError(f"{source}: tensor {name!r} is {list(shape)} but the model's is {list(param.shape)}")
+    return param
+
+
+@torch.no_grad()
+def add_delta(model: nn.Module, artifact, scale: float = 1.0) -> None:
+    """Add an artifact's delta into the model's weights in place: O(k) for a sparse delta."""
+    for name in artifact.names:
+        param = check_tensor(model, name, artifact.shape(name), str(artifact.path))
+        if artifact.kind == "sparse_delta":
+            values = artifact.values(name).to(param.dtype)
+            param.view(-1).index_add_(0, artifact.indices(name).long(), values, alpha=scale)
+        else:
+            param.add_(artifact.dense(name, param.dtype), alpha=scale)
+
+
+def save_model(model: nn.Module, tokenizer, directory: Path) -> Path:
+    """Write a Hugging Face model directory (sharded safetensors + tokenizer) atomically."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory

@@ -1,0 +1,60 @@
+"""lota info [--json] FILE...: what an artifact is, what it came from, and how dense it is."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.table import Table
+
+from lota_cli import LotaError
+from lota_cli.artifacts import Artifact
+from lota_cli.masks import density_by_layer, unpack_bits
+from lota_cli.progress import stderr
+
+
+def describe(artifact: Artifact) -> dict:
+    counts = {n: (int(unpack_bits(artifact.bits(n), artifact.numel(n)).count_nonzero()), artifact.numel(n))
+              for n in artifact.names}
+    held, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    meta = artifact.meta
+    return {
+        "path": str(artifact.path), "kind": meta.kind, "format": meta.format, "stage": meta.stage,
+        "base_model": meta.base_model, "base_fingerprint": meta.base_fingerprint,
+        "fingerprint": meta.fingerprint, "parents": meta.parents, "seed": meta.seed, "sparsity": meta.sparsity,
+        "tensors": len(counts), "parameters": total, "entries": held, "density": held / max(total, 1),
+        "bytes": artifact.path.stat().st_size, "bytes_per_param": artifact.path.stat().st_size / max(total, 1),
+        "density_per_layer": density_by_layer(counts), "versions": meta.versions,
+    }
+
+
+def _print(info: dict) -> None:
+    head = Table(title=info["path"], show_header=False)
+    for key in ("kind", "stage", "base_model", "base_fingerprint", "fingerprint", "sparsity", "tensors",
+                "parameters", "entries", "density", "bytes", "bytes_per_param"):
+        value = info[key]
+        head.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    stderr.print(head)
+    layers = Table("layer", "density")
+    for layer, density in info["density_per_layer"].items():
+        layers.add_row(layer, f"{density:.4f}")
+    stderr.print(layers)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lota info", description=__doc__)
+    parser.add_argument("files", nargs="+", help="artifact files (.safetensors)")
+    parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of tables on stderr")
+    args = parser.parse_args(argv)
+    try:
+        infos = [describe(Artifact(f)) for f in args.files]
+    except LotaError as err:
+        print(f"lota info: error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
+    else:
+        for info in infos:
+            _print(info)
+    return 0
