@@ -35,18 +35,16 @@ def _files(data_files) -> list[str]:
 def load_rows(task: TaskConfig, purpose: str = "train") -> list[dict]:
     """Rows for training or evaluation: from local files when given, else from the hub dataset.
 
-    When training and evaluation read the same data (same split, no separate eval files), the last
-    `task.holdout` rows (after the seeded shuffle) are evaluation's alone.
+    With `task.holdout` > 0 and no separate eval files, evaluation reads the training data too, and its
+    last `task.holdout` rows (after the seeded shuffle) are evaluation's alone.
     """
     import datasets
 
-    if purpose == "train":
+    shared = task.holdout > 0 and not task.eval_data_files
+    if purpose == "train" or shared:
         split, data_files = task.split, task.data_files
     else:
         split, data_files = task.eval_split, task.eval_data_files
-    shared = task.holdout > 0 and not task.eval_data_files and (task.data_files or task.split == task.eval_split)
-
-    datasets.disable_progress_bars()
     try:
         if data_files:
             files = _files(data_files)

@@ -205,4 +205,4 @@ def density_by_layer(counts: dict[str, tuple[int, int]]) -> dict[str, float]:
 
 def k_for(sparsity: float, numel: int) -> int:
     """Number of entries kept at a sparsity: round((1 - sparsity) * numel)."""
-    return round((1.0 - sparsity) * numel)
+    return round(numel - sparsity * numel)  # not (1 - s) * n: 1 - 0.9 is 0.0999..., which rounds 1.5 down

@@ -192,6 +192,7 @@ def train(
             return save_checkpoint(out, step, state, tcfg.keep_checkpoints)
         return None
 
+    out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     model.train()
     params = list(trainable.values())

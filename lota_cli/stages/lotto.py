@@ -1,0 +1,129 @@
+"""lota lotto: Lottery Ticket Transfer (LoTTO), a new task after earlier LoTA adapters.
+
+The model being adapted is base + the earlier sparse deltas. Calibration on the new task keeps every entry
+of an earlier mask frozen (restored after each optimizer step, so it stays bitwise unchanged); the new mask
+is drawn from the remaining entries only, so it is disjoint from every earlier mask; then the masked entries
+are sparse-trained from base + earlier deltas. Output: the new sparse delta (and, with save_model, the model
+of the whole chain).
+
+Phases write into out/calibrate and out/sparse-train (metrics, checkpoints); the new mask is saved as
+out/mask.safetensors, so a resumed run that finds it skips the calibration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from lota_cli import LotaError, sparse
+from lota_cli.artifacts import Artifact, save_sparse, stage_meta
+from lota_cli.config import LottoConfig
+from lota_cli.masks import encode_positions, k_for, pack_bits, top_k_mask, unpack_bits
+from lota_cli.models import DTYPES, add_delta, save_model, select_params
+from lota_cli.training import setup, train
+
+log = logging.getLogger(__name__)
+
+
+def _frozen_union(previous: list[Artifact], names: list[str]) -> dict[str, torch.Tensor]:
+    """Packed bits of every entry an earlier adapter owns, refusing earlier masks that overlap."""
+    union = {}
+    for name in names:
+        owned = None
+        for prev in previous:
+            if name not in prev.meta.shapes:
+                continue
+            mask = unpack_bits(prev.bits(name), prev.numel(name))
+            if owned is not None and bool((owned & mask).any()):
+                raise LotaError(f"earlier adapters overlap in {name!r} ({prev.path}); a LoTTO chain needs "
+                                "disjoint masks: build each with lota lotto after the ones before it")
+            owned = mask if owned is None else owned | mask
+        if owned is not None:
+            union[name] = pack_bits(owned)
+    return union
+
+
+def run(cfg: LottoConfig, out: Path) -> list[Path]:
+    if not cfg.lotto.previous:
+        raise LotaError("lotto.previous is empty: give the earlier adapters, e.g. lotto.previous=[a.safetensors]; "
+                        "for a first task use calibrate, extract and sparse-train")
+    previous = [Artifact(p, kinds=("sparse_delta",)) for p in cfg.lotto.previous]
+    run = setup(cfg, out)
+    model = run.model
+    for prev in previous:
+        prev.check_base(run.base_fingerprint, cfg.model.path)
+        add_delta(model, prev)
+    names = select_params(model, cfg.params)
+    shapes = {n: tuple(model.get_parameter(n).shape) for n in names}
+    frozen = _frozen_union(previous, names)
+    start = {n: model.get_parameter(n).detach().to("cpu", copy=True) for n in names}  # base + earlier deltas
+    depends = {"base": run.base_fingerprint, "previous": [p.meta.fingerprint for p in previous]}
+
+    # Phase 1: calibrate with the earlier masks frozen, unless a resumed run already has the new mask.
+    mask_path = out / "mask.safetensors"
+    total = sum(torch.Size(s).numel() for s in shapes.values())
+    if cfg.resume and mask_path.is_file():
+        new_mask = {n: Artifact(mask_path, kinds=("mask",)).bits(n) for n in names}
+        log.info("resuming: found the new mask %s, skipping calibration", mask_path)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trainable = {n: model.get_parameter(n).requires_grad_(True) for n in names}
+        frozen_index = {n: unpack_bits(b, start[n].numel()).nonzero().reshape(-1) for n, b in frozen.items()}
+        frozen_values = {n: start[n].reshape(-1)[i] for n, i in frozen_index.items()}
+
+        @torch.no_grad()
+        def restore_frozen() -> None:
+            for n, index in frozen_index.items():
+                trainable[n].view(-1)[index.to(trainable[n].device)] = frozen_values[n].to(trainable[n].device)
+
+        steps = cfg.lotto.calibrate_steps or cfg.train.max_steps
+        phase1 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
+        train(model, trainable, run.examples, run.tokenizer.pad_token_id, phase1, out / "calibrate",
+              run.accelerator, depends={"phase": "calibrate", **depends}, after_step=restore_frozen)
+        delta = {n: trainable[n].detach().cpu().float() - start[n].float() for n in names}
+        free = total - sum(int(unpack_bits(b, start[n].numel()).count_nonzero()) for n, b in frozen.items())
+        k = k_for(cfg.lotto.sparsity, total)
+        if k > free:
+            raise LotaError(f"lotto.sparsity={cfg.lotto.sparsity} asks for {k:,} entries but only {free:,} of "
+                            f"{total:,} ({free / total:.2%}) are left after {len(previous)} earlier adapters; "
+                            "raise lotto.sparsity or start a new chain")
+        new_mask = top_k_mask(delta, k, excluded=frozen)
+        with torch.no_grad():  # back to base + earlier deltas for the sparse phase
+            for n in names:
+                model.get_parameter(n).copy_(start[n])
+        if run.accelerator.is_main_process:
+            meta = stage_meta("mask", "lotto", cfg, cfg.model.path, run.base_fingerprint,
+                              parents=depends["previous"], sparsity=cfg.lotto.sparsity)
+            save_sparse(mask_path, meta, shapes, {n: encode_positions(new_mask[n], start[n].numel()) for n in names})
+
+    for prev in previous:  # verified, not assumed
+        shared = sum(int((unpack_bits(new_mask[n], start[n].numel()) & unpack_bits(prev.bits(n), prev.numel(n)))
+                         .count_nonzero()) for n in names if n in prev.meta.shapes)
+        if shared:
+            raise LotaError(f"internal error: the new mask shares {shared} entries with {prev.path}")
+        log.info("overlap with %s: 0 entries", prev.path)
+
+    # Phase 2: sparse-train the new mask from base + earlier deltas.
+    positions = {n: unpack_bits(new_mask[n], start[n].numel()).nonzero().reshape(-1).int() for n in names}
+    trainable = sparse.attach(model, positions)
+    result = train(model, trainable, run.examples, run.tokenizer.pad_token_id, cfg, out / "sparse-train",
+                   run.accelerator, depends={"phase": "sparse-train", **depends})
+
+    written = []
+    if run.accelerator.is_main_process:
+        dtype = DTYPES[cfg.artifact_dtype]
+        values = {n: p.detach().cpu().to(dtype) for n, p in trainable.items()}
+        meta = stage_meta("sparse_delta", "lotto", cfg, cfg.model.path, run.base_fingerprint,
+                          parents=depends["previous"], sparsity=cfg.lotto.sparsity)
+        encoded = {n: encode_positions(new_mask[n], start[n].numel()) for n in names}
+        written.append(save_sparse(out / "sparse_delta.safetensors", meta, shapes, encoded, values))
+        log.info("loss %.4f -> %.4f over %d steps", result.losses[0], result.losses[-1], result.steps)
+        if cfg.save_model:
+            model = run.accelerator.unwrap_model(model)
+            sparse.fold(model, names)
+            written.append(save_model(model, run.tokenizer, out / "model"))
+    return written

@@ -1,0 +1,146 @@
+"""The CLI end to end on the tiny model over the shared GSM8K / Alpaca files:
+calibrate -> extract -> sparse-train, then a LoTTO chain, with the invariants the method rests on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ALPACA, GSM8K_TRAIN, tiny_overrides
+from lota_cli.artifacts import Artifact
+from lota_cli.masks import unpack_bits
+
+LOTA = [sys.executable, "-m", "lota_cli"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def lota(*args, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*LOTA, *map(str, args)], capture_output=True, text=True, env=ENV)
+    if check and result.returncode != 0:
+        raise AssertionError(f"lota {args[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def paths(result) -> list[Path]:
+    lines = result.stdout.strip().splitlines()
+    assert all(Path(line).exists() for line in lines), f"stdout must hold only written paths: {result.stdout!r}"
+    return [Path(line) for line in lines]
+
+
+def model_weights(directory: Path) -> dict[str, torch.Tensor]:
+    weights = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        weights.update(load_file(shard))
+    return weights
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    cal = lota("calibrate", *tiny_overrides(tiny_model, root / "cal", **{"train.max_steps": 8}))
+    (task_vector,) = paths(cal)
+    ext = lota("extract", f"extract.task_vector={task_vector}", f"out={root / 'ext'}")
+    (mask,) = paths(ext)
+    st = lota("sparse-train", *tiny_overrides(tiny_model, root / "st", **{
+        "sparse_train.mask": mask, "save_model": "true", "train.weight_decay": 0.1, "train.max_steps": 8}))
+    delta, model_dir = paths(st)
+    return {"root": root, "task_vector": task_vector, "mask": mask, "delta": delta, "model": model_dir,
+            "cal_stdout": cal.stdout}
+
+
+def test_every_stage_prints_only_its_paths_and_artifacts_pass_info(pipeline):
+    assert pipeline["cal_stdout"] == f"{pipeline['task_vector']}\n"
+    for key, kind in (("task_vector", "task_vector"), ("mask", "mask"), ("delta", "sparse_delta")):
+        info = json.loads(lota("info", "--json", pipeline[key]).stdout)
+        assert info["kind"] == kind and info["parameters"] > 0
+    info = json.loads(lota("info", "--json", pipeline["mask"]).stdout)
+    assert info["bytes_per_param"] < 0.3 and abs(info["density"] - 0.1) < 1e-3
+
+
+def test_loss_falls_in_calibrate_and_sparse_train(pipeline):
+    for stage in ("cal", "st"):
+        losses = [json.loads(line)["loss"] for line in open(pipeline["root"] / stage / "metrics.jsonl")]
+        assert len(losses) == 8 and losses[-1] < losses[0], losses
+
+
+def test_mask_holds_exactly_k_of_the_largest_entries(pipeline):
+    tv, mask = Artifact(pipeline["task_vector"]), Artifact(pipeline["mask"])
+    total = sum(mask.numel(n) for n in mask.names)
+    k = round(total - 0.9 * total)
+    chosen = [tv.dense(n).reshape(-1).abs()[unpack_bits(mask.bits(n), mask.numel(n))] for n in mask.names]
+    rest = [tv.dense(n).reshape(-1).abs()[~unpack_bits(mask.bits(n), mask.numel(n))] for n in mask.names]
+    assert sum(c.numel() for c in chosen) == k
+    assert torch.cat(chosen).min() >= torch.cat(rest).max()
+    assert all("norm" not in n and "embed" not in n and "lm_head" not in n for n in mask.names)
+
+
+def test_sparse_trained_model_differs_from_base_only_inside_the_mask(pipeline, tiny_model):
+    """Bitwise, with weight decay on: frozen entries never move."""
+    base, tuned = model_weights(tiny_model), model_weights(pipeline["model"])
+    mask = Artifact(pipeline["mask"])
+    for name, weight in base.items():
+        changed = (tuned[name] != weight).reshape(-1)
+        if name in mask.meta.shapes:
+            inside = unpack_bits(mask.bits(name), mask.numel(name))
+            assert not changed[~inside].any(), name
+            assert changed[inside].float().mean() > 0.9, name  # the masked entries did train
+        else:
+            assert not changed.any(), name
+
+
+def test_lotto_chain_of_three_tasks_has_disjoint_masks(pipeline, tiny_model):
+    root = pipeline["root"]
+    b = lota("lotto", *tiny_overrides(tiny_model, root / "lotto_b", **{
+        "task": "alpaca", "task.data_files": ALPACA, "task.eval_data_files": "null",
+        f"lotto.previous": f"[{pipeline['delta']}]", "save_model": "true"}))
+    delta_b, model_b = paths(b)
+    assert "overlap with" in b.stderr and ": 0 entries" in b.stderr
+    c = lota("lotto", *tiny_overrides(tiny_model, root / "lotto_c", **{
+        "lotto.previous": f"[{pipeline['delta']},{delta_b}]", "lotto.sparsity": 0.8}))
+    (delta_c,) = paths(c)
+    chain = [Artifact(p) for p in (pipeline["delta"], delta_b, delta_c)]
+    for name in chain[0].names:
+        masks = [unpack_bits(a.bits(name), a.numel(name)) for a in chain]
+        assert not (masks[0] & masks[1]).any() and not (masks[0] & masks[2]).any() and not (masks[1] & masks[2]).any()
+    assert abs(chain[2].density() - 0.2) < 1e-3
+    # the chain's model differs from the first task's model only inside the new mask
+    first, second = model_weights(pipeline["model"]), model_weights(model_b)
+    for name, weight in first.items():
+        changed = (second[name] != weight).reshape(-1)
+        if name in chain[1].meta.shapes:
+            assert not changed[~unpack_bits(chain[1].bits(name), chain[1].numel(name))].any(), name
+        else:
+            assert not changed.any(), name
+    # capacity: 30% of the entries are taken, so 80% more cannot fit
+    full = lota("lotto", *tiny_overrides(tiny_model, root / "lotto_d", **{
+        "lotto.previous": f"[{pipeline['delta']},{delta_b},{delta_c}]", "lotto.sparsity": 0.2}), check=False)
+    assert full.returncode == 1 and "are left after 3 earlier adapters" in full.stderr
+    assert not (root / "lotto_d" / "sparse_delta.safetensors").exists()
+
+
+def test_hydra_behaviour(pipeline, tmp_path):
+    cfg = lota("calibrate", "conf=gsm8k", "--cfg", "job")
+    assert "SmolLM2-135M" in cfg.stdout and "max_steps: 200" in cfg.stdout
+    bad = lota("calibrate", "train.no_such_key=1", check=False)
+    assert bad.returncode != 0 and "no_such_key" in bad.stderr
+    sweep = lota("extract", "-m", f"extract.task_vector={pipeline['task_vector']}", "extract.sparsity=0.5,0.99",
+                 f"out={tmp_path}")
+    masks = paths(sweep)
+    assert len(masks) == 2 and [round(Artifact(m).density(), 2) for m in masks] == [0.5, 0.01]
+    assert "calibrate" in lota("--help").stdout
+
+
+def test_bad_sparsity_is_one_line_and_writes_nothing(pipeline, tmp_path):
+    bad = lota("extract", f"extract.task_vector={pipeline['task_vector']}", "extract.sparsity=1.5",
+               f"out={tmp_path}", check=False)
+    assert bad.returncode == 1 and "extract.sparsity=1.5" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "mask.safetensors").exists()
+    wrong = lota("extract", f"extract.task_vector={pipeline['mask']}", f"out={tmp_path}", check=False)
+    assert wrong.returncode == 1 and "is a mask; this stage needs a task_vector" in wrong.stderr
