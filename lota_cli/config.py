@@ -168,8 +168,24 @@ class TrainStageConfig(StageConfig):
 
 
 @dataclass
+class LoraOptions:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: Optional[List[str]] = None  # default: the modules owning the params.include weights
+
+    def __post_init__(self):
+        _positive("lora.r", self.r)
+
+
+@dataclass
 class CalibrateConfig(TrainStageConfig):
-    pass
+    method: str = "fft"  # fft: dense fine-tuning of the selected weights; lora: LoRA baseline (merged ΔW)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _one_of("method", self.method, ("fft", "lora"))
 
 
 @dataclass

