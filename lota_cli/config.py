@@ -276,6 +276,7 @@ class EvalOptions:
     def __post_init__(self):
         _positive("eval.max_examples", self.max_examples)
         _positive("eval.batch_size", self.batch_size)
+        _positive("eval.max_new_tokens", self.max_new_tokens)
         if self.scales and len(self.scales) != len(self.deltas):
             raise LotaError(f"eval.scales has {len(self.scales)} values for {len(self.deltas)} eval.deltas")
 

@@ -1,0 +1,179 @@
+"""Evaluation: answer extraction and ROUGE-L, teacher-forced answer NLL, and batched greedy generation.
+
+Batches are formed from length-sorted examples (less padding, so less wasted compute) and results are
+returned in the caller's order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+
+import torch
+from torch import nn
+
+from lota_cli import LotaError
+from lota_cli.data import Example, collate
+from lota_cli.training import token_nll_sum
+
+log = logging.getLogger(__name__)
+
+# a number as written in text: sign, dollar sign, thousands commas and decimals allowed ("-$1,234.50")
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+# --------------------------------------------------------------------------- metrics
+
+def normalize_number(text: str) -> str | None:
+    """'$1,234.' -> '1234': drop dollar signs, thousands commas and a sentence-ending period."""
+    text = text.strip().replace("$", "").replace(",", "").rstrip(".")
+    return text or None
+
+
+def extract_number(text: str, pattern: str | None = None) -> str | None:
+    """The checkable answer in `text`, normalized; None when there is none.
+
+    With `pattern` (task.answer_pattern, for references: GSM8K's '#### 18') its group 1; without, the last
+    number in the text, since a model states its final answer after the working.
+    """
+    if pattern:
+        match = re.search(pattern, text)
+        return normalize_number(match.group(1)) if match else None
+    numbers = _NUMBER.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def same_answer(prediction: str | None, reference: str | None) -> bool:
+    """Numeric equality when both parse ('18.0' == '18'), else exact string equality."""
+    if prediction is None or reference is None:
+        return False
+    try:
+        return float(prediction) == float(reference)
+    except ValueError:
+        return prediction == reference
+
+
+def _lcs_length(a: list[str], b: list[str]) -> int:
+    """Longest common subsequence length, one DP row at a time (O(len(a) * len(b)) time, O(len(b)) memory)."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over lowercased whitespace tokens: 2PR / (P + R), P = LCS/|pred|, R = LCS/|ref|."""
+    pred, ref = prediction.lower().split(), reference.lower().split()
+    if not pred or not ref:
+        return 0.0
+    lcs = _lcs_length(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+# --------------------------------------------------------------------------- model passes
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (an out-of-memory error shows at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class _Meter:
+    """Examples/s and tokens/s on stderr every ~10% of the batches, and once at the end."""
+
+    def __init__(self, what: str, n_batches: int):
+        self.what, self.n_batches, self.every = what, n_batches, max(1, n_batches // 10)
+        self.start, self.examples, self.tokens, self.done = time.perf_counter(), 0, 0, 0
+
+    def update(self, examples: int, tokens: int) -> None:
+        self.examples, self.tokens, self.done = self.examples + examples, self.tokens + tokens, self.done + 1
+        if self.done % self.every == 0 or self.done == self.n_batches:
+            seconds = time.perf_counter() - self.start
+            log.info("%s: %d examples in %.1f s (%.1f examples/s, %.0f tokens/s)", self.what, self.examples,
+                     seconds, self.examples / seconds, self.tokens / seconds)
+
+
+@torch.inference_mode()
+def nll(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int = 0,
+        what: str = "nll") -> tuple[float, float]:
+    """(mean NLL per answer token, perplexity), teacher-forced over prompt + answer.
+
+    Only answer tokens are scored (collate labels prompt and padding -100), and the mean is over all answer
+    tokens of all examples, so long answers weigh more. Right padding: a pad id is never seen by a scored
+    position under causal attention, so any `pad_id` gives the same result.
+    """
+    model.eval()
+    device = _device(model)
+    lengths = [len(e.prompt_ids) + len(e.target_ids) for e in examples]
+    batches = _batches(lengths, batch_size)
+    meter = _Meter(what, len(batches))
+    total, answer_tokens = 0.0, 0
+    for ids in batches:
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in ids], pad_id).items()}
+        total += token_nll_sum(model, batch).item()
+        answer_tokens += sum(len(examples[i].target_ids) for i in ids)
+        meter.update(len(ids), sum(lengths[i] for i in ids))
+    if answer_tokens == 0:
+        raise LotaError("no answer tokens to score: every example's target is empty; check task.target")
+    mean = total / answer_tokens
+    return mean, math.exp(mean)
+
+
+def stop_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Token ids that end an answer: the tokenizer's EOS (what training appends to every target) and the
+    model's generation EOS ids (chat models often list an end-of-turn token there)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured] if configured is not None else []
+    ids = list(dict.fromkeys(ids))
+    if not ids:
+        raise LotaError("the tokenizer has no eos_token and the model no generation eos_token_id, so generation "
+                        "could not stop; use a model with an EOS token or set eval.generate=false")
+    return ids
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, tokenizer, examples: list[Example], batch_size: int, max_new_tokens: int,
+             what: str = "generate") -> list[str]:
+    """Greedy answers to each example's prompt, decoded from the new tokens only, in the examples' order.
+
+    Prompts are LEFT-padded so every row's next token sits in the last column, which lets a batch decode
+    together with the KV cache; the attention mask keeps pads out of attention and positions.
+    """
+    model.eval()
+    device = _device(model)
+    stops = stop_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    batches = _batches([len(e.prompt_ids) for e in examples], batch_size)
+    meter = _Meter(what, len(batches))
+    answers: list[str | None] = [None] * len(examples)
+    for ids in batches:
+        prompts = [examples[i].prompt_ids for i in ids]
+        width = max(map(len, prompts))
+        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            attention[row, width - len(prompt):] = 1
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                             do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                             pad_token_id=pad_id, use_cache=True)
+        new_tokens = 0
+        for i, tokens in zip(ids, out[:, width:].tolist()):
+            end = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
+            answers[i] = tokenizer.decode(tokens[:end], skip_special_tokens=True)
+            new_tokens += min(end + 1, len(tokens))  # the stop token was generated too
+        meter.update(len(ids), new_tokens)
+    return answers

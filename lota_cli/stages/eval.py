@@ -1,0 +1,164 @@
+"""lota eval: answer NLL / perplexity, and exact match or ROUGE-L of greedy answers, per task.
+
+The model is a base (model.*) or a saved model directory (eval.model_dir), with eval.deltas added in place
+(each checked against the base's fingerprint first). eval.compare_to=<earlier results.json> reports the
+change per task and metric: evaluating the base, then base + adapter on an earlier task, shows forgetting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from lota_cli import LotaError
+from lota_cli.artifacts import Artifact
+from lota_cli.config import EvalConfig, TaskConfig
+from lota_cli.data import encode, load_rows, render
+from lota_cli.evaluation import extract_number, generate, nll, rouge_l, same_answer
+from lota_cli.models import add_delta, fingerprint, load_model
+from lota_cli.progress import stderr
+
+log = logging.getLogger(__name__)
+LOWER_IS_BETTER = {"nll", "ppl"}
+
+
+def run(cfg: EvalConfig, out: Path) -> list[Path]:
+    opts = cfg.eval
+    baseline = _read_results(opts.compare_to) if opts.compare_to else None
+    deltas = [Artifact(p, kinds=("task_vector", "sparse_delta")) for p in opts.deltas]
+    scales = list(opts.scales) or [1.0] * len(deltas)
+
+    # a saved directory keeps the dtype and trust settings of model.*, not its hub revision or GGUF file
+    model_cfg = replace(cfg.model, path=opts.model_dir, gguf_file=None, revision=None) if opts.model_dir else cfg.model
+    model, tokenizer = load_model(model_cfg)
+    if deltas:
+        base = fingerprint(model)
+        for artifact, scale in zip(deltas, scales):
+            artifact.check_base(base, model_cfg.path)
+            add_delta(model, artifact, scale)
+            log.info("added %s (%s, %d tensors) x %g", artifact.path, artifact.kind, len(artifact.names), scale)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    log.info("evaluating %s%s on %s", model_cfg.path, f" + {len(deltas)} delta(s)" if deltas else "", device)
+
+    tasks = {name: _evaluate(model, tokenizer, cfg.tasks[name], cfg) for name in opts.tasks}
+    stderr.print(_results_table(tasks))
+    results = {
+        "model": model_cfg.path,
+        "deltas": [{"path": str(a.path), "scale": s} for a, s in zip(deltas, scales)],
+        "settings": {"max_examples": opts.max_examples, "max_new_tokens": opts.max_new_tokens,
+                     "generate": opts.generate},
+        "tasks": tasks,
+    }
+    if baseline is not None:
+        results["compare"] = {"to": opts.compare_to, "tasks": _compare(baseline, tasks)}
+        stderr.print(_compare_table(results["compare"]["tasks"], opts.compare_to))
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return [path]
+
+
+def _evaluate(model, tokenizer, task: TaskConfig, cfg: EvalConfig) -> dict:
+    """One task's metrics: nll and ppl always; exact_match or rouge_l of greedy answers when generating."""
+    opts = cfg.eval
+    started = time.perf_counter()
+    rows = load_rows(task, "eval")[:opts.max_examples]
+    examples = encode(tokenizer, task, rows)
+    log.info("task %s: %d examples", task.name, len(examples))
+    pad_id = tokenizer.pad_token_id or 0
+    mean_nll, ppl = nll(model, examples, opts.batch_size, pad_id, what=f"{task.name} nll")
+    metrics = {"nll": mean_nll, "ppl": ppl}
+    if opts.generate:
+        answers = generate(model, tokenizer, examples, opts.batch_size, opts.max_new_tokens,
+                           what=f"{task.name} generate")
+        references = [render(task.target, e.row) for e in examples]
+        if task.metric == "exact_match":
+            metrics["exact_match"] = _exact_match(task, answers, references)
+        else:
+            metrics["rouge_l"] = sum(map(rouge_l, answers, references)) / len(answers)
+    metrics["n"] = len(examples)
+    log.info("task %s done in %.1f s", task.name, time.perf_counter() - started)
+    return metrics
+
+
+def _exact_match(task: TaskConfig, answers: list[str], references: list[str]) -> float:
+    """Fraction of answers whose last number equals the reference's answer (task.answer_pattern).
+
+    References without an answer are left out with a warning: a malformed row says nothing about the model.
+    """
+    gold = [extract_number(r, task.answer_pattern) for r in references]
+    scored = [(a, g) for a, g in zip(answers, gold) if g is not None]
+    if not scored:
+        raise LotaError(f"task {task.name}: no reference matches task.answer_pattern={task.answer_pattern!r} "
+                        f"(first reference: {references[0][:120]!r}); fix the pattern or task.target")
+    if len(scored) < len(answers):
+        log.warning("task %s: %d of %d references have no answer matching task.answer_pattern; left out of "
+                    "exact_match", task.name, len(answers) - len(scored), len(answers))
+    return sum(same_answer(extract_number(a), g) for a, g in scored) / len(scored)
+
+
+# --------------------------------------------------------------------------- comparison
+
+def _read_results(path: str) -> dict:
+    """An earlier eval's results.json, read before the model loads so a wrong path fails at once."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise LotaError(f"eval.compare_to={path}: no such file; give an earlier lota eval's results.json") from None
+    except (OSError, ValueError) as err:
+        raise LotaError(f"eval.compare_to={path}: not readable as JSON ({err}); give an earlier results.json") from err
+    if not isinstance(results, dict) or not isinstance(results.get("tasks"), dict):
+        raise LotaError(f"eval.compare_to={path} has no 'tasks'; is it the results.json of a lota eval?")
+    return results
+
+
+def _compare(baseline: dict, tasks: dict) -> dict:
+    """Per task and metric both runs have: before, after and change (after - before)."""
+    compared = {}
+    for name, after in tasks.items():
+        before = baseline["tasks"].get(name)
+        if before is None:
+            log.warning("task %s is not in the compared results (it has %s); no change reported", name,
+                        sorted(baseline["tasks"]))
+            continue
+        if before.get("n") != after["n"]:
+            log.warning("task %s: compared over %s examples before and %d now; the change mixes in sampling",
+                        name, before.get("n"), after["n"])
+        compared[name] = {m: {"before": before[m], "after": v, "change": v - before[m]}
+                          for m, v in after.items() if m != "n" and isinstance(before.get(m), (int, float))}
+    return compared
+
+
+# --------------------------------------------------------------------------- tables
+
+def _results_table(tasks: dict) -> Table:
+    metrics = list(dict.fromkeys(m for t in tasks.values() for m in t if m != "n"))
+    table = Table(title="eval")
+    table.add_column("task")
+    for m in metrics + ["n"]:
+        table.add_column(m, justify="right")
+    for name, t in tasks.items():
+        table.add_row(name, *(f"{t[m]:.4f}" if m in t else "-" for m in metrics), str(t["n"]))
+    return table
+
+
+def _compare_table(compared: dict, against: str) -> Table:
+    """Before / after / change per metric, the change green when better and red when worse."""
+    table = Table(title=f"change against {against}")
+    for column in ("task", "metric", "before", "after", "change"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for name, metrics in compared.items():
+        for m, c in metrics.items():
+            better = c["change"] < 0 if m in LOWER_IS_BETTER else c["change"] > 0
+            style = "" if c["change"] == 0 else "green" if better else "red"
+            table.add_row(name, m, f"{c['before']:.4f}", f"{c['after']:.4f}",
+                          f"[{style}]{c['change']:+.4f}[/]" if style else f"{c['change']:+.4f}")
+    return table

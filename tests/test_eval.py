@@ -1,0 +1,237 @@
+"""lota eval: answer extraction, ROUGE-L, answer-token NLL, batched greedy generation, and the stage end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ALPACA, GSM8K_TEST
+from lota_cli import LotaError
+from lota_cli.evaluation import extract_number, generate, nll, rouge_l, same_answer
+
+GSM8K_PATTERN = r"####\s*([-\d,\.]+)"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- answer extraction
+
+@pytest.mark.parametrize("reference, expected", [
+    ("She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18", "18"),
+    ("The total is 1,200 + 34.\n#### 1,234", "1234"),
+    ("It loses money.\n#### -5", "-5"),
+    ("Half of it.\n#### 0.5.", "0.5"),
+    ("no marker 42", None),
+])
+def test_reference_answer_is_the_number_after_the_marker(reference, expected):
+    assert extract_number(reference, GSM8K_PATTERN) == expected
+
+
+@pytest.mark.parametrize("prediction, expected", [
+    ("3 + 4 = 7 apples, so she has 12 left.", "12"),
+    ("The answer is $1,234.50.", "1234.50"),
+    ("It costs $18.", "18"),
+    ("Total: 2,000,000", "2000000"),
+    ("She owes -$5 now", "-5"),
+    ("#### 72", "72"),
+    ("I do not know.", None),
+    ("", None),
+])
+def test_prediction_answer_is_the_last_number(prediction, expected):
+    assert extract_number(prediction) == expected
+
+
+def test_answers_compare_numerically_when_both_parse():
+    assert same_answer("18.0", "18")
+    assert same_answer("1234.50", "1234.5")
+    assert not same_answer("18", "180")
+    assert same_answer("1.2.3", "1.2.3")  # not numbers: exact string equality
+    assert not same_answer(None, "18")
+    assert not same_answer("18", None)
+
+
+# --------------------------------------------------------------------------- ROUGE-L
+
+def test_rouge_l_by_hand():
+    # LCS "the cat on the mat" = 5 of 6 tokens on both sides: P = R = F = 5/6
+    assert rouge_l("the cat sat on the mat", "The cat is on the mat") == pytest.approx(5 / 6)
+    # lowercased [a b c] vs [c b a x]: LCS 1, P = 1/3, R = 1/4, F = 2PR/(P+R) = 2/7
+    assert rouge_l("A B C", "c b a x") == pytest.approx(2 / 7)
+    assert rouge_l("Same  words\nhere", "same words here") == 1.0
+    assert rouge_l("nothing shared", "entirely different") == 0.0
+    assert rouge_l("", "reference") == 0.0
+    assert rouge_l("prediction", "") == 0.0
+
+
+# --------------------------------------------------------------------------- model passes on the tiny model
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    from lota_cli.config import ModelConfig
+    from lota_cli.models import load_model
+
+    model, tokenizer = load_model(ModelConfig(path=str(tiny_model)))
+    return model.eval(), tokenizer
+
+
+def _examples(tokenizer, pairs):
+    from lota_cli.data import Example
+
+    return [Example(tokenizer(p)["input_ids"], tokenizer(t, add_special_tokens=False)["input_ids"], {})
+            for p, t in pairs]
+
+
+def _greedy(model, prompt_ids: list[int], n: int) -> list[int]:
+    """n greedy tokens by full forward passes (no cache, no padding): the reference for generate()."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+def test_nll_scores_only_answer_tokens(tiny):
+    """Batched, padded NLL equals a by-hand sum over answer positions of unpadded single-example logits."""
+    model, tokenizer = tiny
+    examples = _examples(tokenizer, [
+        ("Natalia sold clips to 48 of her friends in April.", " She sold 24 in May."),
+        ("How many?", " 72 clips altogether, since 48 + 24 = 72."),
+        ("Weng earns $12 an hour for babysitting. Yesterday she did 50 minutes.", " $10"),
+    ])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            logp = torch.log_softmax(model(torch.tensor([e.prompt_ids + e.target_ids])).logits[0].float(), -1)
+            start = len(e.prompt_ids) - 1  # the logits at position i predict token i + 1
+            total -= sum(logp[start + j, t].item() for j, t in enumerate(e.target_ids))
+            count += len(e.target_ids)
+    expected = total / count
+    for batch_size, pad_id in [(1, 0), (2, 0), (3, 0), (3, 7)]:
+        mean, ppl = nll(model, examples, batch_size, pad_id)
+        assert mean == pytest.approx(expected, rel=1e-5), (batch_size, pad_id)
+        assert ppl == pytest.approx(math.exp(expected), rel=1e-5)
+
+
+PROMPTS = ["Janet has 3 ducks.", "A robe takes 2 bolts of blue fiber and half that much white fiber. How many?",
+           "Josh", "James writes a 3-page letter to 2 different friends twice a week. How many pages a year?"]
+
+
+def test_batched_generation_equals_one_at_a_time(tiny):
+    model, tokenizer = tiny
+    examples = _examples(tokenizer, [(p, "") for p in PROMPTS])
+    batched = generate(model, tokenizer, examples, batch_size=4, max_new_tokens=12)
+    alone = generate(model, tokenizer, examples, batch_size=1, max_new_tokens=12)
+    assert batched == alone
+    assert len(set(map(len, (e.prompt_ids for e in examples)))) == len(examples)  # different lengths: padding used
+
+    # and one-at-a-time equals a plain argmax loop without cache: only the new tokens are decoded
+    assert alone[1] == tokenizer.decode(_greedy(model, examples[1].prompt_ids, 12), skip_special_tokens=True)
+
+
+def test_generation_stops_at_eos(tiny):
+    """A token the model emits, declared an EOS id, ends each answer before it (the rows stop independently)."""
+    model, tokenizer = tiny
+    examples = _examples(tokenizer, [(p, "") for p in PROMPTS[:2]])
+    first = _greedy(model, examples[0].prompt_ids, 8)
+    stop = first[2]
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    try:
+        stopped = generate(model, tokenizer, examples, batch_size=2, max_new_tokens=8)
+    finally:
+        model.generation_config.eos_token_id = saved
+    second = _greedy(model, examples[1].prompt_ids, 8)
+    for answer, ids in zip(stopped, (first, second)):
+        assert answer == tokenizer.decode(ids[:ids.index(stop)] if stop in ids else ids, skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _task_vector(tiny_model: Path, path: Path, base_fingerprint: str | None = None) -> Path:
+    """A small dense delta on one MLP tensor of the tiny model, recorded against its base fingerprint."""
+    from lota_cli.artifacts import save_dense, stage_meta
+    from lota_cli.config import ModelConfig
+    from lota_cli.models import fingerprint, load_model
+
+    model, _ = load_model(ModelConfig(path=str(tiny_model)))
+    name = "model.layers.0.mlp.down_proj.weight"
+    delta = 0.5 * torch.randn(model.get_parameter(name).shape, generator=torch.Generator().manual_seed(0))
+    meta = stage_meta("task_vector", "calibrate", {}, str(tiny_model), base_fingerprint or fingerprint(model))
+    return save_dense(path, meta, {name: delta})
+
+
+def _eval_config(tiny_model: Path, out: Path, **options):
+    from lota_cli.config import EvalConfig, EvalOptions, ModelConfig, TaskConfig
+
+    gsm8k = TaskConfig(name="gsm8k", eval_data_files=str(GSM8K_TEST), max_length=384)
+    opts = dict(tasks=["gsm8k"], max_examples=8, max_new_tokens=16)
+    opts.update(options)
+    return EvalConfig(out=str(out), model=ModelConfig(path=str(tiny_model)), tasks={"gsm8k": gsm8k},
+                      eval=EvalOptions(**opts))
+
+
+def test_cli_eval_then_compare_with_a_delta(tiny_model, tmp_path):
+    from lota_cli.stages.eval import run
+
+    out = tmp_path / "base"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "lota"), "eval", f"model.path={tiny_model}", "eval.tasks=[gsm8k,alpaca]",
+         f"tasks.gsm8k.eval_data_files={GSM8K_TEST}", f"tasks.alpaca.data_files={ALPACA}",
+         "eval.max_examples=8", "eval.max_new_tokens=16", f"out={out}"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == f"{out / 'results.json'}\n"
+    before = json.loads((out / "results.json").read_text())
+    gsm8k, alpaca = before["tasks"]["gsm8k"], before["tasks"]["alpaca"]
+    assert gsm8k["n"] == alpaca["n"] == 8
+    assert {"nll", "ppl", "exact_match"} <= gsm8k.keys() and "rouge_l" not in gsm8k
+    assert {"nll", "ppl", "rouge_l"} <= alpaca.keys() and "exact_match" not in alpaca
+    assert 0.0 <= gsm8k["exact_match"] <= 1.0 and 0.0 <= alpaca["rouge_l"] <= 1.0
+    assert gsm8k["ppl"] == pytest.approx(math.exp(gsm8k["nll"]))
+
+    # base + a delta, compared with the base run: the change is after - before, per metric (in process: fast)
+    delta = _task_vector(tiny_model, tmp_path / "tv.safetensors")
+    cfg = _eval_config(tiny_model, tmp_path / "after", deltas=[str(delta)], scales=[2.0],
+                       compare_to=str(out / "results.json"))
+    [path] = run(cfg, tmp_path / "after")
+    after = json.loads(path.read_text())
+    assert after["deltas"] == [{"path": str(delta), "scale": 2.0}]
+    change = after["compare"]["tasks"]["gsm8k"]
+    assert after["tasks"]["gsm8k"]["nll"] != pytest.approx(gsm8k["nll"])  # the delta was added
+    for metric in ("nll", "ppl", "exact_match"):
+        assert change[metric]["before"] == gsm8k[metric]
+        assert change[metric]["after"] == after["tasks"]["gsm8k"][metric]
+        assert change[metric]["change"] == pytest.approx(change[metric]["after"] - change[metric]["before"])
+    assert "alpaca" not in after["compare"]["tasks"]
+
+
+def test_delta_of_another_base_is_refused(tiny_model, tmp_path):
+    from lota_cli.stages.eval import run
+
+    delta = _task_vector(tiny_model, tmp_path / "tv.safetensors", base_fingerprint="f" * 64)
+    with pytest.raises(LotaError, match="was made from base"):
+        run(_eval_config(tiny_model, tmp_path, deltas=[str(delta)]), tmp_path)
+
+
+def test_compare_to_a_missing_file_fails_before_loading(tmp_path):
+    from lota_cli.stages.eval import run
+
+    cfg = _eval_config(tmp_path / "no-model", tmp_path, compare_to=str(tmp_path / "nope.json"))
+    with pytest.raises(LotaError, match="compare_to.*no such file"):
+        run(cfg, tmp_path)
+
+
+def test_model_dir_replaces_the_model(tiny_model, tmp_path):
+    from lota_cli.stages.eval import run
+
+    cfg = _eval_config(tmp_path / "no-model", tmp_path, model_dir=str(tiny_model), generate=False, max_examples=2)
+    [path] = run(cfg, tmp_path)
+    results = json.loads(path.read_text())
+    assert results["model"] == str(tiny_model)
+    assert set(results["tasks"]["gsm8k"]) == {"nll", "ppl", "n"}  # no generation: NLL only
