@@ -1,0 +1,138 @@
+"""lota overlap A B ...: how much the masks of artifacts of one base overlap, and whether their signs agree.
+
+For every pair: intersection, union, Jaccard index and, when both carry values, the fraction of shared
+entries whose signs agree; over the whole model and per layer. Masks and sparse deltas hold their stored
+positions, task vectors their nonzero entries. A tensor one artifact lacks counts as holding nothing there.
+Streams tensor by tensor, reading each input's tensor once for all pairs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from lota_cli import LotaError
+from lota_cli.artifacts import Artifact
+from lota_cli.config import OverlapConfig
+from lota_cli.masks import layer_of, unpack_bits
+from lota_cli.merging import Overlap, overlap
+from lota_cli.progress import stderr
+
+
+def _entries(artifact: Artifact, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(held entries as a flat bool tensor, their signs or None for a mask)."""
+    if artifact.kind == "task_vector":
+        delta = artifact.dense(name).reshape(-1)
+        return delta != 0, torch.sign(delta)
+    held = unpack_bits(artifact.bits(name), artifact.numel(name))
+    if artifact.kind == "mask":
+        return held, None
+    return held, torch.sign(artifact.dense(name).reshape(-1))
+
+
+def _natural(name: str) -> list:
+    """Sort key putting 'layers.2' before 'layers.10' (artifact headers list tensors alphabetically)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _names_and_shapes(inputs: list[Artifact]) -> dict[str, tuple[int, ...]]:
+    """Every tensor any input holds, layers in numeric order; shapes must agree where shared."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    owner: dict[str, Artifact] = {}
+    for artifact in inputs:
+        for name in artifact.names:
+            if name in shapes and artifact.shape(name) != shapes[name]:
+                raise LotaError(f"tensor {name!r} is {list(artifact.shape(name))} in {artifact.path} but "
+                                f"{list(shapes[name])} in {owner[name].path}; compare artifacts of one model")
+            shapes.setdefault(name, artifact.shape(name))
+            owner.setdefault(name, artifact)
+    return {name: shapes[name] for name in sorted(shapes, key=_natural)}
+
+
+def run(cfg: OverlapConfig, out: Path) -> list[Path]:
+    inputs = [Artifact(p) for p in cfg.inputs]
+    if len(inputs) < 2:
+        raise LotaError(f"overlap compares artifacts pairwise and got {len(inputs)}; give two or more")
+    for other in inputs[1:]:
+        other.check_base(inputs[0].meta.base_fingerprint, inputs[0].meta.base_model)
+    shapes = _names_and_shapes(inputs)
+    pairs = list(itertools.combinations(range(len(inputs)), 2))
+    per_layer: dict[tuple[int, int], dict[str, Overlap]] = {pair: {} for pair in pairs}
+    held = [0] * len(inputs)
+
+    for name, shape in shapes.items():
+        entries = []
+        for i, artifact in enumerate(inputs):
+            if name in artifact.meta.shapes:
+                support, sign = _entries(artifact, name)
+            else:  # holds nothing here; zero signs keep a values-carrying artifact's agreement defined
+                support = torch.zeros(math.prod(shape), dtype=torch.bool)
+                sign = None if artifact.kind == "mask" else torch.zeros(support.shape)
+            held[i] += int(support.count_nonzero())
+            entries.append((support, sign))
+        layer = layer_of(name)
+        for i, j in pairs:
+            counts = overlap(entries[i][0], entries[j][0], entries[i][1], entries[j][1])
+            layers = per_layer[i, j]
+            layers[layer] = layers.get(layer, Overlap()) + counts
+
+    total = sum(math.prod(s) for s in shapes.values())
+    result = {
+        "inputs": [{"path": str(a.path), "kind": a.kind, "fingerprint": a.meta.fingerprint, "entries": held[i],
+                    "density": held[i] / max(total, 1)} for i, a in enumerate(inputs)],
+        "pairs": [],
+    }
+    for (i, j), layers in per_layer.items():
+        overall = sum(layers.values(), Overlap())
+        result["pairs"].append({"a": str(inputs[i].path), "b": str(inputs[j].path), **overall.as_dict(),
+                                "per_layer": {layer: s.as_dict() for layer, s in layers.items()}})
+    _print_tables(inputs, result)
+
+    # stdout carries the JSON itself, not a path as for other stages: run() prints it and returns [] so the
+    # CLI adds nothing; the same JSON is also kept as out/overlap.json. It goes to the process's real stdout
+    # (sys.__stdout__) because the CLI points sys.stdout at stderr while a stage runs, against printing libraries.
+    text = json.dumps(result, indent=2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overlap.json").write_text(text + "\n")
+    print(text, file=sys.__stdout__ or sys.stdout, flush=True)
+    return []
+
+
+def _fmt(value: float | None, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2%}" if percent else f"{value:.4f}"
+
+
+def _print_tables(inputs: list[Artifact], result: dict) -> None:
+    stems = [a.path.stem for a in inputs]
+    label = {str(a.path): (a.path.stem if stems.count(a.path.stem) == 1 else str(a.path)) for a in inputs}
+
+    def table(title: str, names: list[str], numbers: list[str]) -> Table:
+        """Numbers are never cut: only the name columns fold when the terminal is narrow."""
+        t = Table(title=title)
+        for header in names:
+            t.add_column(header, overflow="fold")
+        for header in numbers:
+            t.add_column(header, justify="right", no_wrap=True)
+        return t
+
+    overall = table("overlap", ["a", "b"], ["|a|", "|b|", "shared", "Jaccard", "sign agree"])
+    for pair in result["pairs"]:
+        overall.add_row(label[pair["a"]], label[pair["b"]], f"{pair['entries_a']:,}", f"{pair['entries_b']:,}",
+                        f"{pair['intersection']:,}", _fmt(pair["jaccard"]), _fmt(pair["sign_agreement"], True))
+    stderr.print(overall)
+    for pair in result["pairs"]:
+        layers = table(f"{label[pair['a']]} vs {label[pair['b']]} per layer", ["layer"],
+                       ["shared", "union", "Jaccard", "sign agree"])
+        for layer, s in pair["per_layer"].items():
+            layers.add_row(layer, f"{s['intersection']:,}", f"{s['union']:,}", _fmt(s["jaccard"]),
+                           _fmt(s["sign_agreement"], True))
+        stderr.print(layers)
