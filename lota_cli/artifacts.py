@@ -8,14 +8,19 @@ Kinds:
 
 Files are written by streaming tensor by tensor into a temporary file beside the target, which is renamed
 into place only when complete: a killed stage never leaves a truncated artifact behind. The header records
-the base model and a fingerprint of its weights, so a stage can refuse an artifact made from another base.
+the base model and a fingerprint of its weights, so a stage can refuse an artifact made from another base,
+and a SHA-256 of the header itself, so a flipped byte in the metadata (a shape, the kind, the base) is
+caught when the file is opened rather than producing a wrong result later. Tensor data is covered by
+`fingerprint` (SHA-256 of names and bytes), which is not re-checked on open: that would read the whole file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 import tempfile
@@ -27,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from lota_cli import LotaError, __version__
-from lota_cli.masks import indices_from_bits, unpack_bits
+from lota_cli.masks import count_bits, indices_from_bits, unpack_bits
 
 FORMAT_VERSION = 1
 KINDS = ("task_vector", "mask", "sparse_delta")
@@ -56,6 +61,7 @@ class Meta:
     versions: dict[str, str] = field(default_factory=dict)
     format: int = FORMAT_VERSION
     fingerprint: str = _NO_FINGERPRINT
+    header_sha256: str = ""  # of the whole header with this field zeroed; empty in artifacts of lota < 0.1.1
 
     @property
     def numel(self) -> int:
@@ -97,7 +103,8 @@ class ArtifactWriter:
         self._written: list[str] = []
 
     def _header(self) -> bytes:
-        header: dict = {"__metadata__": {"format": "pt", "lota": json.dumps(asdict(self.meta), sort_keys=True)}}
+        # no sort_keys: the shapes keep model order, which Artifact.names reports
+        header: dict = {"__metadata__": {"format": "pt", "lota": json.dumps(asdict(self.meta))}}
         offset = 0
         for key, (dtype, shape) in self.layout.items():
             size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
@@ -106,18 +113,39 @@ class ArtifactWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         return raw + b" " * (-len(raw) % 8)
 
+    def _error(self, err: OSError) -> LotaError:
+        return LotaError(f"could not write {self.path}: {err.strerror or err}; make sure {self.path.parent} is a "
+                         "writable directory with free space (or choose another out=)")
+
     def __enter__(self) -> "ArtifactWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._tmp, self._file = Path(tmp), os.fdopen(fd, "wb")
-        header = self._header()
-        self._file.write(struct.pack("<Q", len(header)) + header)
+        self._tmp = self._file = None
+        self.meta.header_sha256 = _NO_FINGERPRINT  # placeholder of the final width
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            self._tmp, self._file = Path(tmp), os.fdopen(fd, "wb")
+            header = self._header()
+            self._file.write(struct.pack("<Q", len(header)) + header)
+        except OSError as err:
+            self._discard()
+            raise self._error(err) from err
         return self
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self._file.close()
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         expected = self.layout[key]
         if key != list(self.layout)[len(self._written)] or (tensor.dtype, tuple(tensor.shape)) != expected:
             raise ValueError(f"writing {key} {tensor.dtype} {tuple(tensor.shape)} out of layout {expected}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LotaError(f"refusing to write {self.path}: tensor {key!r} holds NaN or Inf values (the run "
+                            f"diverged, or {str(tensor.dtype).removeprefix('torch.')} cannot hold them); lower the "
+                            "learning rate or write float32")
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
         self._hash.update(key.encode())
         self._hash.update(data)
@@ -130,19 +158,21 @@ class ArtifactWriter:
                 if len(self._written) != len(self.layout):
                     raise ValueError(f"artifact {self.path}: {len(self.layout) - len(self._written)} tensors unwritten")
                 self.meta.fingerprint = self._hash.hexdigest()
-                header = self._header()  # same length: only the fixed-width fingerprint changed
+                self.meta.header_sha256 = _NO_FINGERPRINT
+                self.meta.header_sha256 = hashlib.sha256(self._header()).hexdigest()
+                header = self._header()  # same length: only fixed-width hex digests changed
                 self._file.seek(8)
                 self._file.write(header)
                 self._file.flush()
                 os.fsync(self._file.fileno())
-            self._file.close()
-            if exc_type is None:
+                self._file.close()
                 os.replace(self._tmp, self.path)
         except OSError as err:
-            raise LotaError(f"could not write {self.path}: {err.strerror or err}") from err
+            raise self._error(err) from err
         finally:
-            self._file.close()
-            self._tmp.unlink(missing_ok=True)
+            self._discard()
+        if isinstance(exc, OSError):  # a write inside the `with` failed (full disk, I/O error)
+            raise self._error(exc) from exc
 
 
 def save_dense(path, meta: Meta, tensors: dict[str, torch.Tensor]) -> Path:
@@ -179,24 +209,74 @@ class Artifact:
 
     def __init__(self, path: str | Path, kinds: tuple[str, ...] = KINDS):
         self.path = Path(path)
+        wanted = " or ".join(f"a {k} (made by {MADE_BY[k]})" for k in kinds)
         if not self.path.is_file():
-            raise LotaError(f"artifact not found: {self.path}")
-        _check_complete(self.path)
-        try:
-            self._file = safe_open(str(self.path), framework="pt")
-            header = self._file.metadata() or {}
-        except Exception as err:  # safetensors raises its own error types for a damaged header
-            raise LotaError(f"{self.path} is not a readable safetensors file ({err}); was it truncated?") from err
-        if "lota" not in header:
-            raise LotaError(f"{self.path} is a safetensors file but not a lota artifact (no 'lota' metadata)")
-        self.meta = Meta(**json.loads(header["lota"]))
+            what = "is a directory" if self.path.is_dir() else "not found"
+            raise LotaError(f"artifact {what}: {self.path}; give the path of {wanted}")
+        header, raw = _read_header(self.path)
+        if "lota" not in header.get("__metadata__", {}):
+            raise LotaError(f"{self.path} is a safetensors file but not a lota artifact (no 'lota' metadata); "
+                            f"give {wanted}")
+        self.meta = _parse_meta(self.path, header["__metadata__"]["lota"])
         if self.meta.format > FORMAT_VERSION:
             raise LotaError(f"{self.path} uses artifact format {self.meta.format}; this lota reads up to "
                             f"{FORMAT_VERSION}: upgrade lota")
+        _check_header_sha256(self.path, raw, self.meta)
+        _check_complete(self.path, header, len(raw))
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+        except Exception as err:  # safetensors raises its own error types for a damaged header
+            raise LotaError(f"{self.path} is not a readable safetensors file ({err}); re-create it or copy it "
+                            "again") from err
+        if self.meta.kind not in KINDS:
+            raise LotaError(f"{self.path} has unknown artifact kind {self.meta.kind!r}; the file is corrupt")
         if self.meta.kind not in kinds:
-            wanted = " or ".join(f"a {k} (made by {MADE_BY[k]})" for k in kinds)
             raise LotaError(f"{self.path} is a {self.meta.kind}; this stage needs {wanted}")
         self.keys = set(self._file.keys())
+        self._check_layout()
+        self._data_start = 8 + len(raw)  # tensor data offsets count from here
+        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        self._fh = open(self.path, "rb")  # for StoredTensor.mapped: the same file safetensors mapped
+
+    def __del__(self):
+        fh = getattr(self, "_fh", None)
+        if fh is not None:
+            fh.close()
+
+    def _check_layout(self) -> None:
+        """Every tensor the metadata lists is stored with a consistent shape, and nothing else is stored."""
+        def shape(key: str) -> list[int] | None:
+            return list(self._file.get_slice(key).get_shape()) if key in self.keys else None
+
+        def corrupt(what: str) -> LotaError:
+            return LotaError(f"{self.path}: {what}; the file is corrupt or was not written by lota: re-create it")
+
+        expected = set()
+        for name, dims in self.meta.shapes.items():
+            if not isinstance(dims, list) or not all(isinstance(d, int) and d >= 0 for d in dims):
+                raise corrupt(f"tensor {name!r} has shape {dims!r} in the metadata")
+            numel = math.prod(dims)
+            if self.kind == "task_vector":
+                expected.add(name)
+                if shape(name) != dims:
+                    raise corrupt(f"tensor {name!r} is {shape(name)} but the metadata says {dims}")
+                continue
+            bits, idx = shape(f"{name}::bits"), shape(f"{name}::idx")
+            if (bits is None) == (idx is None):
+                raise corrupt(f"tensor {name!r} needs exactly one of {name}::bits and {name}::idx")
+            if bits is not None and bits != [(numel + 7) // 8]:
+                raise corrupt(f"{name}::bits is {bits}, not [{(numel + 7) // 8}] for shape {dims}")
+            if idx is not None and (len(idx) != 1 or idx[0] > numel):
+                raise corrupt(f"{name}::idx is {idx}, more positions than the {numel} of shape {dims}")
+            expected.add(f"{name}::{'bits' if bits is not None else 'idx'}")
+            if self.kind == "sparse_delta":
+                values = shape(f"{name}::values")
+                if values is None or len(values) != 1 or (idx is not None and values != idx):
+                    raise corrupt(f"{name}::values is {values}, which does not match its positions")
+                expected.add(f"{name}::values")
+        extra = sorted(self.keys - expected)
+        if extra:
+            raise corrupt(f"it holds tensor {extra[0]!r}, which its metadata does not list")
 
     @property
     def kind(self) -> str:
@@ -212,9 +292,10 @@ class Artifact:
     def numel(self, name: str) -> int:
         return math.prod(self.meta.shapes[name])
 
-    def raw(self, key: str):
-        """A safetensors slice: index it (`[:]`, `[a:b]`) to read."""
-        return self._file.get_slice(key)
+    def raw(self, key: str) -> "StoredTensor":
+        """One stored tensor, read lazily: index it (`[:]`, `[a:b]`) like a safetensors slice, or stream it
+        in flat pieces with `mapped` (what masks.top_k_mask does)."""
+        return StoredTensor(self, key)
 
     def bits(self, name: str) -> torch.Tensor:
         """Packed bits of the positions this artifact holds for `name` (dense task vectors: nonzeros)."""
@@ -225,13 +306,17 @@ class Artifact:
         if f"{name}::bits" in self.keys:
             return self._file.get_tensor(f"{name}::bits")
         mask = torch.zeros(self.numel(name), dtype=torch.bool)
-        mask[self._file.get_tensor(f"{name}::idx").long()] = True
+        mask[self.indices(name).long()] = True
         return pack_bits(mask)
 
     def indices(self, name: str) -> torch.Tensor:
         """Sorted flat positions held for `name`."""
         if f"{name}::idx" in self.keys:
-            return self._file.get_tensor(f"{name}::idx")
+            idx = self._file.get_tensor(f"{name}::idx")
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.numel(name)):
+                raise LotaError(f"{self.path}: {name}::idx holds positions outside the tensor's "
+                                f"{self.numel(name)} entries; the file is corrupt: re-create it")
+            return idx
         return indices_from_bits(self.bits(name), self.numel(name))
 
     def values(self, name: str) -> torch.Tensor:
@@ -243,7 +328,13 @@ class Artifact:
             return self._file.get_tensor(name).to(dtype)
         out = torch.zeros(self.numel(name), dtype=dtype)
         if self.kind == "mask":
-            out[unpack_bits(self.bits(name), self.numel(name))] = 1
+            out.masked_fill_(unpack_bits(self.bits(name), self.numel(name)), 1)
+        elif f"{name}::bits" in self.keys:  # values fill the set bits in row-major order: no positions needed
+            bits, values = self.bits(name), self.values(name)
+            if count_bits(bits) != values.numel():
+                raise LotaError(f"{self.path}: {name}::values has {values.numel()} entries for {count_bits(bits)} "
+                                "positions; the file is corrupt: re-create it")
+            out.masked_scatter_(unpack_bits(bits, self.numel(name)), values.to(dtype))
         else:
             out[self.indices(name).long()] = self.values(name).to(dtype)
         return out.view(self.shape(name))
@@ -255,7 +346,7 @@ class Artifact:
     def density(self, name: str | None = None) -> float:
         names = [name] if name else self.names
         total = sum(self.numel(n) for n in names)
-        held = sum(int(unpack_bits(self.bits(n), self.numel(n)).count_nonzero()) for n in names)
+        held = sum(count_bits(self.bits(n)) for n in names)
         return held / max(total, 1)
 
     def check_base(self, fingerprint: str, base_model: str) -> None:
@@ -268,20 +359,132 @@ class Artifact:
             )
 
 
-def _check_complete(path: Path) -> None:
+_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
+
+
+class StoredTensor:
+    """A tensor of an Artifact, not yet read. Indexing (`[:]`, `[a:b]`, rows) reads through safetensors;
+    `mapped(start, stop)` gives flat entries [start, stop) as a tensor over a private memory map of just
+    that range, unmapped again on leaving the `with`. Streaming a large tensor through `mapped` in pieces
+    therefore holds one piece at a time in the process (resident set), instead of every page of the file
+    read so far, and copies nothing: the first pass over the piece reads the page cache directly.
+    """
+
+    def __init__(self, artifact: "Artifact", key: str):
+        self._artifact, self.key = artifact, key
+        entry = artifact._entries[key]
+        self.dtype = _TORCH_DTYPES[entry["dtype"]]
+        self.shape = tuple(entry["shape"])
+        self._itemsize = torch.tensor([], dtype=self.dtype).element_size()
+        self._offset = artifact._data_start + entry["data_offsets"][0]
+        self._slice = None
+
+    def _get(self):
+        if self._slice is None:
+            self._slice = self._artifact._file.get_slice(self.key)
+        return self._slice
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def get_dtype(self) -> str:
+        return _DTYPES[self.dtype]
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def __getitem__(self, index):
+        return self._get()[index]
+
+    @contextlib.contextmanager
+    def mapped(self, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
+        """Flat entries [start, stop) as a read-only-by-convention tensor; valid only inside the `with`."""
+        stop = self.numel() if stop is None else stop
+        if not 0 <= start <= stop <= self.numel():
+            raise IndexError(f"{self.key}: entries [{start}, {stop}) outside its {self.numel()}")
+        begin, length = self._offset + start * self._itemsize, (stop - start) * self._itemsize
+        if length == 0:
+            yield torch.empty(0, dtype=self.dtype)
+            return
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        # ACCESS_COPY: a private mapping, so the buffer is writable for torch (no warning) and a write could
+        # never reach the file; pages are shared with the page cache until written
+        region = mmap.mmap(self._artifact._fh.fileno(), begin - aligned + length, offset=aligned,
+                           access=mmap.ACCESS_COPY)
+        view = torch.frombuffer(region, dtype=torch.uint8, offset=begin - aligned, count=length)
+        try:
+            yield view.view(self.dtype)
+        finally:
+            del view
+            try:
+                region.close()
+            except BufferError:  # the caller kept a view: the mapping goes when that is freed
+                pass
+
+
+def _read_header(path: Path) -> tuple[dict, bytes]:
+    """The parsed safetensors header and its raw bytes, refusing anything that is not a well-formed one."""
+    def damaged(why: str) -> LotaError:
+        return LotaError(f"{path} is not a readable safetensors file: {why}; re-create it or copy it again")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise damaged(f"it is only {size} bytes long (truncated?)")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > size - 8:
+                raise damaged(f"the header length {n:,} exceeds the file's {size:,} bytes (damaged or truncated)")
+            raw = f.read(n)
+    except OSError as err:
+        raise LotaError(f"cannot read {path}: {err.strerror or err}; check that the file is readable") from err
+    try:
+        header = json.loads(raw)
+    except ValueError:  # also UnicodeDecodeError
+        raise damaged("its header is not valid JSON (damaged)") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise damaged("its header is not a JSON object of tensors (damaged)")
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(v, int) and v >= 0 for v in info["shape"] + info["data_offsets"]))
+        if not ok:
+            raise damaged(f"the header entry of tensor {key!r} is malformed (damaged)")
+    return header, raw
+
+
+def _parse_meta(path: Path, text) -> Meta:
+    try:
+        fields = json.loads(text)
+        meta = Meta(**fields)
+    except (ValueError, TypeError) as err:
+        raise LotaError(f"{path}: its lota metadata is damaged ({str(err)[:120]}); re-create the artifact") from None
+    if not (isinstance(meta.shapes, dict) and isinstance(meta.kind, str) and isinstance(meta.format, int)):
+        raise LotaError(f"{path}: its lota metadata is damaged (wrong types); re-create the artifact")
+    return meta
+
+
+def _check_header_sha256(path: Path, raw: bytes, meta: Meta) -> None:
+    """The header is byte for byte what lota wrote (artifacts from before the checksum are let through)."""
+    if not meta.header_sha256:
+        return
+    digest = str(meta.header_sha256).encode()
+    zeroed = raw.replace(digest, _NO_FINGERPRINT.encode())
+    if raw.count(digest) != 1 or hashlib.sha256(zeroed).hexdigest() != meta.header_sha256:
+        raise LotaError(f"{path} is corrupt: its header does not match its checksum (a damaged copy?); "
+                        "re-create it or copy it again")
+
+
+def _check_complete(path: Path, header: dict, n: int) -> None:
     """Catch truncated files before safetensors maps them: the header's data size must match the file."""
     size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size:
-                raise ValueError
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as err:
-        raise LotaError(f"{path} is not a readable safetensors file (damaged header); was it truncated?") from err
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
-        raise LotaError(f"{path} is truncated or corrupt: header promises {8 + n + end:,} bytes, file has "
+        what = "truncated" if size < 8 + n + end else "corrupt (it has bytes past its data)"
+        raise LotaError(f"{path} is {what}: header promises {8 + n + end:,} bytes, file has "
                         f"{size:,}; re-create it or copy it again")
 
 

@@ -6,6 +6,7 @@ these dataclasses (unknown keys are refused with the key named) and the stage re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -121,6 +122,9 @@ class TrainConfig:
         _positive("train.batch_size", self.batch_size)
         _positive("train.grad_accum", self.grad_accum)
         _positive("train.lr", self.lr)
+        if not math.isfinite(self.lr) or self.lr > 1e30:
+            raise LotaError(f"train.lr={self.lr} is too large to train with (float32 overflows); "
+                            "fine-tuning uses about 1e-5 to 1e-3")
         _positive("train.log_every", self.log_every)
         _positive("train.keep_checkpoints", self.keep_checkpoints)
         _one_of("train.schedule", self.schedule, ("cosine", "linear", "constant"))

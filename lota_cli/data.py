@@ -24,12 +24,28 @@ class Example:
     row: dict  # the source row, for metrics that need the reference
 
 
-def _files(data_files) -> list[str]:
-    files = [data_files] if isinstance(data_files, str) else list(data_files)
+def _files(data_files, key: str) -> list[str]:
+    """The local data files, each checked to exist, be readable and hold something (datasets' own errors
+    for these are cryptic: an empty file raises a bare StopIteration)."""
+    files = [data_files] if isinstance(data_files, str) else [str(f) for f in data_files]
+    if not files:
+        raise LotaError(f"{key} is an empty list; give one or more json/jsonl/parquet/csv files")
     for f in files:
         if not Path(f).is_file():
-            raise LotaError(f"data file not found: {f}")
+            raise LotaError(f"data file not found: {f} ({key}); check the path")
+        try:
+            with open(f, "rb") as fh:
+                empty = not fh.read(1)
+        except OSError as err:
+            raise LotaError(f"cannot read data file {f} ({key}): {err.strerror or err}; check its permissions") from err
+        if empty:
+            raise LotaError(f"data file {f} ({key}) is empty; give a file with at least one example")
     return files
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(err).__name__
 
 
 def load_rows(task: TaskConfig, purpose: str = "train") -> list[dict]:
@@ -42,12 +58,12 @@ def load_rows(task: TaskConfig, purpose: str = "train") -> list[dict]:
 
     shared = task.holdout > 0 and not task.eval_data_files
     if purpose == "train" or shared:
-        split, data_files = task.split, task.data_files
+        split, data_files, key = task.split, task.data_files, "task.data_files"
     else:
-        split, data_files = task.eval_split, task.eval_data_files
+        split, data_files, key = task.eval_split, task.eval_data_files, "task.eval_data_files"
     try:
         if data_files:
-            files = _files(data_files)
+            files = _files(data_files, key)
             kind = _LOADERS.get(Path(files[0]).suffix)
             if kind is None:
                 raise LotaError(f"{files[0]}: unsupported data file type; use one of {', '.join(_LOADERS)}")
@@ -60,9 +76,14 @@ def load_rows(task: TaskConfig, purpose: str = "train") -> list[dict]:
         raise
     except Exception as err:  # datasets raises many types for unreadable or unreachable data
         where = data_files or f"{task.dataset} ({task.dataset_config}, split {split})"
-        raise LotaError(f"cannot load task {task.name} data from {where}: {str(err).splitlines()[0][:300]}") from err
+        if "corresponds to no data" in str(err):  # e.g. a JSON file holding []
+            raise LotaError(f"task {task.name}: the data set {where} has no examples; give data with at least "
+                            "one example") from None
+        hint = "check that the file is valid " + Path(files[0]).suffix[1:] if data_files else "check the name"
+        raise LotaError(f"cannot load task {task.name} data from {where}: {_first_line(err)}; {hint}") from err
     if len(ds) == 0:
-        raise LotaError(f"task {task.name}: the data set {data_files or task.dataset} is empty")
+        raise LotaError(f"task {task.name}: the data set {data_files or task.dataset} has no examples; give data "
+                        "with at least one example")
     ds = ds.shuffle(seed=task.shuffle_seed)
     if shared:
         if task.holdout >= len(ds):
@@ -70,12 +91,12 @@ def load_rows(task: TaskConfig, purpose: str = "train") -> list[dict]:
         keep = range(len(ds) - task.holdout) if purpose == "train" else range(len(ds) - task.holdout, len(ds))
         ds = ds.select(keep)
     n = len(ds)
-    if task.fraction < 1.0:
+    if purpose == "train" and task.fraction < 1.0:  # evaluation has its own limit, eval.max_examples
         n = max(1, int(n * task.fraction))
-    if task.max_examples:
+    if purpose == "train" and task.max_examples:
         n = min(n, task.max_examples)
     rows = ds.select(range(n)).to_list()
-    _check_fields(task, rows[0])
+    _check_fields(task, rows, data_files or task.dataset)
     return rows
 
 
@@ -83,11 +104,18 @@ def _fields(template: str) -> set[str]:
     return {f for _, f, _, _ in string.Formatter().parse(template) if f}
 
 
-def _check_fields(task: TaskConfig, row: dict) -> None:
-    missing = sorted((_fields(task.prompt) | _fields(task.target)) - row.keys())
+def _check_fields(task: TaskConfig, rows: list[dict], where) -> None:
+    """Refuse data without the fields the templates use, and rows without a target (nothing to learn or
+    score); a missing prompt field in some rows renders as empty, which optional fields rely on."""
+    missing = sorted((_fields(task.prompt) | _fields(task.target)) - rows[0].keys())
     if missing:
-        raise LotaError(f"task {task.name}: the data has no field(s) {missing} used by task.prompt / task.target; "
-                        f"its fields are {sorted(row)}")
+        raise LotaError(f"task {task.name}: the data {where} has no field(s) {missing} used by task.prompt / "
+                        f"task.target; its fields are {sorted(rows[0])}: set task.prompt / task.target to use them")
+    for field in sorted(_fields(task.target)):
+        empty = [i for i, row in enumerate(rows) if row.get(field) is None]
+        if empty:
+            raise LotaError(f"task {task.name}: {len(empty)} row(s) of {where} lack field {field!r} used by "
+                            f"task.target, e.g. {str(rows[empty[0]])[:80]}; fix or drop those rows")
 
 
 def render(template: str, row: dict) -> str:

@@ -37,18 +37,23 @@ def load_model(cfg: ModelConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf = _source(cfg)
+    if _looks_local(path) and not Path(path).is_dir():
+        what = "not a directory" if Path(path).exists() else "no such directory"
+        raise LotaError(f"model.path={path}: {what}; give a local model directory or a hub id")
     common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **gguf)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], **common)
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
-    except (OSError, ValueError, ImportError) as err:
+    except Exception as err:  # OSError, ValueError, safetensors' and tokenizers' own errors for damaged files
         text = str(err)
         if "trust_remote_code" in text:
-            raise LotaError(f"model {cfg.path!r} needs its own code from the hub; if you trust it, set "
+            raise LotaError(f"model {cfg.path!r} runs its own Python code (auto_map in its config.json), which lota "
+                            "does not run by default; read that code, and only if you trust it set "
                             "model.trust_remote_code=true") from err
         first = next((line for line in text.splitlines() if line.strip()), type(err).__name__)
         raise LotaError(f"cannot load model {cfg.path!r}{' / ' + cfg.gguf_file if cfg.gguf_file else ''}: "
-                        f"{first[:300]} (give a local directory or a reachable hub id)") from err
+                        f"{first[:300]} (give a complete local model directory or a reachable hub id)") from err
+    _check_finite(model, cfg.path)
     if gguf:  # dequantized on load: drop the quantizer so the model trains and saves as plain weights
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -59,6 +64,21 @@ def load_model(cfg: ModelConfig):
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model, tokenizer
+
+
+@torch.no_grad()
+def _check_finite(model: nn.Module, path: str) -> None:
+    """Refuse weights holding NaN or Inf: training would stop at its first step with a NaN loss and blame the
+    learning rate. One pass over the weights, small next to reading them from disk."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LotaError(f"model {path!r}: weight {name!r} holds NaN or Inf values; the model files are "
+                            "damaged or the model diverged: use an intact copy")
+
+
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id ('org/name')."""
+    return path.startswith(("/", "./", "../", "~")) or os.path.isabs(path) or Path(path).exists()
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -102,10 +122,11 @@ def check_tensor(model: nn.Module, name: str, shape: tuple[int, ...], source: st
     try:
         param = model.get_parameter(name)
     except AttributeError:
-        raise LotaError(f"{source} has tensor {name!r}, which this model does not have; was it made for "
-                        "another architecture?") from None
+        raise LotaError(f"{source} has tensor {name!r}, which this model does not have; it was made for another "
+                        "architecture: use artifacts made from this base model") from None
     if tuple(param.shape) != tuple(shape):
-        raise LotaError(f"{source}: tensor {name!r} is {list(shape)} but the model's is {list(param.shape)}")
+        raise LotaError(f"{source}: tensor {name!r} is {list(shape)} but the model's is {list(param.shape)}; use "
+                        "artifacts made from this base model")
     return param
 
 

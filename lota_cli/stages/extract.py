@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from lota_cli import LotaError
 from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import ExtractConfig
 from lota_cli.masks import density_by_layer, encode_positions, k_for, top_k_mask, unpack_bits
@@ -24,13 +25,18 @@ def run(cfg: ExtractConfig, out: Path) -> list[Path]:
     names = selected({n: task_vector.shape(n) for n in task_vector.names}, cfg.params)
     source = {n: task_vector.raw(n) for n in names}
 
-    if opts.scope == "global":
-        total = sum(task_vector.numel(n) for n in names)
-        bits = top_k_mask(source, k_for(opts.sparsity, total))
-    else:
-        bits = {}
-        for n in names:
-            bits.update(top_k_mask({n: source[n]}, k_for(opts.sparsity, task_vector.numel(n))))
+    total = sum(task_vector.numel(n) for n in names)
+    if k_for(opts.sparsity, total) == 0:
+        raise LotaError(f"extract.sparsity={opts.sparsity} keeps none of the {total:,} selected entries; lower it")
+    try:
+        if opts.scope == "global":
+            bits = top_k_mask(source, k_for(opts.sparsity, total))
+        else:
+            bits = {}
+            for n in names:
+                bits.update(top_k_mask({n: source[n]}, k_for(opts.sparsity, task_vector.numel(n))))
+    except LotaError as err:  # e.g. NaN in a tensor: say which file
+        raise LotaError(f"{task_vector.path}: {err}") from err
 
     counts = {n: (int(unpack_bits(bits[n], task_vector.numel(n)).count_nonzero()), task_vector.numel(n))
               for n in names}

@@ -52,6 +52,9 @@ def main(argv: list[str]) -> int:
     except LotaError as err:
         print(f"lota info: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        print(f"lota info: error: {err.strerror or err}: {err.filename or ''}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
     else:
