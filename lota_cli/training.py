@@ -1,5 +1,9 @@
 """The training loop every training stage shares: optimizer, schedule, accumulation, logging, checkpoints.
 
+Batch: one optimizer step sees train.batch_size x train.grad_accum sequences whatever the number of
+processes N: each of its grad_accum micro-batches of train.batch_size sequences is sharded over the N
+processes (train.batch_size / N each, the per-device batch), never duplicated.
+
 Loss normalization: each micro-batch's loss is the sum of its target-token NLLs divided by the number of
 target tokens in the whole global batch (all micro-steps, all processes), times the number of processes
 (data-parallel engines average gradients over processes). So the gradient of one optimizer step is the
@@ -8,7 +12,6 @@ same whatever the number of processes or the split of the global batch into micr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -76,19 +79,32 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(out: Path, step: int, state: dict, keep: int) -> Path:
-    """Write a checkpoint atomically (temp dir + rename), keeping only the newest `keep`."""
+def save_checkpoint(out: Path, step: int, state: dict, keep: int, accelerator=None, engine=None) -> Path:
+    """Write a checkpoint atomically (temp dir + rename), keeping only the newest `keep`.
+
+    With several processes the main one writes state.pt; under DeepSpeed every process also writes its own
+    partition of the trainable values and optimizer state (engine.save_checkpoint, frozen weights left out).
+    """
+    main = accelerator is None or accelerator.is_main_process
     root = _checkpoint_dir(out)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if engine is not None:
+        accelerator.wait_for_everyone()
+        engine.save_checkpoint(str(tmp), tag="engine", exclude_frozen_parameters=True, save_latest=False)
+        accelerator.wait_for_everyone()
+    if main:
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return final
 
 
@@ -162,11 +178,16 @@ def train(
     `depends` names the inputs the run is tied to (fingerprints); a checkpoint from other inputs is refused.
     `after_step` runs after every optimizer step (LoTTO uses it to restore frozen entries).
     """
+    from lota_cli.dist import uses_deepspeed
+
     tcfg = cfg.train
     steps = optimizer_steps(tcfg, len(examples))
     optimizer = make_optimizer(list(trainable.values()), tcfg, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The schedule is made on the prepared optimizer (DeepSpeed may replace the optimizer) and stepped once per
+    # optimizer step by this loop: accelerate's wrapper would step it once per process.
     schedule = make_schedule(optimizer, tcfg, steps)
-    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    engine = model if uses_deepspeed(accelerator) else None
     world, rank = accelerator.num_processes, accelerator.process_index
     batches = MicroBatches(len(examples), tcfg.batch_size, tcfg.seed)
     target_tokens = [len(e.target_ids) for e in examples]
@@ -175,22 +196,26 @@ def train(
     checkpoint = resume_point(cfg.resume, out)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, depends)
-        with torch.no_grad():
-            for name, param in trainable.items():
-                param.copy_(state["trainable"][name])
-        optimizer.load_state_dict(state["optimizer"])
+        if engine is not None:
+            engine.load_checkpoint(str(checkpoint), tag="engine", load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:
+            with torch.no_grad():
+                for name, param in trainable.items():
+                    param.copy_(state["trainable"][name])
+            optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
         start, result.losses = state["step"], list(state["losses"])
         log.info("resumed from %s at step %d of %d", checkpoint, start, steps)
 
-    def checkpoint_now(step: int) -> Path | None:
+    def checkpoint_now(step: int) -> Path:
         state = {"step": step, "losses": result.losses, "depends": depends, "rng": torch.get_rng_state(),
-                 "trainable": {n: p.detach().cpu().clone() for n, p in trainable.items()},
-                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
-        if accelerator.is_main_process:
-            return save_checkpoint(out, step, state, tcfg.keep_checkpoints)
-        return None
+                 "schedule": schedule.state_dict()}
+        if engine is None:  # replicated on every process: the main one's copy is the state
+            state["trainable"] = {n: p.detach().cpu().clone() for n, p in trainable.items()}
+            state["optimizer"] = optimizer.state_dict()
+        return save_checkpoint(out, step, state, tcfg.keep_checkpoints, accelerator, engine)
 
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
@@ -201,18 +226,27 @@ def train(
             t0, tokens, loss_sum = time.perf_counter(), 0, 0.0
             micro = [batches.indices(step * tcfg.grad_accum + j) for j in range(tcfg.grad_accum)]
             global_targets = sum(target_tokens[i] for ids in micro for i in ids)
-            for j, ids in enumerate(micro):
+            for ids in micro:
                 batch = collate([examples[i] for i in MicroBatches.shard(ids, rank, world)], pad_id)
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                sync = j == len(micro) - 1
-                with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+                # accumulate(): gradients are synchronized (DDP's all-reduce; DeepSpeed's reduce, clip and
+                # optimizer step, inside backward) on the last micro-step of the step only. accelerate and
+                # DeepSpeed's engine.backward both divide the loss by grad_accum: the factor undoes that, so the
+                # step's gradient is the single-process sum over the global batch.
+                with accelerator.accumulate(model):
                     nll = token_nll_sum(model, batch)
-                    accelerator.backward(nll * (world / global_targets))
+                    accelerator.backward(nll * (world * tcfg.grad_accum / global_targets))
                 loss_sum += nll.item()
                 tokens += int(batch["attention_mask"].sum())
-            grad_norm = accelerator.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf"))
-            loss = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum").item() / global_targets
-            if not math.isfinite(loss):
+            if engine is None:
+                grad_norm = float(accelerator.clip_grad_norm_(params, tcfg.max_grad_norm or float("inf")))
+            else:  # DeepSpeed clipped by the same rule (gradient_clipping = train.max_grad_norm) and stepped
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)
+            # one all-reduce for the loss and for a stop request that reached only some processes
+            totals = accelerator.reduce(torch.tensor([loss_sum, float(stop.signal is not None)],
+                                                     dtype=torch.float64, device=accelerator.device), "sum")
+            loss, stop_now = totals[0].item() / global_targets, totals[1].item() > 0
+            if not math.isfinite(loss):  # (DeepSpeed has already stepped by now; the run stops all the same)
                 last = latest_checkpoint(out)
                 raise LotaError(f"the loss became {loss} at step {step + 1}; stopped. Last good checkpoint: "
                                 f"{last or 'none (set train.save_every)'}. Lower train.lr or set train.max_grad_norm")
@@ -228,7 +262,9 @@ def train(
             done = step + 1
             if accelerator.is_main_process and (done % tcfg.log_every == 0 or done == steps):
                 record = {"step": done, "loss": loss, "lr": schedule.get_last_lr()[0],
-                          "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+                          "grad_norm": grad_norm, "tokens_per_s": tok_s, "step_s": elapsed}
+                if torch.cuda.is_available():  # this process's peak so far
+                    record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 accelerator.log(record, step=done)
@@ -236,10 +272,10 @@ def train(
                          record["lr"], record["grad_norm"], tok_s)
             if tcfg.save_every and done % tcfg.save_every == 0 and done < steps:
                 checkpoint_now(done)
-            if stop.signal is not None:
+            if stop_now:
                 saved = checkpoint_now(done)
-                raise LotaError(f"stopped by signal {stop.signal} after step {done}; checkpoint {saved}; "
-                                "rerun the same command with resume=true to continue")
+                raise LotaError(f"stopped by signal {stop.signal or 'on another process'} after step {done}; "
+                                f"checkpoint {saved}; rerun the same command with resume=true to continue")
     model.eval()
     return result
 
@@ -263,13 +299,16 @@ def setup(cfg: TrainStageConfig, out: Path) -> Run:
     from accelerate.utils import set_seed
 
     from lota_cli.data import encode, load_rows
-    from lota_cli.dist import make_accelerator
+    from lota_cli.dist import make_accelerator, whole_model_loading
     from lota_cli.models import fingerprint, load_model
 
     out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg, out)
+    if not accelerator.is_main_process:  # one process speaks; the others only warn
+        logging.getLogger().setLevel(logging.WARNING)
     set_seed(cfg.train.seed)
-    model, tokenizer = load_model(cfg.model)
+    with whole_model_loading(accelerator):
+        model, tokenizer = load_model(cfg.model)
     base = fingerprint(model)
     rows = load_rows(cfg.task, "train")
     examples = encode(tokenizer, cfg.task, rows)
@@ -278,3 +317,33 @@ def setup(cfg: TrainStageConfig, out: Path) -> Run:
     if cfg.train.log_with:
         accelerator.init_trackers("lota", config={"out": str(out)})
     return Run(accelerator, model, tokenizer, base, examples)
+
+
+def trained_values(accelerator, trainable: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The trained parameters in full, float32, on the CPU: on the main process ({} on the others).
+
+    Every process must call it: under DeepSpeed it gathers each parameter from the optimizer's fp32
+    partitions, one at a time, and only the main process keeps the result.
+    """
+    from lota_cli.dist import full_fp32
+
+    values = {}
+    for name, param in trainable.items():
+        full = full_fp32(param)
+        if accelerator.is_main_process:
+            values[name] = full.cpu()
+    return values
+
+
+def load_base(cfg: TrainStageConfig, accelerator) -> nn.Module:
+    """A fresh copy of the base model from disk, whole (also under ZeRO-3), on the CPU.
+
+    Under DeepSpeed a saved model is rebuilt as base + trained values on the main process: the engine's own
+    module may be partitioned (ZeRO-3) or cast to bf16, and frozen weights must stay bitwise the base's.
+    """
+    from lota_cli.dist import whole_model_loading
+    from lota_cli.models import load_model
+
+    with whole_model_loading(accelerator):
+        model, _ = load_model(cfg.model)
+    return model

@@ -21,9 +21,10 @@ import torch
 from lota_cli import LotaError, sparse
 from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import LottoConfig
+from lota_cli.dist import uses_deepspeed, write_entries
 from lota_cli.masks import encode_positions, k_for, pack_bits, top_k_mask, unpack_bits
 from lota_cli.models import DTYPES, add_delta, save_model, select_params
-from lota_cli.training import setup, train
+from lota_cli.training import load_base, setup, train, trained_values
 
 log = logging.getLogger(__name__)
 
@@ -46,84 +47,103 @@ def _frozen_union(previous: list[Artifact], names: list[str]) -> dict[str, torch
     return union
 
 
+def _chain_model(cfg: LottoConfig, previous: list[Artifact], accelerator):
+    """base + the earlier deltas, loaded whole (see dist.whole_model_loading)."""
+    model = load_base(cfg, accelerator)
+    for prev in previous:
+        add_delta(model, prev)
+    return model
+
+
 def run(cfg: LottoConfig, out: Path) -> list[Path]:
     if not cfg.lotto.previous:
         raise LotaError("lotto.previous is empty: give the earlier adapters, e.g. lotto.previous=[a.safetensors]; "
                         "for a first task use calibrate, extract and sparse-train")
     previous = [Artifact(p, kinds=("sparse_delta",)) for p in cfg.lotto.previous]
     run = setup(cfg, out)
+    accelerator, main = run.accelerator, run.accelerator.is_main_process
     model = run.model
     for prev in previous:
         prev.check_base(run.base_fingerprint, cfg.model.path)
         add_delta(model, prev)
     names = select_params(model, cfg.params)
     shapes = {n: tuple(model.get_parameter(n).shape) for n in names}
+    numel = {n: torch.Size(s).numel() for n, s in shapes.items()}
     frozen = _frozen_union(previous, names)
-    start = {n: model.get_parameter(n).detach().to("cpu", copy=True) for n in names}  # base + earlier deltas
     depends = {"base": run.base_fingerprint, "previous": [p.meta.fingerprint for p in previous]}
+
+    total = sum(numel.values())
+    free = total - sum(int(unpack_bits(b, numel[n]).count_nonzero()) for n, b in frozen.items())
+    k = k_for(cfg.lotto.sparsity, total)
+    if k > free:
+        raise LotaError(f"lotto.sparsity={cfg.lotto.sparsity} asks for {k:,} entries but only {free:,} of "
+                        f"{total:,} ({free / total:.2%}) are left after {len(previous)} earlier adapters; "
+                        "raise lotto.sparsity or start a new chain")
 
     # Phase 1: calibrate with the earlier masks frozen, unless a resumed run already has the new mask.
     mask_path = out / "mask.safetensors"
-    total = sum(torch.Size(s).numel() for s in shapes.values())
     if cfg.resume and mask_path.is_file():
-        new_mask = {n: Artifact(mask_path, kinds=("mask",)).bits(n) for n in names}
         log.info("resuming: found the new mask %s, skipping calibration", mask_path)
     else:
+        # base + earlier deltas, for the delta that picks the mask: only the main process picks it
+        start = {n: model.get_parameter(n).detach().to("cpu", copy=True) for n in names} if main else {}
         for p in model.parameters():
             p.requires_grad_(False)
         trainable = {n: model.get_parameter(n).requires_grad_(True) for n in names}
-        frozen_index = {n: unpack_bits(b, start[n].numel()).nonzero().reshape(-1) for n, b in frozen.items()}
-        frozen_values = {n: start[n].reshape(-1)[i] for n, i in frozen_index.items()}
+        frozen_index = {n: unpack_bits(b, numel[n]).nonzero().reshape(-1) for n, b in frozen.items()}
+        frozen_values = {n: trainable[n].detach().reshape(-1)[i].clone() for n, i in frozen_index.items()}
 
-        @torch.no_grad()
         def restore_frozen() -> None:
             for n, index in frozen_index.items():
-                trainable[n].view(-1)[index.to(trainable[n].device)] = frozen_values[n].to(trainable[n].device)
+                write_entries(trainable[n], index, frozen_values[n])
 
         steps = cfg.lotto.calibrate_steps or cfg.train.max_steps
         phase1 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
         train(model, trainable, run.examples, run.tokenizer.pad_token_id, phase1, out / "calibrate",
-              run.accelerator, depends={"phase": "calibrate", **depends}, after_step=restore_frozen)
-        delta = {n: trainable[n].detach().cpu().float() - start[n].float() for n in names}
-        free = total - sum(int(unpack_bits(b, start[n].numel()).count_nonzero()) for n, b in frozen.items())
-        k = k_for(cfg.lotto.sparsity, total)
-        if k > free:
-            raise LotaError(f"lotto.sparsity={cfg.lotto.sparsity} asks for {k:,} entries but only {free:,} of "
-                            f"{total:,} ({free / total:.2%}) are left after {len(previous)} earlier adapters; "
-                            "raise lotto.sparsity or start a new chain")
-        new_mask = top_k_mask(delta, k, excluded=frozen)
-        with torch.no_grad():  # back to base + earlier deltas for the sparse phase
-            for n in names:
-                model.get_parameter(n).copy_(start[n])
-        if run.accelerator.is_main_process:
+              accelerator, depends={"phase": "calibrate", **depends}, after_step=restore_frozen)
+        trained = trained_values(accelerator, trainable)
+        if main:
+            delta = {n: trained[n] - start[n].float() for n in names}
+            chosen = top_k_mask(delta, k, excluded=frozen)
             meta = stage_meta("mask", "lotto", cfg, cfg.model.path, run.base_fingerprint,
                               parents=depends["previous"], sparsity=cfg.lotto.sparsity)
-            save_sparse(mask_path, meta, shapes, {n: encode_positions(new_mask[n], start[n].numel()) for n in names})
+            save_sparse(mask_path, meta, shapes, {n: encode_positions(chosen[n], numel[n]) for n in names})
+        del start, trained, trainable, model
+        accelerator.wait_for_everyone()  # every process reads the mask the main one chose
+        # back to base + earlier deltas for the sparse phase, in a fresh model: an engine takes a model once
+        accelerator.free_memory()
+        model = _chain_model(cfg, previous, accelerator)
+    new_mask = {n: Artifact(mask_path, kinds=("mask",)).bits(n) for n in names}
 
     for prev in previous:  # verified, not assumed
-        shared = sum(int((unpack_bits(new_mask[n], start[n].numel()) & unpack_bits(prev.bits(n), prev.numel(n)))
+        shared = sum(int((unpack_bits(new_mask[n], numel[n]) & unpack_bits(prev.bits(n), prev.numel(n)))
                          .count_nonzero()) for n in names if n in prev.meta.shapes)
         if shared:
             raise LotaError(f"internal error: the new mask shares {shared} entries with {prev.path}")
         log.info("overlap with %s: 0 entries", prev.path)
 
     # Phase 2: sparse-train the new mask from base + earlier deltas.
-    positions = {n: unpack_bits(new_mask[n], start[n].numel()).nonzero().reshape(-1).int() for n in names}
+    positions = {n: unpack_bits(new_mask[n], numel[n]).nonzero().reshape(-1).int() for n in names}
     trainable = sparse.attach(model, positions)
     result = train(model, trainable, run.examples, run.tokenizer.pad_token_id, cfg, out / "sparse-train",
-                   run.accelerator, depends={"phase": "sparse-train", **depends})
+                   accelerator, depends={"phase": "sparse-train", **depends})
+    trained = trained_values(accelerator, trainable)
 
     written = []
-    if run.accelerator.is_main_process:
+    if main:
         dtype = DTYPES[cfg.artifact_dtype]
-        values = {n: p.detach().cpu().to(dtype) for n, p in trainable.items()}
+        values = {n: v.to(dtype) for n, v in trained.items()}
         meta = stage_meta("sparse_delta", "lotto", cfg, cfg.model.path, run.base_fingerprint,
                           parents=depends["previous"], sparsity=cfg.lotto.sparsity)
-        encoded = {n: encode_positions(new_mask[n], start[n].numel()) for n in names}
+        encoded = {n: encode_positions(new_mask[n], numel[n]) for n in names}
         written.append(save_sparse(out / "sparse_delta.safetensors", meta, shapes, encoded, values))
         log.info("loss %.4f -> %.4f over %d steps", result.losses[0], result.losses[-1], result.steps)
         if cfg.save_model:
-            model = run.accelerator.unwrap_model(model)
+            if uses_deepspeed(accelerator):  # see training.load_base
+                model = _chain_model(cfg, previous, accelerator)
+                sparse.attach(model, positions, trained)
+            else:
+                model = accelerator.unwrap_model(model)
             sparse.fold(model, names)
             written.append(save_model(model, run.tokenizer, out / "model"))
     return written

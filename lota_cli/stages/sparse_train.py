@@ -12,9 +12,10 @@ from pathlib import Path
 from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import SparseTrainConfig
 from lota_cli.masks import encode_positions
+from lota_cli.dist import uses_deepspeed
 from lota_cli.models import DTYPES, check_tensor, save_model
 from lota_cli import sparse
-from lota_cli.training import setup, train
+from lota_cli.training import load_base, setup, train, trained_values
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,12 @@ def run(cfg: SparseTrainConfig, out: Path) -> list[Path]:
     result = train(run.model, trainable, run.examples, run.tokenizer.pad_token_id, cfg, out, run.accelerator,
                    depends={"stage": "sparse_train", "base": run.base_fingerprint, "mask": mask.meta.fingerprint})
 
+    trained = trained_values(run.accelerator, trainable)
+
     written = []
     if run.accelerator.is_main_process:
         dtype = DTYPES[cfg.artifact_dtype]
-        values = {n: p.detach().cpu().to(dtype) for n, p in trainable.items()}
+        values = {n: v.to(dtype) for n, v in trained.items()}
         positions = {n: encode_positions(mask.bits(n), mask.numel(n)) for n in mask.names}
         meta = stage_meta("sparse_delta", "sparse-train", cfg, cfg.model.path, run.base_fingerprint,
                           parents=[mask.meta.fingerprint], sparsity=mask.meta.sparsity)
@@ -43,7 +46,11 @@ def run(cfg: SparseTrainConfig, out: Path) -> list[Path]:
         written.append(save_sparse(out / "sparse_delta.safetensors", meta, shapes, positions, values))
         log.info("loss %.4f -> %.4f over %d steps", result.losses[0], result.losses[-1], result.steps)
         if cfg.save_model:
-            model = run.accelerator.unwrap_model(run.model)
+            if uses_deepspeed(run.accelerator):  # see load_base
+                model = load_base(cfg, run.accelerator)
+                sparse.attach(model, {n: mask.indices(n) for n in mask.names}, trained)
+            else:
+                model = run.accelerator.unwrap_model(run.model)
             sparse.fold(model, list(trainable))
             written.append(save_model(model, run.tokenizer, out / "model"))
     return written

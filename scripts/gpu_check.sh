@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# GPU check: bf16 calibrate -> extract -> sparse-train on a ~1B Llama (random weights, built from a config,
+# with a tokenizer and training text made here) under dist=single and dist=zero2 (one process), printing per
+# stage the step time, tokens/s and peak GPU memory: full fine-tuning (calibrate) against LoTA (sparse-train).
+# About 5 minutes on one H200.
+#
+# Runs from a plain checkout (no `make install`, no network) on the machine's python3, which must have
+# PyTorch, transformers, accelerate, safetensors, rich and peft; whatever else it lacks comes from the wheels
+# of scripts/gpu_wheels.sh in .whl/, installed into a temporary directory put on PYTHONPATH.
+#
+# LOTA_GPU_CHECK_TINY=1: a tiny model and a few steps, on the CPU too, to test this script anywhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TINY=${LOTA_GPU_CHECK_TINY:-0}
+WORK=$(mktemp -d -t lota-gpu-check.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+# 1. The wheels this python lacks (a wheel's distribution is the first part of its file name).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  missing=$("$PY" - .whl/*.whl <<'EOF'
+import importlib.metadata as md, os, sys
+for wheel in sys.argv[1:]:
+    try:
+        md.version(os.path.basename(wheel).split("-")[0])
+    except md.PackageNotFoundError:
+        print(wheel)
+EOF
+)
+  if [ -n "$missing" ]; then
+    echo "installing into $WORK/site: $(echo $missing | xargs -n1 basename | tr '\n' ' ')" >&2
+    # shellcheck disable=SC2086
+    "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" $missing
+  fi
+fi
+export PYTHONPATH="$PWD:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+
+# 2. Model, tokenizer and training data.
+"$PY" - "$WORK" "$TINY" >&2 <<'EOF'
+import json, random, sys, time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+work, tiny = Path(sys.argv[1]), sys.argv[2] == "1"
+t0 = time.time()
+random.seed(0)
+names = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo"]
+things = ["apples", "books", "coins", "marbles", "pencils", "stamps", "tickets", "shells"]
+rows = []
+for _ in range(400 if tiny else 4000):  # synthetic GSM8K-style word problems
+    who, what = random.choice(names), random.choice(things)
+    a, b, c = random.randint(2, 90), random.randint(2, 90), random.randint(2, 9)
+    question = (f"{who} has {a} {what} and buys {b} more. Then {who} gives away a {c}th of them, rounded "
+                f"down. How many {what} does {who} have left?")
+    total, gone = a + b, (a + b) // c
+    answer = (f"{who} has {a} + {b} = {total} {what}. A {c}th of {total} rounded down is {gone}. "
+              f"{total} - {gone} = {total - gone}.\n#### {total - gone}")
+    rows.append({"question": question, "answer": answer})
+with open(work / "train.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+
+tok = Tokenizer(models.BPE())
+tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+tok.decoder = decoders.ByteLevel()
+tok.train_from_iterator([r["question"] + " " + r["answer"] for r in rows], trainers.BpeTrainer(
+    vocab_size=384 if tiny else 4096, special_tokens=["<pad>", "<s>", "</s>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+size = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        if tiny else  # Llama-3.2-1B's body: 0.97B parameters in attention + MLP
+        dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8))
+config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=False,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, **size)
+torch.manual_seed(0)
+with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    model = LlamaForCausalLM(config)
+model.to(torch.bfloat16).save_pretrained(work / "model")  # bf16 on disk; lota loads it as float32
+tokenizer.save_pretrained(work / "model")
+n = sum(p.numel() for p in model.parameters())
+print(f"model: {n / 1e9:.2f}B parameters, vocab {len(tokenizer)}, {len(rows)} examples ({time.time() - t0:.0f} s)",
+      file=sys.stderr)
+EOF
+
+# 3. calibrate -> extract -> sparse-train under each engine.
+if [ "$TINY" = 1 ]; then STEPS=4; BATCH=4; MP=auto; else STEPS=20; BATCH=8; MP=bf16; fi
+COMMON=(model.path="$WORK/model" task.data_files="$WORK/train.jsonl" task.max_length=512 train.max_steps=$STEPS
+        train.batch_size=$BATCH train.lr=1e-4 train.warmup_steps=0 train.log_every=1 train.mixed_precision=$MP)
+lota() { "$PY" -m lota_cli "$@"; }
+for engine in single zero2; do
+  out="$WORK/$engine"
+  dist=(dist=$engine dist.num_processes=1)
+  t=$SECONDS; lota calibrate "${COMMON[@]}" "${dist[@]}" out="$out/calibrate" > /dev/null
+  echo "$((SECONDS - t))" > "$out/calibrate/wall_s"
+  lota extract extract.task_vector="$out/calibrate/task_vector.safetensors" extract.sparsity=0.9 \
+    out="$out/extract" > /dev/null
+  t=$SECONDS; lota sparse-train "${COMMON[@]}" "${dist[@]}" sparse_train.mask="$out/extract/mask.safetensors" \
+    out="$out/sparse-train" > /dev/null
+  echo "$((SECONDS - t))" > "$out/sparse-train/wall_s"
+done
+
+# 4. The table.
+"$PY" - "$WORK" <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+
+work = Path(sys.argv[1])
+print(f"\n{'engine':<7} {'stage':<13} {'method':<9} {'step s':>8} {'tokens/s':>10} {'peak GPU GB':>12} {'wall s':>7}")
+for engine in ("single", "zero2"):
+    for stage, method in (("calibrate", "fft"), ("sparse-train", "lota")):
+        out = work / engine / stage
+        records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        steady = records[1:] or records  # the first step warms up kernels and the allocator
+        step_s = statistics.median(r["step_s"] for r in steady)
+        tok_s = statistics.median(r["tokens_per_s"] for r in steady)
+        mem = max(r.get("gpu_mem_gb", float("nan")) for r in records)
+        wall = (out / "wall_s").read_text().strip()
+        print(f"{engine:<7} {stage:<13} {method:<9} {step_s:>8.3f} {tok_s:>10.0f} {mem:>12.2f} {wall:>7}")
+        print(f"  {stage} ({engine}): step {step_s:.3f} s, {tok_s:.0f} tokens/s, peak GPU memory {mem:.2f} GB",
+              file=sys.stderr)
+EOF

@@ -1,0 +1,135 @@
+"""Training stages on 2 processes (DDP, DeepSpeed ZeRO-2 and ZeRO-3, over gloo on CPUs) against 1 process at
+the same global batch: the same artifacts to float tolerance, frozen entries bitwise the base's, and only
+the main process prints. The 1-process reference runs are shared by the engines; calibrate goes through
+lota's own launch (dist=...), sparse-train through `accelerate launch -m lota_cli` (a user's launcher)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from lota_cli import LotaError
+from lota_cli.artifacts import Artifact
+from lota_cli.config import ExtractConfig, ExtractOptions
+from lota_cli.masks import unpack_bits
+from lota_cli.stages import extract
+from test_pipeline import ENV, lota, model_weights, paths
+
+pytestmark = pytest.mark.dist
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (make install adds it)")
+ENGINES = ["ddp", pytest.param("zero2", marks=needs_deepspeed), pytest.param("zero3", marks=needs_deepspeed)]
+# global batch 4 x 2: two micro-batches per step, each split 2 + 2 over the processes
+SMALL = {"task.max_examples": 32, "train.max_steps": 3, "train.batch_size": 4, "train.grad_accum": 2}
+# Adam divides by sqrt(v): entries with tiny gradients amplify the float rounding of a different reduction order
+TOLERANCE = {"task_vector": 1e-5, "sparse_delta": 1e-6}
+
+
+def overrides(model, out, **extra) -> list[str]:
+    return tiny_overrides(model, out, **{**SMALL, **extra})
+
+
+def max_abs_diff(a, b) -> float:
+    left, right = load_file(a), load_file(b)
+    assert left.keys() == right.keys()
+    return max(float((left[k].double() - right[k].double()).abs().max()) for k in left
+               if left[k].is_floating_point())
+
+
+def losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    """calibrate -> extract -> sparse-train on one process."""
+    root = tmp_path_factory.mktemp("one")
+    (task_vector,) = paths(lota("calibrate", *overrides(tiny_model, root / "cal")))
+    (mask,) = extract.run(ExtractConfig(extract=ExtractOptions(task_vector=str(task_vector))), root / "ext")
+    delta, _ = paths(lota("sparse-train", *overrides(tiny_model, root / "st", **{
+        "sparse_train.mask": mask, "save_model": "true", "train.weight_decay": 0.1})))
+    return {"root": root, "task_vector": task_vector, "mask": mask, "delta": delta}
+
+
+def launch(engine: str, *lota_args) -> list[str]:
+    """`accelerate launch <engine flags> -m lota_cli ...`, as a user with their own launcher runs lota."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    if engine == "ddp":
+        flags, env["ACCELERATE_USE_CPU"] = ["--multi_gpu"], "true"
+    else:
+        flags = ["--use_deepspeed", "--zero_stage", engine[-1]]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, *flags,
+           "-m", "lota_cli", *map(str, lota_args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [line for line in result.stdout.splitlines() if line and Path(line).exists()]  # DeepSpeed logs there
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_processes_train_like_one(engine, reference, tiny_model, tmp_path):
+    dist = {"dist": engine, "dist.num_processes": 2}
+    cal = lota("calibrate", *overrides(tiny_model, tmp_path / "cal", **dist))
+    assert cal.stdout == f"{tmp_path / 'cal' / 'task_vector.safetensors'}\n"  # the main process alone prints
+    # zero2: lota's engine under the user's launcher; ddp, zero3: the engine the launcher set up (dist=single)
+    delta, model_dir = launch(engine, "sparse-train", *overrides(tiny_model, tmp_path / "st", **{
+        "sparse_train.mask": reference["mask"], "save_model": "true", "train.weight_decay": 0.1,
+        **({"dist": "zero2"} if engine == "zero2" else {})}))
+
+    tv_diff = max_abs_diff(reference["task_vector"], tmp_path / "cal" / "task_vector.safetensors")
+    delta_diff = max_abs_diff(reference["delta"], delta)
+    print(f"\n{engine}: 2 vs 1 process, max abs difference: task vector {tv_diff:.2e}, sparse delta {delta_diff:.2e}")
+    assert tv_diff < TOLERANCE["task_vector"] and delta_diff < TOLERANCE["sparse_delta"]
+    for stage in ("cal", "st"):
+        assert losses(tmp_path / stage) == pytest.approx(losses(reference["root"] / stage), rel=1e-5)
+    assert Artifact(delta).meta.shapes == Artifact(reference["delta"]).meta.shapes
+
+    base, tuned = model_weights(tiny_model), model_weights(tmp_path / "st" / "model")
+    mask = Artifact(reference["mask"])
+    for name, weight in base.items():
+        changed = (tuned[name] != weight).reshape(-1)
+        if name in mask.meta.shapes:
+            assert not changed[~unpack_bits(mask.bits(name), mask.numel(name))].any(), name
+        else:
+            assert not changed.any(), name
+
+
+def test_engine_errors_are_one_line(monkeypatch):
+    from lota_cli import dist
+    from lota_cli.config import DistConfig, TrainStageConfig
+
+    def cfg(**kw):
+        return TrainStageConfig(out="x", dist=DistConfig(**kw))
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(LotaError, match="use dist=zero3"):
+        dist.check(cfg(engine="fsdp"))
+    with pytest.raises(LotaError, match="needs an engine"):
+        dist.check(cfg(num_processes=2))
+    monkeypatch.setattr(dist.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LotaError, match=r"needs DeepSpeed, which is not installed: .*pip install"):
+        dist.check(cfg(engine="zero2"))
+    assert dist.needs_launch(cfg(engine="ddp", num_processes=2)) and not dist.needs_launch(cfg())
+
+
+def test_deepspeed_batch_follows_train_config():
+    from lota_cli.config import DistConfig, TrainConfig, TrainStageConfig
+    from lota_cli.dist import deepspeed_config
+
+    cfg = TrainStageConfig(out="x", train=TrainConfig(batch_size=8, grad_accum=3, max_grad_norm=None),
+                           dist=DistConfig(engine="zero3", offload_optimizer=True))
+    ds = deepspeed_config(cfg, world=4)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 3, 24)
+    assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
