@@ -156,7 +156,26 @@ def run_stage(stage: str, args: list[str]) -> None:
             print(path, flush=True)
 
     sys.argv = [f"lota {stage}", *args]
-    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=module_name)(task)()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; we print one line below
+    try:
+        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=module_name)(task)()
+    except Exception as err:  # composition errors: unknown keys, bad overrides, an out= that cannot be made
+        if "debug=true" in args:
+            raise
+        print(f"lota {stage}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+_HYDRA_NOISE = ("full_key:", "reference_type=", "object_type=", "Config search path", "provider=",
+                "Set the environment")
+
+
+def _one_line(err: Exception) -> str:
+    """Hydra's multi-line composition errors as one line a user can act on."""
+    if isinstance(err, OSError):
+        return f"cannot create the output directory {err.filename}: {err.strerror}; choose a writable out="
+    lines = [line.strip() for e in (err, err.__cause__) if e is not None for line in str(e).splitlines()]
+    return "; ".join(dict.fromkeys(line for line in lines if line and not line.startswith(_HYDRA_NOISE)))
 
 
 def main(argv: list[str] | None = None) -> None:

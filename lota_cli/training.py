@@ -98,7 +98,12 @@ def save_checkpoint(out: Path, step: int, state: dict, keep: int, accelerator=No
         engine.save_checkpoint(str(tmp), tag="engine", exclude_frozen_parameters=True, save_latest=False)
         accelerator.wait_for_everyone()
     if main:
-        torch.save(state, tmp / "state.pt")
+        try:
+            torch.save(state, tmp / "state.pt")
+        except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise LotaError(f"could not write checkpoint {final}: {_first_line(err)}; free space in {root} "
+                            "(older checkpoints are kept)") from err
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
@@ -108,11 +113,17 @@ def save_checkpoint(out: Path, step: int, state: dict, keep: int, accelerator=No
     return final
 
 
+def _first_line(err: Exception) -> str:
+    return next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)[:200]
+
+
 def load_checkpoint(path: Path, depends: dict) -> dict:
     try:
         state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     except Exception as err:
-        raise LotaError(f"cannot read checkpoint {path}: {err}; delete it to resume from an older one") from err
+        why = ("it holds Python objects besides tensors, which lota never unpickles"
+               if type(err).__name__ == "UnpicklingError" else _first_line(err))
+        raise LotaError(f"cannot read checkpoint {path}: {why}; delete it to resume from an older one") from err
     if state.get("depends") != depends:
         raise LotaError(f"checkpoint {path} belongs to another run (inputs differ: {state.get('depends')} vs "
                         f"{depends}); use a fresh `out` or the matching inputs")

