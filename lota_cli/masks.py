@@ -1,21 +1,34 @@
 """Masks: exact streaming top-k selection over many tensors, and compact mask encodings.
 
 The reference implementation concatenates every |delta| and calls topk, which needs about five times the
-task vector in RAM. Here selection streams tensor by tensor: a row sample brackets the k-th largest value,
-one full pass keeps what is surely above the bracket (as packed bits) and the few entries inside it, and
-those are resolved exactly at the end. If the bracket misses, an exact three-pass histogram search over the
-float bits takes over. Either way exactly k entries are chosen; ties at the threshold go to the entry that
-comes first (tensor order, then row-major position), so the result is deterministic.
+task vector in RAM. Here selection streams the tensors in fixed-size flat pieces (CHUNK entries) through
+reused buffers, so the memory it adds is the output bits (1 bit per entry) plus a few MiB, whatever the size
+of the model, and each piece is read once per pass straight from the page cache (StoredTensor.mapped):
 
-A source is a mapping from tensor name to something sliceable on its first dimension: a torch tensor, or a
-safetensors slice (so a row sample reads only those rows from disk).
+  1. A sample of random rows of every tensor estimates how many entries lie above any value, with a
+     standard error that allows for rows being alike (cluster sampling); this brackets the k-th largest
+     |value| between lo and hi, Z standard errors either side.
+  2. One pass: entries > hi are surely selected (kept as packed bits), entries in the band [lo, hi] are
+     candidates (position and value kept: a small fraction of the entries); every value is also checked
+     to be finite. The candidates are then resolved exactly (np.partition finds the threshold among them).
+  3. Only when the band holds too many entries does the pass count them in a 65536-bin histogram of their
+     float bits instead, which narrows the band for one more pass (rarely two); a bracket that missed
+     restarts from the full range of values. So the usual cost is one pass, and three the worst.
+
+Either way exactly k entries are chosen; ties at the threshold go to the entry that comes first (tensor
+order, then row-major position), so the result is deterministic and does not depend on the sample.
+The per-piece work is numpy's, single-threaded, which on pieces this size beats handing each operation to
+torch's thread pool (and is far steadier when other jobs share the cores).
+
+A source is a mapping from tensor name to a torch tensor, a safetensors slice, or an Artifact's StoredTensor
+(artifacts.Artifact.raw), which streams from the page cache without copying (see StoredTensor.mapped).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -23,9 +36,13 @@ import torch
 from lota_cli import LotaError
 
 EXCLUDED = -1.0  # |delta| is never negative, so excluded entries can never be selected
-SAMPLE_ROWS_FRACTION = 1 / 64
-BRACKET_MARGIN = 0.1  # relative slack in rank around the sampled k-th value
-CANDIDATE_BUDGET = 0.03  # fall back to the exact search if more than this fraction lands in the bracket
+CHUNK = 1 << 20  # entries per piece of the streaming pass: 4 MiB of float32, small enough to stay in cache
+SAMPLE_SIZE = 1 << 20  # values the sample aims at (more where every tensor gets MIN_SAMPLE_BLOCKS rows)
+MIN_SAMPLE_BLOCKS = 8  # rows sampled from every tensor at least (all of them when it has fewer)
+BLOCK_MAX = 8192  # sampling unit: one row, or a piece of this many entries of a longer row / 1-D tensor
+Z = 6.0  # bracket half-width, in standard errors of the estimated count above a value
+CANDIDATE_BUDGET = 0.02  # keep at most this fraction of all entries as candidates; beyond it, histogram
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------- encodings
@@ -40,6 +57,14 @@ def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(bits.numpy(), count=numel, bitorder="little").view(np.bool_))
 
 
+def count_bits(bits: torch.Tensor | np.ndarray) -> int:
+    """Number of set entries in packed bits, without unpacking them."""
+    array = bits.numpy() if isinstance(bits, torch.Tensor) else bits
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return int(np.bitwise_count(array).sum(dtype=np.int64))
+    return int(_POPCOUNT[array].sum(dtype=np.int64))
+
+
 def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
@@ -51,120 +76,264 @@ def indices_from_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
 
 def encode_positions(bits: torch.Tensor, numel: int) -> tuple[str, torch.Tensor]:
     """The smaller of packed bits and int32 positions: ('bits', uint8) or ('idx', int)."""
-    count = int(unpack_bits(bits, numel).count_nonzero())
+    count = count_bits(bits)
     if count * torch.tensor([], dtype=index_dtype(numel)).element_size() < bits.numel():
         return "idx", indices_from_bits(bits, numel)
     return "bits", bits
 
 
-# --------------------------------------------------------------------------- selection
+# --------------------------------------------------------------------------- reading a source
 
 def _shape(x) -> tuple[int, ...]:
     return tuple(x.get_shape()) if hasattr(x, "get_shape") else tuple(x.shape)
 
 
-def _magnitudes(source: Mapping, name: str, excluded: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
-    """|delta| of one tensor as flat float32, with excluded entries set to EXCLUDED."""
-    mag = source[name][:].reshape(-1).abs().float()
-    if not torch.isfinite(mag.sum()):
-        raise LotaError(f"tensor {name!r} holds NaN or Inf values; the run that made it diverged, so redo it "
-                        "(lower train.lr, or enable train.max_grad_norm)")
-    if excluded is not None and name in excluded:
-        mag[unpack_bits(excluded[name], mag.numel())] = EXCLUDED
-    return mag
+class _Stream:
+    """|value| of a source's tensors as flat float32, piece by piece, in buffers reused throughout.
 
+    The per-piece work is numpy's (single-threaded SIMD): on pieces this size, handing each operation to a
+    thread pool costs more than it saves, badly so on a busy machine. Excluded entries read as EXCLUDED; a
+    NaN or Inf anywhere is refused, naming the tensor.
+    """
 
-def _sampled_bracket(source: Mapping, names: list[str], k: int, total: int, seed: int = 0):
-    """(lo, hi) values that likely bracket the k-th largest |delta|, from random row blocks."""
-    gen = torch.Generator().manual_seed(seed)
-    samples = []
-    for name in names:
-        shape = _shape(source[name])
-        rows = shape[0] if shape else 1
-        take = max(1, math.ceil(rows * SAMPLE_ROWS_FRACTION))
-        block = max(1, take // 8)
-        for _ in range(max(1, take // block)):
-            start = int(torch.randint(0, max(1, rows - block + 1), (1,), generator=gen))
-            samples.append(source[name][start:start + block].reshape(-1).abs().float())
-    sample = torch.cat(samples)
-    m = sample.numel()
-    rank = k / total * m  # expected rank of the k-th largest value among the sampled ones
-    slack = BRACKET_MARGIN * rank + 4 * math.sqrt(rank) + 1
+    def __init__(self, source: Mapping, excluded: Mapping[str, torch.Tensor] | None):
+        self.source, self.excluded = source, excluded or {}
+        self.numel = {n: math.prod(_shape(source[n])) for n in source}
+        size = min(CHUNK, max(self.numel.values(), default=1))
+        self.mag = np.empty(size, dtype=np.float32)
+        self.flags = np.empty(size, dtype=np.bool_), np.empty(size, dtype=np.bool_)
 
-    def kth_largest(r: float) -> float:
-        return sample.kthvalue(m - min(m - 1, max(0, int(r)))).values.item()
+    @staticmethod
+    def _abs(piece: torch.Tensor, out: np.ndarray) -> None:
+        if piece.dtype == torch.float32:
+            np.abs(piece.numpy(), out=out)
+        elif piece.dtype == torch.bfloat16:  # a bfloat16 is the top half of a float32
+            as_int = out.view(np.uint32)
+            np.left_shift(piece.view(torch.int16).numpy().view(np.uint16), 16, out=as_int, dtype=np.uint32)
+            np.bitwise_and(as_int, 0x7FFFFFFF, out=as_int)
+        else:
+            out[:] = piece.float().numpy()
+            np.abs(out, out=out)
 
-    return kth_largest(rank + slack), kth_largest(rank - slack)
-
-
-def _select_with_bracket(source, names, k, total, excluded, lo, hi):
-    """One pass: entries > hi are selected, entries in [lo, hi] are candidates. None if the bracket misses."""
-    above, cand_pos, cand_val, cand_name = {}, [], [], []
-    n_above = n_cand = 0
-    for i, name in enumerate(names):
-        mag = _magnitudes(source, name, excluded)
-        sure = mag > hi
-        n_above += int(sure.count_nonzero())
-        above[name] = pack_bits(sure)
-        in_bracket = ((mag >= lo) & ~sure).nonzero().reshape(-1)
-        n_cand += in_bracket.numel()
-        if n_above > k or n_cand > CANDIDATE_BUDGET * total + k:
+    def _flat(self, name: str) -> torch.Tensor | None:
+        """The whole tensor, flat, for sources that cannot be mapped piecewise (None: use mapped)."""
+        x = self.source[name]
+        if hasattr(x, "mapped"):
             return None
-        cand_pos.append(in_bracket.to(index_dtype(mag.numel())))
-        cand_val.append(mag[in_bracket])
-        cand_name.append(torch.full((in_bracket.numel(),), i, dtype=torch.int32))
-    need = k - n_above
-    if need < 0 or need > n_cand:
-        return None
-    if need:
-        values = torch.cat(cand_val)
-        threshold = values.kthvalue(values.numel() - need + 1).values
-        ties = values == threshold
-        ties_taken = ties & (ties.cumsum(0) <= need - int((values > threshold).count_nonzero()))
-        chosen = (values > threshold) | ties_taken
-        tensor_of, pos = torch.cat(cand_name)[chosen], torch.cat(cand_pos)[chosen]
-        for i, name in enumerate(names):
-            chosen = pos[tensor_of == i]
-            if chosen.numel():
-                mask = unpack_bits(above[name], math.prod(_shape(source[name])))
-                mask[chosen.long()] = True
-                above[name] = pack_bits(mask)
-    return above
+        return (x if isinstance(x, torch.Tensor) else x[:]).detach().reshape(-1).cpu()
+
+    def read_into(self, name: str, start: int, stop: int, flat: torch.Tensor | None, out: np.ndarray) -> np.ndarray:
+        """|values| of entries [start, stop) of `name` into `out` (float32, stop - start long)."""
+        if flat is not None:
+            self._abs(flat[start:stop], out)
+        else:
+            with self.source[name].mapped(start, stop) as piece:  # copy-free: the abs reads the page cache
+                self._abs(piece, out)
+                del piece  # before the mapping closes
+        top = out.max()
+        if not math.isfinite(top):  # max propagates NaN, and is Inf if any entry is
+            raise LotaError(f"tensor {name!r} holds NaN or Inf values; the run that made it diverged, so redo it "
+                            "(lower train.lr, or enable train.max_grad_norm)")
+        if name in self.excluded:  # (start need not be a multiple of 8: sampled rows)
+            bits = self.excluded[name].numpy()[start // 8:(start + out.size + 7) // 8]
+            skip = start % 8
+            out[np.unpackbits(bits, count=skip + out.size, bitorder="little")[skip:].view(np.bool_)] = EXCLUDED
+        return out
+
+    def chunks(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, |values| of entries [start, start + CHUNK)) over the tensor; each array is valid until the
+        next step."""
+        n, flat = self.numel[name], self._flat(name)
+        for start in range(0, n, CHUNK):
+            stop = min(n, start + CHUNK)
+            yield start, self.read_into(name, start, stop, flat, self.mag[:stop - start])
 
 
-def _exact_threshold(source, names, k, excluded) -> tuple[float, int]:
-    """Exact k-th largest value t, and how many entries equal to t are to be taken (first in order)."""
-    counts_hi = torch.zeros(1 << 15, dtype=torch.int64)
+# --------------------------------------------------------------------------- selection
+
+def _bracket(stream: _Stream, names: list[str], k: int, total: int, seed: int = 0) -> tuple[float, float]:
+    """(lo, hi): values with, by a random-row estimate, fewer than k entries above hi and more than k at or
+    above lo, each Z standard errors away from k. Exact when the sample covers every entry."""
+    gen = torch.Generator().manual_seed(seed)
+    fraction = min(1.0, SAMPLE_SIZE / max(total, 1))
+    strata = []  # (block matrix of sampled values, blocks in the tensor, blocks sampled, entries per value)
     for name in names:
-        bits = _magnitudes(source, name, excluded).view(torch.int32)
-        bits = bits[bits >= 0]  # drop excluded (negative) entries
-        counts_hi += torch.bincount(bits >> 16, minlength=1 << 15)
-    above = counts_hi.flip(0).cumsum(0).flip(0)  # above[b] = count of entries with top bits >= b
-    b = int((above >= k).nonzero().max())
-    n_gt = int(above[b + 1]) if b + 1 < above.numel() else 0
-    counts_lo = torch.zeros(1 << 16, dtype=torch.int64)
-    for name in names:
-        bits = _magnitudes(source, name, excluded).view(torch.int32)
-        bits = bits[(bits >> 16) == b]
-        counts_lo += torch.bincount(bits & 0xFFFF, minlength=1 << 16)
-    above_lo = counts_lo.flip(0).cumsum(0).flip(0)
-    lo = int((above_lo >= k - n_gt).nonzero().max())
-    n_gt += int(above_lo[lo + 1]) if lo + 1 < above_lo.numel() else 0
-    threshold = torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32).item()
-    return threshold, k - n_gt
+        n, shape = stream.numel[name], _shape(stream.source[name])
+        if n == 0:
+            continue
+        row = math.prod(shape[1:]) if len(shape) >= 2 else n
+        block = max(1, min(row, BLOCK_MAX))
+        blocks = math.ceil(n / block)
+        take = min(blocks, max(MIN_SAMPLE_BLOCKS, math.ceil(fraction * blocks)))
+        if take == blocks:  # small tensor: all of it, and no sampling error
+            values = np.concatenate([chunk.copy() for _, chunk in stream.chunks(name)])
+            strata.append((values.reshape(1, -1), 1, 1, 1.0))
+            continue
+        flat = stream._flat(name)
+        picks = torch.randperm(blocks, generator=gen)[:take].sort().values.tolist()
+        matrix = np.full((take, block), EXCLUDED, dtype=np.float32)
+        for i, b in enumerate(picks):
+            start, stop = b * block, min(n, (b + 1) * block)
+            stream.read_into(name, start, stop, flat, matrix[i, :stop - start])
+        strata.append((matrix, blocks, take, blocks / take))
+
+    # weighted values, largest first: key = (float bits << 32) | stratum, sorted as uint64 (fast, SIMD)
+    keys = []
+    for s, (matrix, *_rest) in enumerate(strata):
+        v = matrix[matrix >= 0]
+        keys.append((v.view(np.uint32).astype(np.uint64) << np.uint64(32)) | np.uint64(s))
+    keys = np.sort(np.concatenate(keys))[::-1] if keys else np.empty(0, np.uint64)
+    if keys.size == 0:
+        return 0.0, math.inf
+    weight = np.array([w for *_rest, w in strata], dtype=np.float64)[(keys & np.uint64(0xFFFFFFFF)).astype(np.int64)]
+    above = np.cumsum(weight)  # above[i]: estimated entries >= value i
+    values = (keys >> np.uint64(32)).astype(np.uint32).view(np.float32)
+
+    t0 = float(values[min(int(np.searchsorted(above, k)), values.size - 1)])
+    var = 0.0
+    for matrix, blocks, take, w in strata:
+        if take == blocks:
+            continue
+        per_block = (matrix >= t0).sum(axis=1)
+        hits, m = float(per_block.sum()), float((matrix >= 0).sum())
+        cluster = blocks * blocks * (1 - take / blocks) * float(per_block.var(ddof=1)) / take if take > 1 else 0.0
+        p = (hits + 1) / (m + 2)  # smoothed: a stratum with no sampled hit still gets some uncertainty
+        binomial = (blocks * matrix.shape[1]) ** 2 * (1 - take / blocks) * p * (1 - p) / m
+        var += max(cluster, binomial)
+    delta = Z * math.sqrt(var) + 1
+    i_hi = int(np.searchsorted(above, k - delta)) - 1  # last value with estimated count < k - delta
+    hi = float(values[i_hi]) if i_hi >= 0 else math.inf
+    i_lo = int(np.searchsorted(above, k + delta))  # first value with estimated count >= k + delta
+    lo = float(values[i_lo]) if i_lo < values.size else 0.0
+    return min(lo, hi), hi
 
 
-def _select_exact(source, names, k, excluded):
-    threshold, ties_left = _exact_threshold(source, names, k, excluded)
-    masks = {}
+def _set_bits(bits: np.ndarray, positions: np.ndarray) -> None:
+    positions = positions.astype(np.int64, copy=False)
+    np.bitwise_or.at(bits, positions >> 3, (np.int64(1) << (positions & 7)).astype(np.uint8))
+
+
+def _positions(packed: np.ndarray) -> np.ndarray:
+    """Sorted positions of the set bits of a packed (little bit order) array: only its nonzero bytes are
+    unpacked, so this is cheap when few are set."""
+    nonzero = np.flatnonzero(packed)
+    if not nonzero.size:
+        return nonzero
+    rows, cols = np.nonzero(np.unpackbits(packed[nonzero, None], axis=1, bitorder="little"))
+    return nonzero[rows] * 8 + cols
+
+
+def _float_bits(value: float) -> int:
+    return int(np.float32(value).view(np.int32))
+
+
+def _pass(stream: _Stream, names: list[str], k: int, lo: float, hi: float, budget: float,
+          above_known: int | None = None):
+    """One pass over every entry: those > hi are selected; those in the band [lo, hi] are resolved thus:
+      - the band fits the budget: positions and values are kept, and the rest of k taken from them exactly;
+      - the band is one value (lo == hi) and how many lie above it is known: its first entries are taken
+        in order, on the fly;
+      - otherwise: a 65536-bin histogram of the band (over the float bits) narrows it for another pass.
+    Returns ('done', bits), ('narrow', lo, hi, entries above hi), or ('miss',) when fewer than k entries
+    are >= lo or more than k are > hi.
+    """
+    sure_flags, band_flags = stream.flags
+    lo_bits = _float_bits(lo)
+    shift = max(0, (_float_bits(hi) - lo_bits).bit_length() - 16)
+    ties_left = k - above_known if above_known is not None and lo == hi else None
+    hist = None
+    bits, candidates = {}, []
+    n_sure = n_band = 0
+
+    def histogram(values: np.ndarray) -> None:
+        nonlocal hist
+        counts = np.bincount((values.view(np.int32) - lo_bits) >> shift, minlength=1 << 16)
+        hist = counts if hist is None else hist + counts
+
     for name in names:
-        mag = _magnitudes(source, name, excluded)
-        mask = mag > threshold
-        ties = (mag == threshold).nonzero().reshape(-1)[:max(ties_left, 0)]
-        mask[ties] = True
-        ties_left -= ties.numel()
-        masks[name] = pack_bits(mask)
-    return masks
+        n = stream.numel[name]
+        packed = np.empty((n + 7) // 8, dtype=np.uint8)
+        positions, values = [], []
+        for start, mag in stream.chunks(name):
+            c = mag.size
+            sure = np.packbits(np.greater(mag, hi, out=sure_flags[:c]), bitorder="little")
+            at_least = np.packbits(np.greater_equal(mag, lo, out=band_flags[:c]), bitorder="little")
+            packed[start // 8:(start + c + 7) // 8] = sure
+            np.bitwise_xor(at_least, sure, out=at_least)  # lo <= |value| <= hi, as packed bits
+            where = _positions(at_least)
+            n_band += where.size
+            if not where.size:
+                continue
+            if ties_left is not None:  # one value: the first ties_left entries holding it
+                _set_bits(packed, where[:ties_left] + start)
+                ties_left -= min(ties_left, where.size)
+            elif hist is not None:
+                histogram(mag[where])
+            else:
+                positions.append(where + start)
+                values.append(mag[where])
+                if n_band > budget:  # too wide to keep: count it instead
+                    for earlier in [v for _, v in candidates] + values:
+                        histogram(earlier)
+                    positions, values, candidates = [], [], []
+        n_sure += count_bits(packed)
+        bits[name] = packed
+        if hist is None and ties_left is None:
+            dtype = np.int32 if n < 2**31 else np.int64
+            candidates.append((np.concatenate(positions).astype(dtype) if positions else np.empty(0, dtype),
+                               np.concatenate(values) if values else np.empty(0, np.float32)))
+
+    if ties_left is not None:
+        n_sure -= k - above_known - ties_left  # the ties taken were counted in with the sure entries
+        if n_sure != above_known:
+            return ("miss",)
+    if n_sure > k or n_sure + n_band < k:
+        return ("miss",)
+    need = k - n_sure
+    if ties_left is not None or need == 0:
+        return ("done", {name: torch.from_numpy(b) for name, b in bits.items()})
+    if hist is not None:
+        above = np.cumsum(hist[::-1])[::-1]  # above[j]: band entries in bins >= j
+        j = int(np.flatnonzero(above >= need).max())
+        n_above = n_sure + (int(above[j + 1]) if j + 1 < above.size else 0)
+        bin_lo, bin_hi = lo_bits + (j << shift), min(_float_bits(hi), lo_bits + ((j + 1) << shift) - 1)
+        as_float = np.array([bin_lo, bin_hi], dtype=np.int32).view(np.float32)
+        return ("narrow", float(as_float[0]), float(as_float[1]), n_above)
+    if need:  # always, by now
+        pool = np.concatenate([v for _, v in candidates])
+        threshold = np.partition(pool, pool.size - need)[pool.size - need]  # the need-th largest
+        ties = need - int((pool > threshold).sum())
+        for name, (positions, values) in zip(names, candidates):
+            take = values > threshold
+            tied = np.flatnonzero(values == threshold)[:max(ties, 0)]
+            take[tied] = True
+            ties -= tied.size
+            _set_bits(bits[name], positions[take])
+    return ("done", {name: torch.from_numpy(b) for name, b in bits.items()})
+
+
+def _resolve(stream: _Stream, names: list[str], k: int, total: int, lo: float, hi: float) -> dict[str, torch.Tensor]:
+    """Passes until the band around the k-th largest value is resolved: one when the bracket holds (the usual
+    case), two or three when it is too wide, and a restart from the full range when it misses."""
+    budget = max(CANDIDATE_BUDGET * total, 1 << 16)
+    above_known = None
+    for _ in range(8):  # each narrowing divides the band's range of float bits by 65536: 3 suffice
+        result = _pass(stream, names, k, lo, hi, budget, above_known)
+        if result[0] == "done":
+            return result[1]
+        if result[0] == "miss":
+            if (lo, hi) == (0.0, math.inf):
+                raise AssertionError("top-k selection: the full range cannot miss")
+            lo, hi, above_known = 0.0, math.inf, None
+        else:
+            lo, hi, above_known = result[1:]
+    raise AssertionError("top-k selection did not converge")
+
+
+def _select_exact(source, names, k, excluded, stream: _Stream | None = None):
+    """The same selection without the sample: narrowing from the full range of values (three passes)."""
+    stream = stream or _Stream({n: source[n] for n in names}, excluded)
+    return _resolve(stream, names, k, sum(stream.numel[n] for n in names), 0.0, math.inf)
 
 
 def top_k_mask(source: Mapping, k: int, excluded: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -174,7 +343,7 @@ def top_k_mask(source: Mapping, k: int, excluded: Mapping[str, torch.Tensor] | N
     """
     names = list(source)
     total = sum(math.prod(_shape(source[n])) for n in names)
-    free = total - sum(int(unpack_bits(b, math.prod(_shape(source[n]))).count_nonzero()) for n, b in (excluded or {}).items())
+    free = total - sum(count_bits(b) for n, b in (excluded or {}).items() if n in source)
     if not 0 <= k <= free:
         raise LotaError(
             f"cannot select {k:,} entries: only {free:,} of {total:,} ({free / max(total, 1):.2%}) are free"
@@ -182,9 +351,9 @@ def top_k_mask(source: Mapping, k: int, excluded: Mapping[str, torch.Tensor] | N
         )
     if k == 0:
         return {n: pack_bits(torch.zeros(math.prod(_shape(source[n])), dtype=torch.bool)) for n in names}
-    lo, hi = _sampled_bracket(source, names, k, total)
-    masks = _select_with_bracket(source, names, k, total, excluded, lo, hi)
-    return masks if masks is not None else _select_exact(source, names, k, excluded)
+    stream = _Stream(source, excluded)
+    lo, hi = _bracket(stream, names, k, total)
+    return _resolve(stream, names, k, total, lo, hi)
 
 
 def layer_of(name: str) -> str:

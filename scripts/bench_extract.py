@@ -1,0 +1,195 @@
+"""bench extract: exact global top-k over a large task vector (lota extract) against one plain pass over the
+same data and against concatenating every |delta| and calling torch.topk. Functions here run in child
+processes (see bench_common.in_child); `run` orchestrates them."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+from bench_common import Figure, GiB, in_child, log, measure, median
+
+
+def shapes(layers: int, hidden: int, intermediate: int, kv: int) -> dict[str, tuple[int, int]]:
+    """A Llama-like stack of attention and MLP weights (what extract selects by default)."""
+    out = {}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out[p + "self_attn.q_proj.weight"] = (hidden, hidden)
+        out[p + "self_attn.k_proj.weight"] = (kv, hidden)
+        out[p + "self_attn.v_proj.weight"] = (kv, hidden)
+        out[p + "self_attn.o_proj.weight"] = (hidden, hidden)
+        out[p + "mlp.gate_proj.weight"] = (intermediate, hidden)
+        out[p + "mlp.up_proj.weight"] = (intermediate, hidden)
+        out[p + "mlp.down_proj.weight"] = (hidden, intermediate)
+    return out
+
+
+# --------------------------------------------------------------------------- child functions
+
+def generate(path: str, layers: int, hidden: int, intermediate: int, kv: int, seed: int = 0) -> dict:
+    """Write a random float32 task vector artifact tensor by tensor (never more than one tensor in RAM)."""
+    import torch
+
+    from lota_cli.artifacts import ArtifactWriter, Meta
+
+    layout = shapes(layers, hidden, intermediate, kv)
+    meta = Meta(kind="task_vector", base_model="bench/synthetic", base_fingerprint="0" * 64, stage="bench",
+                shapes={n: list(s) for n, s in layout.items()})
+    gen = torch.Generator().manual_seed(seed)
+    with ArtifactWriter(path, meta, {n: (torch.float32, s) for n, s in layout.items()}) as writer:
+        for name, shape in layout.items():
+            writer.write(name, torch.empty(shape).normal_(0.0, 1e-3, generator=gen))
+    numel = sum(math.prod(s) for s in layout.values())
+    return {"numel": numel, "bytes": Path(path).stat().st_size,
+            "largest_bytes": max(math.prod(s) for s in layout.values()) * 4, "tensors": len(layout)}
+
+
+def plain_pass(path: str) -> dict:
+    """Read every tensor (safe_open get_tensor), abs, max: the least any pass over the data does."""
+    from safetensors import safe_open
+
+    def run():
+        top = 0.0
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                top = max(top, float(f.get_tensor(name).abs().max()))
+        return top
+
+    top, stats = measure(run)
+    return {**stats, "max": top}
+
+
+def lota_extract(path: str, out: str, sparsity: float) -> dict:
+    """`lota extract` in-process: lota_cli.stages.extract.run with an ExtractConfig."""
+    import importlib
+
+    importlib.import_module("transformers")  # the stage imports it to stamp versions: not what is timed
+
+    from lota_cli import masks
+    from lota_cli.artifacts import Artifact
+    from lota_cli.config import ExtractConfig, ExtractOptions
+    from lota_cli.stages import extract
+
+    passes = []
+    original = masks._pass
+
+    def counting(*args, **kwargs):  # how many full passes the selection made (1 when the sample's bracket held)
+        result = original(*args, **kwargs)
+        passes.append(result[0])
+        return result
+
+    masks._pass = counting
+    cfg = ExtractConfig(out=out, extract=ExtractOptions(task_vector=path, sparsity=sparsity))
+    written, stats = measure(extract.run, cfg, Path(out))
+    mask = Artifact(written[0])
+    selected = sum(masks.count_bits(mask.bits(n)) for n in mask.names)
+    return {**stats, "mask": str(written[0]), "selected": selected, "passes": passes,
+            "mask_bytes": Path(written[0]).stat().st_size}
+
+
+def naive(path: str, sparsity: float, mask: str) -> dict:
+    """Concatenate every |delta| and torch.topk; then compare its selection with lota's mask."""
+    import torch
+    from safetensors import safe_open
+
+    from lota_cli.artifacts import Artifact
+    from lota_cli.config import ParamsConfig
+    from lota_cli.masks import k_for, unpack_bits
+    from lota_cli.models import selected
+
+    ours = Artifact(mask)
+    with safe_open(path, framework="pt") as f:
+        names = selected({n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}, ParamsConfig())
+
+    def run():
+        with safe_open(path, framework="pt") as f:
+            values = torch.cat([f.get_tensor(n).reshape(-1).abs() for n in names])
+        return values, values.topk(k_for(sparsity, values.numel()))
+
+    (values, (top, index)), stats = measure(run)
+    theirs = torch.zeros(values.numel(), dtype=torch.bool)
+    theirs[index] = True
+    del index
+    threshold = float(top.min())
+    offset, ours_count, differ, differ_not_tied = 0, 0, 0, 0
+    min_selected, max_unselected = math.inf, -math.inf
+    for name in names:
+        n = ours.numel(name)
+        mine = unpack_bits(ours.bits(name), n)
+        vals, other = values[offset:offset + n], theirs[offset:offset + n]
+        ours_count += int(mine.count_nonzero())
+        if mine.any():
+            min_selected = min(min_selected, float(vals[mine].min()))
+        if (~mine).any():
+            max_unselected = max(max_unselected, float(torch.where(mine, -1.0, vals).max()))
+        diff = mine ^ other
+        differ += int(diff.count_nonzero())
+        differ_not_tied += int((diff & (vals != threshold)).count_nonzero())
+        offset += n
+    return {**stats, "k": int(top.numel()), "selected": ours_count, "differ": differ,
+            "differ_not_tied": differ_not_tied, "threshold": threshold, "min_selected": min_selected,
+            "max_unselected": max_unselected}
+
+
+# --------------------------------------------------------------------------- orchestration
+
+def run(cfg) -> list[Figure]:
+    c = cfg.extract
+    root = Path(tempfile.mkdtemp(prefix="lota-bench-extract-", dir=cfg.tmp))
+    figures = []
+    try:
+        path = str(root / "task_vector.safetensors")
+        log(f"extract: writing a random float32 task vector ({c.layers} layers, hidden {c.hidden}, "
+            f"intermediate {c.intermediate}) to {path}")
+        info = in_child("bench_extract", "generate", path=path, layers=c.layers, hidden=c.hidden,
+                        intermediate=c.intermediate, kv=c.kv)
+        log(f"extract: {info['numel'] / 1e9:.3f}B parameters, {info['bytes'] / GiB:.2f} GiB; warming the page cache "
+            "with one unmeasured plain pass")
+        in_child("bench_extract", "plain_pass", path=path)
+        plain, lota = [], []
+        for i in range(c.repeats):  # alternate the two so drifting machine load hits both alike
+            plain.append(in_child("bench_extract", "plain_pass", path=path))
+            out = root / f"extract-{i}"
+            lota.append(in_child("bench_extract", "lota_extract", path=path, out=str(out), sparsity=c.sparsity))
+            log(f"extract: round {i + 1}: plain pass {plain[-1]['seconds']:.2f} s, lota extract "
+                f"{lota[-1]['seconds']:.2f} s (passes: {lota[-1]['passes']})")
+            if i + 1 < c.repeats:
+                shutil.rmtree(out)
+        t_plain, t_lota = median(p["seconds"] for p in plain), median(r["seconds"] for r in lota)
+        rss_lota = max(r["rss_extra"] for r in lota)
+        rss_plain = max(p["rss_extra"] for p in plain)
+        allowed = info["largest_bytes"] + 0.1 * info["numel"] * 4
+        scale = f"{info['numel'] / 1e9:.3f}B fp32 values, {info['tensors']} tensors, sparsity {c.sparsity}"
+        figures += [
+            Figure("extract", "plain pass (read+abs+max), median", t_plain, "s", note=scale),
+            Figure("extract", "lota extract (top-k + write mask), median", t_lota, "s",
+                   note=f"full passes over the data: {lota[-1]['passes']}"),
+            Figure("extract", "time lota / plain pass", t_lota / t_plain, "x", 2.0),
+            Figure("extract", "extra peak RSS, lota extract", rss_lota, "B", allowed,
+                   note=f"target = largest tensor ({info['largest_bytes'] / 2**20:.0f} MiB) + 10% of the task vector"),
+            Figure("extract", "extra peak RSS, plain pass", rss_plain, "B",
+                   note="context: includes the file pages safetensors maps in"),
+        ]
+        if c.naive:
+            log("extract: naive concatenate + torch.topk (needs ~5x the task vector in RAM)")
+            nv = in_child("bench_extract", "naive", path=path, sparsity=c.sparsity, mask=lota[-1]["mask"])
+            same_count = nv["selected"] == nv["k"] == lota[-1]["selected"]
+            valid = nv["min_selected"] >= nv["max_unselected"]
+            figures += [
+                Figure("extract", "naive concat + topk", nv["seconds"], "s"),
+                Figure("extract", "extra peak RSS, naive", nv["rss_extra"], "B"),
+                Figure("extract", "time lota / naive", t_lota / nv["seconds"], "x"),
+                Figure("extract", "selected count lota == topk k", "yes" if same_count else "NO", check=same_count,
+                       note=f"{lota[-1]['selected']:,} vs {nv['k']:,}"),
+                Figure("extract", "min selected >= max unselected", "yes" if valid else "NO", check=valid,
+                       note=f"{nv['min_selected']:.9g} >= {nv['max_unselected']:.9g}"),
+                Figure("extract", "entries differing from topk's set", nv["differ"], check=nv["differ_not_tied"] == 0,
+                       note=f"{nv['differ_not_tied']} of them not tied at the threshold {nv['threshold']:.9g} "
+                            "(ties: topk's order among equal values is unspecified; lota takes the first)"),
+            ]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return figures
