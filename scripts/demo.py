@@ -92,9 +92,11 @@ def table_rows(results: dict) -> list[list[str]]:
             metric, value = score(tasks[name])
             row.append(f"{metric} {value:.3f} / nll {tasks[name]['nll']:.3f}")
         rows.append(row)
-    a_metric, a_after = score(results["after A (LoTA)"]["arith"])
-    _, a_final = score(results["after A, then B (LoTTO; = merged sum)"]["arith"])
-    rows.append(["forgetting of A after B", f"{a_metric} {a_final - a_after:+.3f}", ""])
+    after_a, after_b = results["after A (LoTA)"]["arith"], results["after A, then B (LoTTO; = merged sum)"]["arith"]
+    a_metric, a_after = score(after_a)
+    _, a_final = score(after_b)
+    rows.append(["forgetting of A after B",
+                 f"{a_metric} {a_final - a_after:+.3f} / nll {after_b['nll'] - after_a['nll']:+.3f}", ""])
     return rows
 
 
