@@ -155,4 +155,4 @@ def test_lora_baseline_writes_its_merged_low_rank_delta(tiny_model, tmp_path):
     for name in tv.names:
         delta = tv.dense(name)
         assert delta.abs().sum() > 0, name  # the adapters trained
-        assert torch.linalg.matrix_rank(delta.double(), atol=1e-9) <= 2, name  # merged BA has rank <= r
+        assert torch.linalg.matrix_rank(delta.double(), atol=1e-6) <= 2, name  # rank r, beside fp32 rounding (~1e-8)
