@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
     opts = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in ("out", "steps"))
     extra = [a for a in argv if a.split("=", 1)[0] not in ("out", "steps")]
     out = Path(opts.get("out", "runs/demo")).resolve()
-    steps = int(opts.get("steps", 12))
+    steps = int(opts.get("steps", 8))
     t_start = time.time()
     model = [f"model.path={local_model(out)}"]
     data = synthetic_tasks.write(out / "data", n_train=2000, n_test=32)
