@@ -13,7 +13,7 @@ from pathlib import Path
 from lota_cli import LotaError
 from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import ExtractConfig
-from lota_cli.masks import density_by_layer, encode_positions, k_for, top_k_mask, unpack_bits
+from lota_cli.masks import count_bits, density_by_layer, encode_positions, k_for, top_k_mask
 from lota_cli.models import selected
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,7 @@ def run(cfg: ExtractConfig, out: Path) -> list[Path]:
     except LotaError as err:  # e.g. NaN in a tensor: say which file
         raise LotaError(f"{task_vector.path}: {err}") from err
 
-    counts = {n: (int(unpack_bits(bits[n], task_vector.numel(n)).count_nonzero()), task_vector.numel(n))
-              for n in names}
+    counts = {n: (count_bits(bits[n]), task_vector.numel(n)) for n in names}
     kept, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
     log.info("mask: %d of %d entries (density %.4f) over %d tensors", kept, total, kept / total, len(names))
     for layer, density in density_by_layer(counts).items():

@@ -10,13 +10,12 @@ from rich.table import Table
 
 from lota_cli import LotaError
 from lota_cli.artifacts import Artifact
-from lota_cli.masks import density_by_layer, unpack_bits
+from lota_cli.masks import count_bits, density_by_layer
 from lota_cli.progress import stderr
 
 
 def describe(artifact: Artifact) -> dict:
-    counts = {n: (int(unpack_bits(artifact.bits(n), artifact.numel(n)).count_nonzero()), artifact.numel(n))
-              for n in artifact.names}
+    counts = {n: (count_bits(artifact.bits(n)), artifact.numel(n)) for n in artifact.names}
     held, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
     meta = artifact.meta
     return {

@@ -22,7 +22,7 @@ from lota_cli import LotaError, sparse
 from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import LottoConfig
 from lota_cli.dist import uses_deepspeed, write_entries
-from lota_cli.masks import encode_positions, k_for, pack_bits, top_k_mask, unpack_bits
+from lota_cli.masks import count_bits, encode_positions, k_for, pack_bits, top_k_mask, unpack_bits
 from lota_cli.models import DTYPES, add_delta, save_model, select_params
 from lota_cli.training import load_base, setup, train, trained_values
 
@@ -73,7 +73,7 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
     depends = {"base": run.base_fingerprint, "previous": [p.meta.fingerprint for p in previous]}
 
     total = sum(numel.values())
-    free = total - sum(int(unpack_bits(b, numel[n]).count_nonzero()) for n, b in frozen.items())
+    free = total - sum(count_bits(b) for b in frozen.values())
     k = k_for(cfg.lotto.sparsity, total)
     if k > free:
         raise LotaError(f"lotto.sparsity={cfg.lotto.sparsity} asks for {k:,} entries but only {free:,} of "
