@@ -323,9 +323,12 @@ class Artifact:
         return self._file.get_tensor(f"{name}::values")
 
     def dense(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor as a dense delta (masks: 1.0 at selected positions)."""
+        """The tensor as a dense delta (masks: 1.0 at selected positions). A task vector's tensor is copied out
+        of a memory map of just its bytes, so reading a file tensor by tensor keeps one tensor resident, not
+        every page read so far."""
         if self.kind == "task_vector":
-            return self._file.get_tensor(name).to(dtype)
+            with self.raw(name).mapped() as flat:
+                return flat.to(dtype, copy=True).view(self.shape(name))
         out = torch.zeros(self.numel(name), dtype=dtype)
         if self.kind == "mask":
             out.masked_fill_(unpack_bits(self.bits(name), self.numel(name)), 1)
