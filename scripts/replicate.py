@@ -157,8 +157,9 @@ class Replication:
         self.results["sequential"] = {
             method: {f"{name_a} after A": self.score(after_a, "a"), f"{name_a} after B": self.score(after_b, "a"),
                      f"{self.cfg.b.name} after B": self.score(after_b, "b"),
-                     "forgetting": self.score(after_b, "a") - self.score(after_a, "a"),
-                     f"{name_a} nll after A": after_a[name_a]["nll"], f"{name_a} nll after B": after_b[name_a]["nll"]}
+                     f"{name_a} change after B": self.score(after_b, "a") - self.score(after_a, "a"),
+                     f"{name_a} nll after A": after_a[name_a]["nll"], f"{name_a} nll after B": after_b[name_a]["nll"],
+                     f"{self.cfg.b.name} nll after B": after_b[self.cfg.b.name]["nll"]}
             for method, (after_a, after_b) in rows.items()}
 
     def merge(self) -> None:
@@ -251,7 +252,7 @@ def write_report(rep: Replication) -> Path:
         lines += ["## (b) Sequential A → B", "", *markdown_table("method", r["sequential"])]
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
         methods = list(r["sequential"])
-        ax[0].bar(methods, [r["sequential"][m]["forgetting"] for m in methods])
+        ax[0].bar(methods, [r["sequential"][m][f"{cfg.a.name} change after B"] for m in methods])
         ax[0].set(ylabel=f"change of {cfg.a.name} {metric['a']}", title="forgetting of A after B")
         ax[1].bar(methods, [r["sequential"][m][f"{cfg.a.name} nll after B"] -
                             r["sequential"][m][f"{cfg.a.name} nll after A"] for m in methods])
