@@ -34,7 +34,7 @@ DEFAULTS = {
     "train": ["train.batch_size=8", "train.lr=1e-4", "train.warmup_steps=3", "train.log_every=5",
               "task.max_length=320"],
     "sparse_lr": 1e-4, "eval_examples": 64, "max_new_tokens": 160, "eval_batch_size": 16,
- "sparsities": [0.5, 0.9, 0.95, 0.99],
+    "sparsities": [0.5, 0.9, 0.95, 0.99],
 }
 BUILT_IN_EVAL_TASKS = ("gsm8k", "alpaca")  # composed into conf/eval.yaml already
 
@@ -101,8 +101,8 @@ class Replication:
         return tuple(self.run("sparse-train", f"{name}/sparse", *self.model, *self.task(key), *self.train,
                               f"train.lr={self.cfg.sparse_lr}", f"sparse_train.mask={mask}", *extra))
 
-    # ---------------------------------------------------------------- experiments
-    # Runs shared by several experiments; `run` caches them, so each trains once.
+    # ---------------------------------------------------------------- runs shared by several experiments
+    # `run` caches each in out/<name>, so it trains once.
     def fft(self, key: str) -> tuple[str, str]:
         """Dense fine-tuning on one task from the base: (task vector, model dir)."""
         return self.calibrate(key, f"fft_{key}", "save_model=true")
@@ -123,7 +123,8 @@ class Replication:
         self.results["base"] = self.evaluate("base")
 
     def sweep(self) -> None:
-        rows = [{"sparsity": 0.0, **self._task_row(self.evaluate("fft_a", f"eval.deltas=[{self.fft('a')[0]}]"), "a")}]
+        dense = self.evaluate("fft_a", f"eval.deltas=[{self.fft('a')[0]}]")
+        rows = [{"sparsity": 0.0, **self._task_row(dense, "a")}]
         for s in self.cfg.sparsities:
             (delta, _) = self.lota_at("a", s)
             scores = self.evaluate(f"lota_a_{s}", f"eval.deltas=[{delta}]", keys=("a",))
