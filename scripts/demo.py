@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic_tasks  # noqa: E402
-from lota_runner import local_model, lota  # noqa: E402
+from lota_runner import headline_score, local_model, lota  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -60,13 +60,6 @@ def main(argv: list[str]) -> None:
     print(f"\nreport: {report}")
 
 
-def score(task_result: dict) -> tuple[str, float]:
-    for metric in ("exact_match", "rouge_l"):
-        if metric in task_result:
-            return metric, task_result[metric]
-    return "nll", task_result["nll"]
-
-
 TASKS = ("arith", "reverse")
 
 
@@ -74,12 +67,13 @@ def table(results: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows: each task's score and answer NLL per model, then the change of A's after B."""
     header = ["model"]
     for label, name in zip("AB", TASKS):
-        header += [f"{label}: {name} {score(results['base'][name])[0]}", f"{label}: NLL"]
+        header += [f"{label}: {name} {headline_score(results['base'][name])[0]}", f"{label}: NLL"]
     rows = []
     for model, tasks in results.items():
-        rows.append([model, *(f"{v:.3f}" for name in TASKS for v in (score(tasks[name])[1], tasks[name]["nll"]))])
+        numbers = [v for name in TASKS for v in (headline_score(tasks[name])[1], tasks[name]["nll"])]
+        rows.append([model, *(f"{v:.3f}" for v in numbers)])
     after_a, after_b = results["after A (LoTA)"]["arith"], results["after A, then B (LoTTO; = merged sum)"]["arith"]
-    rows.append(["forgetting of A after B", f"{score(after_b)[1] - score(after_a)[1]:+.3f}",
+    rows.append(["forgetting of A after B", f"{headline_score(after_b)[1] - headline_score(after_a)[1]:+.3f}",
                  f"{after_b['nll'] - after_a['nll']:+.3f}", "", ""])
     return header, rows
 

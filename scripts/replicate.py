@@ -23,7 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lota_runner import local_model, lota  # noqa: E402
+from lota_runner import headline_score, local_model, lota  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULTS = {
@@ -88,8 +88,7 @@ class Replication:
         return scores
 
     def score(self, scores: dict, key: str) -> float:
-        task = scores[self.cfg[key].name]
-        return next(task[m] for m in ("exact_match", "rouge_l", "nll") if m in task)
+        return headline_score(scores[self.cfg[key].name])[1]
 
     # ---------------------------------------------------------------- building blocks
     def calibrate(self, key: str, name: str, *extra: str) -> tuple[str, ...]:
@@ -226,8 +225,8 @@ def write_report(rep: Replication) -> Path:
     import matplotlib.pyplot as plt
 
     r, out, cfg = rep.results, rep.out, rep.cfg
-    metric = {k: ("exact match" if "exact_match" in r["base"][cfg[k].name] else "ROUGE-L" if "rouge_l" in
-                  r["base"][cfg[k].name] else "NLL") for k in ("a", "b")}
+    shown = {"exact_match": "exact match", "rouge_l": "ROUGE-L", "nll": "NLL"}
+    metric = {k: shown[headline_score(r["base"][cfg[k].name])[0]] for k in ("a", "b")}
     lines = ["# lota small-scale replication", "",
              f"Model `{cfg.model}`, task A `{cfg.a.name}`, task B `{cfg.b.name}`, {cfg.steps} steps per training "
              f"run ({' '.join(cfg.train)}), {cfg.eval_examples} held-out examples per task. Every number is "
