@@ -16,7 +16,7 @@ from torch import nn
 
 from lota_cli import LotaError
 from lota_cli.data import Example, collate
-from lota_cli.training import token_nll_sum
+from lota_cli.loop import token_nll_sum
 
 log = logging.getLogger(__name__)
 

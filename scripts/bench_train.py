@@ -35,7 +35,7 @@ def train_steps(model: str, method: str, batch: int, seq: int, steps: int, spars
 
     from bench_common import PeakRSS, status
     from bench_models import load
-    from lota_cli import sparse, training
+    from lota_cli import loop, sparse
     from lota_cli.config import OptimConfig, ParamsConfig, TrainConfig
     from lota_cli.masks import k_for
     from lota_cli.models import select_params
@@ -62,11 +62,11 @@ def train_steps(model: str, method: str, batch: int, seq: int, steps: int, spars
                 positions[n] = torch.randperm(numel, generator=gen)[:k_for(sparsity, numel)].sort().values.int()
             trainable = sparse.attach(net, positions)
         params = list(trainable.values())
-        optimizer = training.make_optimizer(params, tcfg, ocfg)
+        optimizer = loop.make_optimizer(params, tcfg, ocfg)
         times, state = [], None
         for step in range(steps + 1):
             start = time.perf_counter()
-            nll = training.token_nll_sum(net, data)
+            nll = loop.token_nll_sum(net, data)
             (nll / targets).backward()
             torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
             optimizer.step()

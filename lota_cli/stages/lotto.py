@@ -21,10 +21,10 @@ import torch
 from lota_cli import LotaError, sparse
 from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import LottoConfig
-from lota_cli.dist import uses_deepspeed, write_entries
+from lota_cli.loop import train
 from lota_cli.masks import count_bits, encode_positions, k_for, pack_bits, top_k_mask, unpack_bits
-from lota_cli.models import DTYPES, add_delta, save_model, select_params
-from lota_cli.training import load_base, setup, train, trained_values
+from lota_cli.models import DTYPES, add_delta, select_params
+from lota_cli.train_stage import export_model, load_base, setup
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +47,13 @@ def _frozen_union(previous: list[Artifact], names: list[str]) -> dict[str, torch
     return union
 
 
-def _chain_model(cfg: LottoConfig, previous: list[Artifact], accelerator):
-    """base + the earlier deltas, loaded whole (see dist.whole_model_loading)."""
-    model = load_base(cfg, accelerator)
-    for prev in previous:
-        add_delta(model, prev)
-    return model
-
-
 def run(cfg: LottoConfig, out: Path) -> list[Path]:
     if not cfg.lotto.previous:
         raise LotaError("lotto.previous is empty: give the earlier adapters, e.g. lotto.previous=[a.safetensors]; "
                         "for a first task use calibrate, extract and sparse-train")
     previous = [Artifact(p, kinds=("sparse_delta",)) for p in cfg.lotto.previous]
     run = setup(cfg, out)
-    accelerator, main = run.accelerator, run.accelerator.is_main_process
+    engine, main = run.engine, run.is_main
     model = run.model
     for prev in previous:
         prev.check_base(run.base_fingerprint, cfg.model.path)
@@ -95,13 +87,13 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
 
         def restore_frozen() -> None:
             for n, index in frozen_index.items():
-                write_entries(trainable[n], index, frozen_values[n])
+                engine.write_entries(trainable[n], index, frozen_values[n])
 
         steps = cfg.lotto.calibrate_steps or cfg.train.max_steps
         phase1 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
         train(model, trainable, run.examples, run.tokenizer.pad_token_id, phase1, out / "calibrate",
-              accelerator, depends={"phase": "calibrate", **depends}, after_step=restore_frozen)
-        trained = trained_values(accelerator, trainable)
+              engine, depends={"phase": "calibrate", **depends}, after_step=restore_frozen)
+        trained = engine.trained_values(trainable)
         if main:
             delta = {n: trained[n] - start[n].float() for n in names}
             chosen = top_k_mask(delta, k, excluded=frozen)
@@ -109,10 +101,10 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
                               parents=depends["previous"], sparsity=cfg.lotto.sparsity)
             save_sparse(mask_path, meta, shapes, {n: encode_positions(chosen[n], numel[n]) for n in names})
         del start, trained, trainable, model
-        accelerator.wait_for_everyone()  # every process reads the mask the main one chose
+        engine.accelerator.wait_for_everyone()  # every process reads the mask the main one chose
         # back to base + earlier deltas for the sparse phase, in a fresh model: an engine takes a model once
-        accelerator.free_memory()
-        model = _chain_model(cfg, previous, accelerator)
+        engine.accelerator.free_memory()
+        model = load_base(cfg, engine, previous)
     new_mask = {n: Artifact(mask_path, kinds=("mask",)).bits(n) for n in names}
 
     for prev in previous:  # verified, not assumed
@@ -126,8 +118,8 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
     positions = {n: unpack_bits(new_mask[n], numel[n]).nonzero().reshape(-1).int() for n in names}
     trainable = sparse.attach(model, positions)
     result = train(model, trainable, run.examples, run.tokenizer.pad_token_id, cfg, out / "sparse-train",
-                   accelerator, depends={"phase": "sparse-train", **depends})
-    trained = trained_values(accelerator, trainable)
+                   engine, depends={"phase": "sparse-train", **depends})
+    trained = engine.trained_values(trainable)
 
     written = []
     if main:
@@ -139,11 +131,5 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
         written.append(save_sparse(out / "sparse_delta.safetensors", meta, shapes, encoded, values))
         log.info("loss %.4f -> %.4f over %d steps", result.losses[0], result.losses[-1], result.steps)
         if cfg.save_model:
-            if uses_deepspeed(accelerator):  # see training.load_base
-                model = _chain_model(cfg, previous, accelerator)
-                sparse.attach(model, positions, trained)
-            else:
-                model = accelerator.unwrap_model(model)
-            sparse.fold(model, names)
-            written.append(save_model(model, run.tokenizer, out / "model"))
+            written.append(export_model(run, cfg, model, out / "model", trained, positions, previous))
     return written

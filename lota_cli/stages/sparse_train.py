@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from lota_cli import sparse
 from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import SparseTrainConfig
+from lota_cli.loop import train
 from lota_cli.masks import encode_positions
-from lota_cli.dist import uses_deepspeed
-from lota_cli.models import DTYPES, check_tensor, save_model
-from lota_cli import sparse
-from lota_cli.training import load_base, setup, train, trained_values
+from lota_cli.models import DTYPES, check_tensor
+from lota_cli.train_stage import export_model, setup
 
 log = logging.getLogger(__name__)
 
@@ -26,31 +26,25 @@ def run(cfg: SparseTrainConfig, out: Path) -> list[Path]:
     mask.check_base(run.base_fingerprint, cfg.model.path)
     for name in mask.names:
         check_tensor(run.model, name, mask.shape(name), str(mask.path))
-    trainable = sparse.attach(run.model, {n: mask.indices(n) for n in mask.names})
+    positions = {n: mask.indices(n) for n in mask.names}
+    trainable = sparse.attach(run.model, positions)
     log.info("sparse training %d entries in %d tensors (density %.4f)",
              sum(p.numel() for p in trainable.values()), len(trainable), mask.density())
 
-    result = train(run.model, trainable, run.examples, run.tokenizer.pad_token_id, cfg, out, run.accelerator,
+    result = train(run.model, trainable, run.examples, run.tokenizer.pad_token_id, cfg, out, run.engine,
                    depends={"stage": "sparse_train", "base": run.base_fingerprint, "mask": mask.meta.fingerprint})
-
-    trained = trained_values(run.accelerator, trainable)
+    trained = run.engine.trained_values(trainable)
 
     written = []
-    if run.accelerator.is_main_process:
+    if run.is_main:
         dtype = DTYPES[cfg.artifact_dtype]
         values = {n: v.to(dtype) for n, v in trained.items()}
-        positions = {n: encode_positions(mask.bits(n), mask.numel(n)) for n in mask.names}
+        encoded = {n: encode_positions(mask.bits(n), mask.numel(n)) for n in mask.names}
         meta = stage_meta("sparse_delta", "sparse-train", cfg, cfg.model.path, run.base_fingerprint,
                           parents=[mask.meta.fingerprint], sparsity=mask.meta.sparsity)
         shapes = {n: mask.shape(n) for n in mask.names}
-        written.append(save_sparse(out / "sparse_delta.safetensors", meta, shapes, positions, values))
+        written.append(save_sparse(out / "sparse_delta.safetensors", meta, shapes, encoded, values))
         log.info("loss %.4f -> %.4f over %d steps", result.losses[0], result.losses[-1], result.steps)
         if cfg.save_model:
-            if uses_deepspeed(run.accelerator):  # see load_base
-                model = load_base(cfg, run.accelerator)
-                sparse.attach(model, {n: mask.indices(n) for n in mask.names}, trained)
-            else:
-                model = run.accelerator.unwrap_model(run.model)
-            sparse.fold(model, list(trainable))
-            written.append(save_model(model, run.tokenizer, out / "model"))
+            written.append(export_model(run, cfg, run.model, out / "model", trained, positions))
     return written

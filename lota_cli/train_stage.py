@@ -1,0 +1,88 @@
+"""What the training stages (calibrate, sparse-train, lotto) share around the loop: the set-up they start
+from, and writing the trained model at the end."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lota_cli import sparse
+from lota_cli.config import TrainStageConfig
+from lota_cli.data import Example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What every training stage starts from."""
+
+    engine: object  # engines.Replicated or a subclass
+    model: nn.Module
+    tokenizer: object
+    base_fingerprint: str
+    examples: list[Example]
+
+    @property
+    def is_main(self) -> bool:
+        return self.engine.is_main
+
+
+def setup(cfg: TrainStageConfig, out: Path) -> Run:
+    """Engine, seeded RNG, model + tokenizer, base fingerprint and encoded training examples."""
+    from accelerate.utils import set_seed
+
+    from lota_cli.data import encode, load_rows
+    from lota_cli.engines import make_engine
+    from lota_cli.models import fingerprint, load_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(cfg, out)
+    if not engine.is_main:  # one process speaks; the others only warn
+        logging.getLogger().setLevel(logging.WARNING)
+    set_seed(cfg.train.seed)
+    with engine.loading():
+        model, tokenizer = load_model(cfg.model)
+    base = fingerprint(model)
+    rows = load_rows(cfg.task, "train")
+    examples = encode(tokenizer, cfg.task, rows)
+    log.info("model %s (%.1fM parameters), task %s: %d training examples", cfg.model.path,
+             sum(p.numel() for p in model.parameters()) / 1e6, cfg.task.name, len(examples))
+    if cfg.train.log_with:
+        engine.accelerator.init_trackers("lota", config={"out": str(out)})
+    return Run(engine, model, tokenizer, base, examples)
+
+
+def load_base(cfg: TrainStageConfig, engine, previous=()) -> nn.Module:
+    """A fresh copy of the base model from disk, whole (also under ZeRO-3), on the CPU, with the earlier
+    sparse deltas `previous` (artifacts) added."""
+    from lota_cli.models import add_delta, load_model
+
+    with engine.loading():
+        model, _ = load_model(cfg.model)
+    for artifact in previous:
+        add_delta(model, artifact)
+    return model
+
+
+def export_model(run: Run, cfg: TrainStageConfig, model: nn.Module, directory: Path,
+                 trained: dict[str, torch.Tensor], positions: dict[str, torch.Tensor] | None = None,
+                 previous=()) -> Path:
+    """Write the trained model as a Hugging Face directory (main process only): the engine's model (or, where
+    that may be partitioned or cast, a fresh base + `previous` deltas) with the `trained` values in place,
+    dense or at `positions`. Weights that did not train stay bitwise the base's."""
+    from lota_cli.models import save_model
+
+    model = run.engine.model_for_export(model, lambda: load_base(cfg, run.engine, previous))
+    if positions is None:
+        with torch.no_grad():
+            for name, value in trained.items():
+                model.get_parameter(name).copy_(value)
+    else:
+        sparse.attach(model, positions, trained)
+        sparse.fold(model, list(positions))
+    return save_model(model, run.tokenizer, directory)
