@@ -235,22 +235,30 @@ class LottoConfig(TrainStageConfig):
     lotto: LottoOptions = field(default_factory=LottoOptions)
 
 
-MERGE_METHODS = ("sum", "task_arithmetic", "ties", "dare", "magnitude")
-
-
 @dataclass
 class MergeConfig(StageConfig):
     inputs: List[str] = MISSING  # task vectors / sparse deltas of one base (positional on the command line)
-    method: str = "sum"
+    method: str = "sum"  # a method registered in lota_cli.merging (merging.methods_help() lists them)
     weights: Optional[List[float]] = None  # task_arithmetic: one per input (default 1)
-    scale: float = 1.0  # applied to the merged delta
+    scale: float = 1.0  # applied to the merged delta, whatever the method
     density: float = 0.2  # ties / magnitude: fraction kept of each input; dare: keep probability
     seed: int = 0  # dare's random drop
     dtype: str = "float32"  # of the written task vector / model
     output_model: Optional[str] = None  # write base + merged delta as a HF model directory here instead
 
     def __post_init__(self):
-        _one_of("method", self.method, MERGE_METHODS)
+        # imported here, not at the top: merging imports torch, and the CLI imports config for every stage
+        from lota_cli.merging import METHODS, readers
+
+        _one_of("method", self.method, tuple(METHODS))
+        # a method-specific field changed for a method that would ignore it is a mistake, not a no-op
+        for key, methods in readers().items():
+            value = getattr(self, key)
+            if self.method not in methods and value != self.__dataclass_fields__[key].default:
+                which = methods[0] if len(methods) == 1 else f"{', '.join(methods[:-1])} or {methods[-1]}"
+                instead = f"method={which}" if len(methods) == 1 else "one of those methods"
+                raise LotaError(f"{key}={value} only applies to method={which}, not method={self.method}; "
+                                f"drop {key} or use {instead}")
         _one_of("dtype", self.dtype, DTYPE_NAMES)
         if not 0.0 < self.density <= 1.0:
             raise LotaError(f"density={self.density} must be in (0, 1]")

@@ -4,23 +4,92 @@ Each method takes the inputs' dense deltas for one tensor (same shape) and retur
 stage streams a model through them tensor by tensor, so nothing here ever sees a whole model. Selections are
 per tensor: "density 0.2" keeps the largest 20% of each input's entries of *this* tensor.
 
-  sum              sum of the deltas (disjoint LoTA masks make this the same as applying them in turn)
-  task_arithmetic  weighted sum (Ilharco et al. 2023)
-  ties             trim to top-density, elect a sign per entry, average the agreeing entries (Yadav et al. 2023)
-  dare             drop entries with probability 1 - density, rescale the rest by 1 / density, sum (Yu et al. 2024)
-  magnitude        top-density sparsification of each input after training, then sum (LoTA paper's baseline)
-
-`merge` applies the global scale to every method's result.
+Methods register themselves with `@merge_method`, declaring the MergeConfig fields they read; `merge` dispatches
+through that registry, MergeConfig refuses fields the chosen method would ignore, the stage logs the ones it
+reads, and `methods_help` lists them, so a new method is one decorated function. `merge` applies the global
+scale to every method's result.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+
+# --------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method, called as fn(deltas, **{field: value for field in reads}), plus name=<the tensor's
+    name> when fn takes a `name` (dare, to draw each tensor's drop mask independently of the others)."""
+
+    fn: Callable[..., Tensor]
+    reads: tuple[str, ...]  # the MergeConfig fields fn takes as keywords
+    help: str
+    takes_name: bool
+
+
+METHODS: dict[str, MergeMethod] = {}  # name -> method, in registration order (the order help lists them)
+
+
+def merge_method(name: str, *, reads: Sequence[str] = (), help: str):
+    """Register the decorated function as merge method `name`.
+
+    `reads` must name exactly its parameters after the deltas (other than `name`): a parameter left out would
+    silently keep the function's default instead of the configured value, so that is refused here.
+    """
+    def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} is already registered")
+        params = list(inspect.signature(fn).parameters)[1:]
+        if set(params) - {"name"} != set(reads):
+            raise TypeError(f"merge method {name!r}: {fn.__name__} takes {params} after the deltas, "
+                            f"but declares reads={tuple(reads)}")
+        METHODS[name] = MergeMethod(fn, tuple(reads), help, "name" in params)
+        return fn
+    return register
+
+
+def readers() -> dict[str, list[str]]:
+    """field -> the registered methods that read it, for every field some method reads."""
+    out: dict[str, list[str]] = {}
+    for method, spec in METHODS.items():
+        for field in spec.reads:
+            out.setdefault(field, []).append(method)
+    return out
+
+
+def methods_help() -> str:
+    """One line per registered method: its name, what it does, and the fields it reads (`scale` applies to
+    every method, so it is not listed)."""
+    width = max(map(len, METHODS))
+    return "\n".join(f"{name:<{width}}  {spec.help}; reads {', '.join(spec.reads) or 'no fields'}"
+                     for name, spec in METHODS.items())
+
+
+def merge(method: str, deltas: Sequence[Tensor], *, name: str = "", scale: float = 1.0, **fields: Any) -> Tensor:
+    """Merge one tensor's deltas with registered `method`, then multiply by `scale`.
+
+    `fields` are MergeConfig fields (weights=, density=, seed=, ...); the method gets the ones it reads, so a
+    caller can pass one set for any method. A field no method reads is refused, to catch typos; one the method
+    reads but that is not given keeps the function's default.
+    """
+    spec = METHODS.get(method)
+    if spec is None:
+        raise ValueError(f"unknown merge method {method!r}; registered: {', '.join(METHODS)}")
+    unknown = sorted(set(fields) - set(readers()))
+    if unknown:
+        raise TypeError(f"merge() got fields that no merge method reads: {', '.join(unknown)}")
+    kwargs = {field: fields[field] for field in spec.reads if field in fields}
+    if spec.takes_name:
+        kwargs["name"] = name
+    out = spec.fn(deltas, **kwargs)
+    return out.mul_(scale) if scale != 1.0 else out
 
 
 # --------------------------------------------------------------------------- methods
@@ -45,6 +114,7 @@ def top_k(delta: Tensor, density: float) -> Tensor:
     return torch.where(keep, flat, torch.zeros((), dtype=flat.dtype)).view_as(delta)
 
 
+@merge_method("sum", help="sum of the deltas (disjoint LoTA masks make this the same as applying them in turn)")
 def sum_deltas(deltas: Sequence[Tensor]) -> Tensor:
     """Plain sum (method `sum`; named so as not to shadow the builtin)."""
     out = deltas[0].clone()
@@ -53,6 +123,7 @@ def sum_deltas(deltas: Sequence[Tensor]) -> Tensor:
     return out
 
 
+@merge_method("task_arithmetic", reads=("weights",), help="weighted sum (Ilharco et al. 2023)")
 def task_arithmetic(deltas: Sequence[Tensor], weights: Optional[Sequence[float]] = None) -> Tensor:
     """sum_i weights[i] * deltas[i]; the global scale (lambda) is applied by `merge`."""
     weights = [1.0] * len(deltas) if weights is None else list(weights)
@@ -62,7 +133,9 @@ def task_arithmetic(deltas: Sequence[Tensor], weights: Optional[Sequence[float]]
     return out
 
 
-def ties(deltas: Sequence[Tensor], density: float) -> Tensor:
+@merge_method("ties", reads=("density",),
+              help="trim to top-density, elect a sign per entry, average the agreeing entries (Yadav et al. 2023)")
+def ties(deltas: Sequence[Tensor], density: float = 1.0) -> Tensor:
     """TIES-merging: trim each input to its top-density entries, elect the sign of the summed trimmed values
     per entry, and average (over inputs, not counting zeros) the trimmed entries that carry that sign."""
     trimmed = [top_k(d, density) for d in deltas]
@@ -83,40 +156,27 @@ def dare_seed(seed: int, name: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def dare(deltas: Sequence[Tensor], density: float, seeds: Sequence[int]) -> Tensor:
-    """DARE: keep each entry with probability `density` (one seed per input), rescale kept entries by
-    1 / density so the expected delta is unchanged, and sum."""
+@merge_method("dare", reads=("density", "seed"),
+              help="drop entries with probability 1 - density, rescale the rest by 1 / density, sum (Yu et al. 2024)")
+def dare(deltas: Sequence[Tensor], density: float = 1.0, seed: int = 0, name: str = "") -> Tensor:
+    """DARE: keep each entry with probability `density` (input i's mask drawn from dare_seed(seed, name, i)),
+    rescale kept entries by 1 / density so the expected delta is unchanged, and sum."""
     out = torch.zeros_like(deltas[0])
-    for delta, seed in zip(deltas, seeds):
+    for index, delta in enumerate(deltas):
         if density >= 1.0:
             out += delta
             continue
-        keep = torch.rand(delta.shape, generator=torch.Generator().manual_seed(seed)) < density
+        generator = torch.Generator().manual_seed(dare_seed(seed, name, index))
+        keep = torch.rand(delta.shape, generator=generator) < density
         out += torch.where(keep, delta, torch.zeros((), dtype=delta.dtype)) / density
     return out
 
 
-def magnitude(deltas: Sequence[Tensor], density: float) -> Tensor:
+@merge_method("magnitude", reads=("density",),
+              help="top-density sparsification of each input after training, then sum (LoTA paper's baseline)")
+def magnitude(deltas: Sequence[Tensor], density: float = 1.0) -> Tensor:
     """Post-hoc magnitude pruning: keep each input's top-density entries, then sum."""
     return sum_deltas([top_k(d, density) for d in deltas])
-
-
-def merge(method: str, deltas: Sequence[Tensor], *, name: str = "", weights: Optional[Sequence[float]] = None,
-          scale: float = 1.0, density: float = 1.0, seed: int = 0) -> Tensor:
-    """Merge one tensor's deltas with `method` (config.MERGE_METHODS), then multiply by `scale`."""
-    if method == "sum":
-        out = sum_deltas(deltas)
-    elif method == "task_arithmetic":
-        out = task_arithmetic(deltas, weights)
-    elif method == "ties":
-        out = ties(deltas, density)
-    elif method == "dare":
-        out = dare(deltas, density, [dare_seed(seed, name, i) for i in range(len(deltas))])
-    elif method == "magnitude":
-        out = magnitude(deltas, density)
-    else:
-        raise ValueError(f"unknown merge method {method!r}")
-    return out.mul_(scale) if scale != 1.0 else out
 
 
 # --------------------------------------------------------------------------- overlap statistics

@@ -16,17 +16,10 @@ import torch
 from lota_cli import LotaError
 from lota_cli.artifacts import Artifact, ArtifactWriter, same_layout, stage_meta
 from lota_cli.config import MergeConfig, ModelConfig
-from lota_cli.merging import Overlap, delta_overlap, merge
+from lota_cli.merging import METHODS, Overlap, delta_overlap, merge
 from lota_cli.models import DTYPES, check_tensor, fingerprint, load_model, save_model
 
 log = logging.getLogger(__name__)
-
-
-def _check(cfg: MergeConfig, inputs: list[Artifact]) -> None:
-    if cfg.weights is not None and cfg.method != "task_arithmetic":
-        raise LotaError(f"weights={cfg.weights} only applies to method=task_arithmetic, not method={cfg.method}; "
-                        "drop weights or use method=task_arithmetic")
-    same_layout(inputs)
 
 
 def _base_model(inputs: list[Artifact], dtype: str):
@@ -44,12 +37,13 @@ def _base_model(inputs: list[Artifact], dtype: str):
 
 def run(cfg: MergeConfig, out: Path) -> list[Path]:
     inputs = [Artifact(p, kinds=("task_vector", "sparse_delta")) for p in cfg.inputs]
-    _check(cfg, inputs)
+    same_layout(inputs)
     first = inputs[0]
     names = first.names
+    params = {key: getattr(cfg, key) for key in METHODS[cfg.method].reads}  # what this method is given
     log.info("merging %d inputs (%s) over %d tensors with method=%s%s", len(inputs),
              ", ".join(a.path.name for a in inputs), len(names), cfg.method,
-             "" if cfg.method in ("sum", "task_arithmetic") else f" density={cfg.density}")
+             "".join(f" {key}={value}" for key, value in params.items()))
 
     pairs = list(itertools.combinations(range(len(inputs)), 2))
     stats = {pair: Overlap() for pair in pairs}
@@ -65,8 +59,7 @@ def run(cfg: MergeConfig, out: Path) -> list[Path]:
                                     "made it diverged, so redo it (lower train.lr)")
             for i, j in pairs:
                 stats[i, j] += delta_overlap(deltas[i], deltas[j])
-            yield name, merge(cfg.method, deltas, name=name, weights=cfg.weights, scale=cfg.scale,
-                              density=cfg.density, seed=cfg.seed)
+            yield name, merge(cfg.method, deltas, name=name, scale=cfg.scale, **params)
 
     if cfg.output_model:
         model, tokenizer = _base_model(inputs, cfg.dtype)
