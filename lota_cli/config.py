@@ -2,6 +2,7 @@
 
 Each stage's YAML lists `<stage>_schema` first in its defaults, so Hydra checks every key and type against
 these dataclasses (unknown keys are refused with the key named) and the stage receives a dataclass instance.
+Every key carries a one-line meaning (`opt(..., help)`), which `lota <stage> --help` lists.
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ from lota_cli import LotaError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ATTN_MLP_WEIGHTS = r".*(attn|attention|mlp|ffn|feed_forward).*\.weight$"
+
+
+def opt(default: Any = None, help: str = "", *, factory: Any = None, read: bool = True):
+    """A config key with its default and its one-line meaning (`lota <stage> --help` lists the keys a stage
+    reads; read=False: accepted, not read, not listed)."""
+    metadata = {"help": help, "unread": not read}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
@@ -36,12 +46,12 @@ def _sparsity(key: str, value: float) -> None:
 
 @dataclass
 class ModelConfig:
-    path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # hub id or local directory
-    gguf_file: Optional[str] = None  # a .gguf file inside `path` (or an absolute path to one)
-    dtype: str = "float32"
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
+    path: str = opt("HuggingFaceTB/SmolLM2-135M-Instruct", "hub id or local directory")
+    gguf_file: Optional[str] = opt(None, "a .gguf file inside `path` (or an absolute path to one)")
+    dtype: str = opt("float32", "dtype of the weights: float32, bfloat16 or float16")
+    revision: Optional[str] = opt(None, "hub revision (branch, tag or commit)")
+    trust_remote_code: bool = opt(False, "run code shipped in the model's repository")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward, to save memory")
 
     def __post_init__(self):
         _one_of("model.dtype", self.dtype, DTYPE_NAMES)
@@ -49,23 +59,24 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "gsm8k"
-    dataset: Optional[str] = "openai/gsm8k"  # hub id, used when data_files is not set
-    dataset_config: Optional[str] = "main"
-    split: str = "train"
-    eval_split: str = "test"
-    data_files: Any = None  # local json/jsonl/parquet/csv file(s) for training, replacing the hub dataset
-    eval_data_files: Any = None  # the same for evaluation
-    prompt: str = "{question}"  # Python format string over the example's fields
-    target: str = "{answer}"
-    use_chat_template: bool = True  # wrap the prompt in the tokenizer's chat template when it has one
-    max_length: int = 512
-    max_examples: Optional[int] = None
-    fraction: float = 1.0
-    shuffle_seed: int = 0
-    holdout: int = 0  # rows kept out of training and used for evaluation when both read the same data
-    answer_pattern: Optional[str] = r"####\s*([-\d,\.]+)"  # regex whose group 1 in the reference is the checkable answer
-    metric: str = "exact_match"  # exact_match (needs answer_pattern) or rouge_l
+    name: str = opt("gsm8k", "the task's name in artifacts, logs and eval results")
+    dataset: Optional[str] = opt("openai/gsm8k", "hub id, used when data_files is not set")
+    dataset_config: Optional[str] = opt("main", "the hub data set's configuration")
+    split: str = opt("train", "hub split to train on")
+    eval_split: str = opt("test", "hub split to evaluate on")
+    data_files: Any = opt(None, "local json/jsonl/parquet/csv file(s) for training, replacing the hub dataset")
+    eval_data_files: Any = opt(None, "the same for evaluation")
+    prompt: str = opt("{question}", "Python format string over the example's fields")
+    target: str = opt("{answer}", "Python format string of the answer; the loss covers its tokens only")
+    use_chat_template: bool = opt(True, "wrap the prompt in the tokenizer's chat template when it has one")
+    max_length: int = opt(512, "tokens per example (prompt + answer); longer answers are cut, longer prompts dropped")
+    max_examples: Optional[int] = opt(None, "train on at most this many rows (after the seeded shuffle)")
+    fraction: float = opt(1.0, "train on this fraction of the rows")
+    shuffle_seed: int = opt(0, "seed of the row shuffle")
+    holdout: int = opt(0, "rows kept out of training and used for evaluation when both read the same data")
+    answer_pattern: Optional[str] = opt(r"####\s*([-\d,\.]+)",
+                                        "regex whose group 1 in the reference is the checkable answer")
+    metric: str = opt("exact_match", "exact_match (needs answer_pattern) or rouge_l")
 
     def __post_init__(self):
         _one_of("task.metric", self.metric, ("exact_match", "rouge_l"))
@@ -81,16 +92,18 @@ class TaskConfig:
 class ParamsConfig:
     """Which tensors a stage trains and selects from: 2-D weights whose names match include and not exclude."""
 
-    include: List[str] = field(default_factory=lambda: [ATTN_MLP_WEIGHTS])
-    exclude: List[str] = field(default_factory=lambda: [r".*(norm|embed|lm_head).*"])
+    include: List[str] = opt(factory=lambda: [ATTN_MLP_WEIGHTS],
+                             help="regexes of tensor names to train and select (default: attention and MLP weights)")
+    exclude: List[str] = opt(factory=lambda: [r".*(norm|embed|lm_head).*"],
+                             help="regexes of tensor names never trained or selected")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    momentum: float = 0.0  # sgd only
+    name: str = opt("adamw", "adamw or sgd")
+    betas: List[float] = opt(factory=lambda: [0.9, 0.999], help="AdamW's betas")
+    eps: float = opt(1e-8, "AdamW's epsilon")
+    momentum: float = opt(0.0, "sgd only")
 
     def __post_init__(self):
         _one_of("optim.name", self.name, ("adamw", "sgd"))
@@ -98,21 +111,21 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: Optional[int] = 100  # optimizer steps; when null, `epochs` decides
-    epochs: Optional[float] = None
-    batch_size: int = 8  # sequences per micro-step, summed over all processes
-    grad_accum: int = 1  # micro-steps per optimizer step: global batch = batch_size * grad_accum
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    max_grad_norm: Optional[float] = 1.0  # null: no clipping (the norm is still logged)
-    seed: int = 0
-    mixed_precision: str = "auto"  # auto: bf16 on GPUs that support it, else full precision
-    log_every: int = 10
-    save_every: int = 0  # checkpoint every N optimizer steps; 0: only on SIGTERM / Ctrl-C
-    keep_checkpoints: int = 2
-    log_with: Optional[str] = None  # tensorboard or wandb, through accelerate's trackers
+    max_steps: Optional[int] = opt(100, "optimizer steps; when null, `epochs` decides")
+    epochs: Optional[float] = opt(None, "passes over the data, when max_steps is null")
+    batch_size: int = opt(8, "sequences per micro-step, summed over all processes")
+    grad_accum: int = opt(1, "micro-steps per optimizer step: global batch = batch_size * grad_accum")
+    lr: float = opt(1e-5, "peak learning rate")
+    weight_decay: float = opt(0.0, "decoupled weight decay (on the delta, for sparse training)")
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    schedule: str = opt("cosine", "learning-rate schedule after warm-up: cosine, linear or constant")
+    max_grad_norm: Optional[float] = opt(1.0, "null: no clipping (the norm is still logged)")
+    seed: int = opt(0, "seed of the data order and of initialization")
+    mixed_precision: str = opt("auto", "auto: bf16 on GPUs that support it, else full precision")
+    log_every: int = opt(10, "write metrics every N optimizer steps (and at the last)")
+    save_every: int = opt(0, "checkpoint every N optimizer steps; 0: only on SIGTERM / Ctrl-C")
+    keep_checkpoints: int = opt(2, "newest checkpoints kept")
+    log_with: Optional[str] = opt(None, "tensorboard or wandb, through accelerate's trackers")
 
     def __post_init__(self):
         if self.max_steps is None and self.epochs is None:
@@ -137,12 +150,12 @@ class TrainConfig:
 class DistConfig:
     """How training is spread over processes (see conf/dist/)."""
 
-    engine: str = "single"  # single | ddp | fsdp | zero2 | zero3
-    num_processes: int = 1  # > 1: lota re-launches itself through `accelerate launch`
-    num_machines: int = 1
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    backend: Optional[str] = None  # process-group backend; default nccl on GPUs, gloo on CPUs
+    engine: str = opt("single", "single | ddp | fsdp | zero2 | zero3")
+    num_processes: int = opt(1, "> 1: lota re-launches itself through `accelerate launch`")
+    num_machines: int = opt(1, "machines (set MACHINE_RANK and MASTER_ADDR on each)")
+    offload_optimizer: bool = opt(False, "zero2/zero3: optimizer state and its step on the CPU")
+    offload_params: bool = opt(False, "zero3: parameters live on the CPU between uses")
+    backend: Optional[str] = opt(None, "process-group backend; default nccl on GPUs, gloo on CPUs")
 
     def __post_init__(self):
         _one_of("dist.engine", self.engine, ("single", "ddp", "fsdp", "zero2", "zero3"))
@@ -151,8 +164,8 @@ class DistConfig:
 
 @dataclass
 class StageConfig:
-    out: str = MISSING  # output directory
-    debug: bool = False  # full tracebacks on error
+    out: str = opt(MISSING, "output directory")
+    debug: bool = opt(False, "full tracebacks on error")
 
 
 @dataclass
@@ -163,9 +176,9 @@ class TrainStageConfig(StageConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
-    artifact_dtype: str = "float32"  # dtype of the written deltas
-    save_model: bool = False  # also write the resulting model as a Hugging Face directory out/model
-    resume: Any = False  # true: continue from the newest checkpoint in out; or a checkpoint path
+    artifact_dtype: str = opt("float32", "dtype of the written deltas")
+    save_model: bool = opt(False, "also write the resulting model as a Hugging Face directory out/model")
+    resume: Any = opt(False, "true: continue from the newest checkpoint in out; or a checkpoint path")
 
     def __post_init__(self):
         _one_of("artifact_dtype", self.artifact_dtype, DTYPE_NAMES)
@@ -173,10 +186,10 @@ class TrainStageConfig(StageConfig):
 
 @dataclass
 class LoraOptions:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: Optional[List[str]] = None  # default: the modules owning the params.include weights
+    r: int = opt(16, "LoRA rank")
+    alpha: float = opt(32.0, "LoRA scale numerator (scale = alpha / r)")
+    dropout: float = opt(0.0, "dropout on LoRA's input")
+    target_modules: Optional[List[str]] = opt(None, "default: the modules owning the params.include weights")
 
     def __post_init__(self):
         _positive("lora.r", self.r)
@@ -184,7 +197,7 @@ class LoraOptions:
 
 @dataclass
 class CalibrateConfig(TrainStageConfig):
-    method: str = "fft"  # fft: dense fine-tuning of the selected weights; lora: LoRA baseline (merged ΔW)
+    method: str = opt("fft", "fft: dense fine-tuning of the selected weights; lora: LoRA baseline (merged ΔW)")
     lora: LoraOptions = field(default_factory=LoraOptions)
 
     def __post_init__(self):
@@ -194,9 +207,9 @@ class CalibrateConfig(TrainStageConfig):
 
 @dataclass
 class ExtractOptions:
-    task_vector: str = MISSING
-    sparsity: float = 0.9
-    scope: str = "global"  # global: one threshold over all selected tensors; per_tensor: each its own
+    task_vector: str = opt(MISSING, "the task vector to select from (calibrate's task_vector.safetensors)")
+    sparsity: float = opt(0.9, "fraction of entries left out: 0.9 keeps the largest 10%")
+    scope: str = opt("global", "global: one threshold over all selected tensors; per_tensor: each its own")
 
     def __post_init__(self):
         _sparsity("extract.sparsity", self.sparsity)
@@ -211,7 +224,7 @@ class ExtractConfig(StageConfig):
 
 @dataclass
 class SparseTrainOptions:
-    mask: str = MISSING
+    mask: str = opt(MISSING, "the mask whose entries train (extract's mask.safetensors)")
 
 
 @dataclass
@@ -221,9 +234,9 @@ class SparseTrainConfig(TrainStageConfig):
 
 @dataclass
 class LottoOptions:
-    previous: List[str] = field(default_factory=list)  # earlier sparse deltas of the same base, in order
-    sparsity: float = 0.9  # the new mask keeps (1 - sparsity) of all selected entries
-    calibrate_steps: Optional[int] = None  # steps of the calibration phase; default train.max_steps
+    previous: List[str] = opt(factory=list, help="earlier sparse deltas of the same base, in order")
+    sparsity: float = opt(0.9, "the new mask keeps (1 - sparsity) of all selected entries")
+    calibrate_steps: Optional[int] = opt(None, "steps of the calibration phase; default train.max_steps")
 
     def __post_init__(self):
         _sparsity("lotto.sparsity", self.sparsity)
@@ -237,14 +250,14 @@ class LottoConfig(TrainStageConfig):
 
 @dataclass
 class MergeConfig(StageConfig):
-    inputs: List[str] = MISSING  # task vectors / sparse deltas of one base (positional on the command line)
-    method: str = "sum"  # a method registered in lota_cli.merging (merging.methods_help() lists them)
-    weights: Optional[List[float]] = None  # task_arithmetic: one per input (default 1)
-    scale: float = 1.0  # applied to the merged delta, whatever the method
-    density: float = 0.2  # ties / magnitude: fraction kept of each input; dare: keep probability
-    seed: int = 0  # dare's random drop
-    dtype: str = "float32"  # of the written task vector / model
-    output_model: Optional[str] = None  # write base + merged delta as a HF model directory here instead
+    inputs: List[str] = opt(MISSING, "task vectors / sparse deltas of one base (positional on the command line)")
+    method: str = opt("sum", "a method registered in lota_cli.merging (merging.methods_help() lists them)")
+    weights: Optional[List[float]] = opt(None, "task_arithmetic: one per input (default 1)")
+    scale: float = opt(1.0, "applied to the merged delta, whatever the method")
+    density: float = opt(0.2, "ties / magnitude: fraction kept of each input; dare: keep probability")
+    seed: int = opt(0, "dare's random drop")
+    dtype: str = opt("float32", "of the written task vector / model")
+    output_model: Optional[str] = opt(None, "write base + merged delta as a HF model directory here instead")
 
     def __post_init__(self):
         # imported here, not at the top: merging imports torch, and the CLI imports config for every stage
@@ -270,20 +283,21 @@ class MergeConfig(StageConfig):
 
 @dataclass
 class OverlapConfig(StageConfig):
-    inputs: List[str] = MISSING  # masks, sparse deltas or task vectors (nonzeros) of one base
+    inputs: List[str] = opt(MISSING, "masks, sparse deltas or task vectors (nonzeros) of one base")
 
 
 @dataclass
 class EvalOptions:
-    tasks: List[str] = field(default_factory=lambda: ["gsm8k"])  # keys of `tasks` to evaluate
-    deltas: List[str] = field(default_factory=list)  # task vectors / sparse deltas added to the base
-    scales: List[float] = field(default_factory=list)  # one per delta (default 1)
-    model_dir: Optional[str] = None  # evaluate a saved model directory instead of model + deltas
-    max_examples: Optional[int] = 200
-    batch_size: int = 8
-    max_new_tokens: int = 256
-    generate: bool = True  # false: teacher-forced NLL only
-    compare_to: Optional[str] = None  # an earlier eval's results.json: report the change per task
+    tasks: Optional[List[str]] = opt(None, "names of the tasks to evaluate; default: the chosen task= (or a "
+                                           "preset's), else gsm8k")
+    deltas: List[str] = opt(factory=list, help="task vectors / sparse deltas added to the base")
+    scales: List[float] = opt(factory=list, help="one per delta (default 1)")
+    model_dir: Optional[str] = opt(None, "evaluate a saved model directory instead of model + deltas")
+    max_examples: Optional[int] = opt(200, "examples per task")
+    batch_size: int = opt(8, "sequences per forward pass")
+    max_new_tokens: int = opt(256, "longest generated answer")
+    generate: bool = opt(True, "false: teacher-forced NLL only")
+    compare_to: Optional[str] = opt(None, "an earlier eval's results.json: report the change per task")
 
     def __post_init__(self):
         _positive("eval.max_examples", self.max_examples)
@@ -296,24 +310,29 @@ class EvalOptions:
 @dataclass
 class EvalConfig(StageConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
-    tasks: Dict[str, TaskConfig] = field(default_factory=dict)
+    task: Optional[TaskConfig] = opt(None, "a task chosen as in the training stages (task=NAME, or a preset's); "
+                                           "it replaces tasks.<its name>")
+    tasks: Dict[str, TaskConfig] = opt(factory=dict, help="the tasks eval.tasks picks from, by name "
+                                                          "(add one with +task@tasks.NAME=NAME)")
     eval: EvalOptions = field(default_factory=EvalOptions)
+    train: Any = opt(None, "training settings a preset (conf=...) brings along", read=False)
 
     def __post_init__(self):
+        if self.task is not None:
+            self.tasks[self.task.name] = self.task
+        if self.eval.tasks is None:
+            self.eval.tasks = [self.task.name if self.task is not None else "gsm8k"]
         unknown = [t for t in self.eval.tasks if t not in self.tasks]
         if unknown:
             raise LotaError(f"eval.tasks names {unknown}, which are not configured; known: {sorted(self.tasks)}")
 
 
+# stage config name (conf/<name>.yaml) -> its schema, registered as <name>_schema
+SCHEMAS = {"calibrate": CalibrateConfig, "extract": ExtractConfig, "sparse_train": SparseTrainConfig,
+           "lotto": LottoConfig, "merge": MergeConfig, "overlap": OverlapConfig, "eval": EvalConfig}
+
+
 def register_schemas() -> None:
     store = ConfigStore.instance()
-    for name, node in {
-        "calibrate": CalibrateConfig,
-        "extract": ExtractConfig,
-        "sparse_train": SparseTrainConfig,
-        "lotto": LottoConfig,
-        "merge": MergeConfig,
-        "overlap": OverlapConfig,
-        "eval": EvalConfig,
-    }.items():
+    for name, node in SCHEMAS.items():
         store.store(name=f"{name}_schema", node=node)

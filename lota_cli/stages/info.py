@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from rich.table import Table
 
-from lota_cli import LotaError
 from lota_cli.artifacts import Artifact
 from lota_cli.masks import count_bits, density_by_layer
 from lota_cli.progress import stderr
@@ -45,15 +43,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lota info", description=__doc__)
     parser.add_argument("files", nargs="+", help="artifact files (.safetensors)")
     parser.add_argument("--json", action="store_true", help="print JSON on stdout instead of tables on stderr")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     args = parser.parse_args(argv)
-    try:
-        infos = [describe(Artifact(f)) for f in args.files]
-    except LotaError as err:
-        print(f"lota info: error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        print(f"lota info: error: {err.strerror or err}: {err.filename or ''}", file=sys.stderr)
-        return 1
+    infos = [describe(Artifact(f)) for f in args.files]  # errors: one line, from the CLI
     if args.json:
         print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
     else:

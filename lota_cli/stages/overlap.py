@@ -3,7 +3,8 @@
 For every pair: intersection, union, Jaccard index and, when both carry values, the fraction of shared
 entries whose signs agree; over the whole model and per layer. Masks and sparse deltas hold their stored
 positions, task vectors their nonzero entries. A tensor one artifact lacks counts as holding nothing there.
-Streams tensor by tensor, reading each input's tensor once for all pairs.
+Streams tensor by tensor, reading each input's tensor once for all pairs. Writes out/overlap.json (the
+tables go to stderr) and prints its path, like every stage.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import itertools
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -95,14 +95,10 @@ def run(cfg: OverlapConfig, out: Path) -> list[Path]:
                                 "per_layer": {layer: s.as_dict() for layer, s in layers.items()}})
     _print_tables(inputs, result)
 
-    # stdout carries the JSON itself, not a path as for other stages: run() prints it and returns [] so the
-    # CLI adds nothing; the same JSON is also kept as out/overlap.json. It goes to the process's real stdout
-    # (sys.__stdout__) because the CLI points sys.stdout at stderr while a stage runs, against printing libraries.
-    text = json.dumps(result, indent=2)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "overlap.json").write_text(text + "\n")
-    print(text, file=sys.__stdout__ or sys.stdout, flush=True)
-    return []
+    path = out / "overlap.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return [path]
 
 
 def _fmt(value: float | None, percent: bool = False) -> str:
