@@ -54,8 +54,8 @@ class Checkpointer:
         self.out, self.depends, self.keep, self.engine = out, depends, keep, engine
         self.trainable, self.optimizer, self.schedule = trainable, optimizer, schedule
 
-    def restore(self, resume) -> tuple[int, list[float]]:
-        """(first step to run, losses so far): (0, []) for a fresh run."""
+    def restore(self, resume, steps: int) -> tuple[int, list[float]]:
+        """(first step to run, losses so far) of a run of `steps` steps: (0, []) for a fresh run."""
         path = resume_point(resume, self.out)
         if path is None:
             return 0, []
@@ -63,7 +63,7 @@ class Checkpointer:
         self.engine.restore(path, state, self.trainable, self.optimizer)
         self.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d", path, state["step"])
+        log.info("resumed from %s at step %d of %d", path, state["step"], steps)
         return state["step"], list(state["losses"])
 
     def _read(self, path: Path) -> dict:

@@ -109,7 +109,7 @@ def train(model: nn.Module, trainable: dict[str, nn.Parameter], examples: list[E
     # loop: accelerate's wrapper would step it once per process.
     schedule = make_schedule(optimizer, tcfg, steps)
     checkpoints = Checkpointer(out, depends, tcfg.keep_checkpoints, engine, trainable, optimizer, schedule)
-    start, losses = checkpoints.restore(cfg.resume)
+    start, losses = checkpoints.restore(cfg.resume, steps)
     out.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(out, acc, tcfg.log_every, steps)
     world, rank, params = acc.num_processes, acc.process_index, list(trainable.values())

@@ -1,9 +1,17 @@
-"""Shared fixtures: a tiny Llama saved to disk and loaded back through the real loading path, and the
-shared data sets (read in place from ../shared/data, never copied)."""
+"""Shared fixtures: a tiny Llama saved to disk and loaded back through the real loading path, and the data
+the tests train and evaluate on.
+
+Most tests only need rows of the right shape, so the suite generates them (scripts/synthetic_tasks.py, the
+demo's tasks) into a session tmp dir: `arith` is GSM8K-shaped (question / answer ending in `#### N`),
+`reverse` is Alpaca-shaped (instruction / input / output). Only tests of the real GSM8K and Alpaca files read
+the shared data sets (in place from ../shared/data, never copied; LOTA_SHARED_DATA points elsewhere, e.g. at
+a missing directory to check that the suite runs without them); they skip when those files are absent."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,22 +20,41 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import synthetic_tasks  # noqa: E402
+
+SHARED = Path(os.environ.get("LOTA_SHARED_DATA") or ROOT.parent / "shared" / "data")
 GSM8K_TRAIN = SHARED / "gsm8k" / "train.jsonl"
 GSM8K_TEST = SHARED / "gsm8k" / "test.jsonl"
 ALPACA = SHARED / "alpaca" / "alpaca_5000.json"
+needs_shared_data = pytest.mark.skipif(
+    not (GSM8K_TRAIN.is_file() and GSM8K_TEST.is_file() and ALPACA.is_file()),
+    reason=f"the real GSM8K / Alpaca files are not in {SHARED} (../shared/data, or $LOTA_SHARED_DATA)")
+
+# The generated files, {"arith_train": path, "arith_test", "reverse_train", "reverse_test"}; filled in by the
+# session fixture `data` before any test runs, so that plain helpers such as tiny_overrides can use them.
+DATA: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Generated task files: 2000 train and 200 test rows each of `arith` and `reverse` (a fraction of a second)."""
+    DATA.update(synthetic_tasks.write(tmp_path_factory.mktemp("data"), n_train=2000, n_test=200))
+    return DATA
 
 
 def make_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama with a byte-level BPE tokenizer trained on GSM8K questions, saved as a HF directory."""
+    """A 2-layer Llama with a byte-level BPE tokenizer trained on the generated tasks' text, saved as a HF
+    directory."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     texts = []
-    with open(GSM8K_TRAIN) as f:
-        for _, line in zip(range(2000), f):
-            texts.append(line)
+    for name in ("arith_train", "reverse_train"):
+        with open(DATA[name]) as f:
+            texts += [" ".join(json.loads(line).values()) for line in f]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -47,16 +74,16 @@ def make_tiny_model(directory: Path, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    if not GSM8K_TRAIN.is_file():
-        pytest.skip(f"shared data not found at {SHARED}")
+def tiny_model(data, tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def tiny_overrides(model: Path, out: Path, **extra) -> list[str]:
-    """Hydra overrides for a fast run of a training stage on the tiny model over the shared GSM8K files."""
+    """Hydra overrides for a fast run of a training stage (task gsm8k, the default) on the tiny model over the
+    generated GSM8K-shaped files."""
     args = {
-        "model.path": str(model), "task.data_files": str(GSM8K_TRAIN), "task.eval_data_files": str(GSM8K_TEST),
+        "model.path": str(model), "task.data_files": str(DATA["arith_train"]),
+        "task.eval_data_files": str(DATA["arith_test"]),
         "task.max_examples": 64, "task.max_length": 128, "train.max_steps": 6, "train.batch_size": 4,
         "train.lr": 3e-3, "train.log_every": 1, "train.warmup_steps": 0, "out": str(out),
     }

@@ -21,7 +21,8 @@ from lota_cli.artifacts import Artifact
 from lota_cli.config import ExtractConfig, ExtractOptions
 from lota_cli.masks import unpack_bits
 from lota_cli.stages import extract
-from test_pipeline import ENV, lota, model_weights, paths
+from lota_cli.testing import OFFLINE_ENV, lota, paths
+from test_pipeline import model_weights
 
 pytestmark = pytest.mark.dist
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -64,7 +65,7 @@ def launch(engine: str, *lota_args) -> list[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    env = {**OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
     if engine == "ddp":
         flags, env["ACCELERATE_USE_CPU"] = ["--multi_gpu"], "true"
     else:
@@ -125,7 +126,7 @@ def test_engine_errors_are_one_line(monkeypatch):
 
 def test_deepspeed_batch_follows_train_config():
     from lota_cli.config import DistConfig, TrainConfig, TrainStageConfig
-    from lota_cli.dist import deepspeed_config
+    from lota_cli.engines import deepspeed_config
 
     cfg = TrainStageConfig(out="x", train=TrainConfig(batch_size=8, grad_accum=3, max_grad_norm=None),
                            dist=DistConfig(engine="zero3", offload_optimizer=True))

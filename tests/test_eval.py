@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ALPACA, GSM8K_TEST
+from conftest import ALPACA, DATA, GSM8K_TEST, GSM8K_TRAIN, needs_shared_data
 from lota_cli import LotaError
 from lota_cli.evaluation import extract_number, generate, nll, rouge_l, same_answer
+from lota_cli.testing import lota
 
 GSM8K_PATTERN = r"####\s*([-\d,\.]+)"
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,24 +167,20 @@ def _task_vector(tiny_model: Path, path: Path, base_fingerprint: str | None = No
 def _eval_config(tiny_model: Path, out: Path, **options):
     from lota_cli.config import EvalConfig, EvalOptions, ModelConfig, TaskConfig
 
-    gsm8k = TaskConfig(name="gsm8k", eval_data_files=str(GSM8K_TEST), max_length=384)
+    gsm8k = TaskConfig(name="gsm8k", eval_data_files=str(DATA["arith_test"]), max_length=384)
     opts = dict(tasks=["gsm8k"], max_examples=8, max_new_tokens=16)
     opts.update(options)
     return EvalConfig(out=str(out), model=ModelConfig(path=str(tiny_model)), tasks={"gsm8k": gsm8k},
                       eval=EvalOptions(**opts))
 
 
-def test_cli_eval_then_compare_with_a_delta(tiny_model, tmp_path):
+def test_cli_eval_then_compare_with_a_delta(tiny_model, tmp_path, data):
     from lota_cli.stages.eval import run
 
     out = tmp_path / "base"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "lota"), "eval", f"model.path={tiny_model}", "eval.tasks=[gsm8k,alpaca]",
-         f"tasks.gsm8k.eval_data_files={GSM8K_TEST}", f"tasks.alpaca.data_files={ALPACA}",
-         "eval.max_examples=8", "eval.max_new_tokens=16", f"out={out}"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = lota("eval", f"model.path={tiny_model}", "eval.tasks=[gsm8k,alpaca]",
+                f"tasks.gsm8k.eval_data_files={data['arith_test']}", f"tasks.alpaca.data_files={data['reverse_train']}",
+                "eval.max_examples=8", "eval.max_new_tokens=16", f"out={out}", cwd=ROOT, timeout=300)
     assert proc.stdout == f"{out / 'results.json'}\n"
     before = json.loads((out / "results.json").read_text())
     gsm8k, alpaca = before["tasks"]["gsm8k"], before["tasks"]["alpaca"]
@@ -235,3 +230,43 @@ def test_model_dir_replaces_the_model(tiny_model, tmp_path):
     results = json.loads(path.read_text())
     assert results["model"] == str(tiny_model)
     assert set(results["tasks"]["gsm8k"]) == {"nll", "ppl", "n"}  # no generation: NLL only
+
+
+# --------------------------------------------------------------------------- the real data sets
+
+def _stock_task(name: str, **files):
+    """A task as conf/task/NAME.yaml ships it, reading local files instead of the hub."""
+    from omegaconf import OmegaConf
+
+    from lota_cli.cli import CONF_DIR
+    from lota_cli.config import TaskConfig
+
+    return TaskConfig(**{**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "task" / f"{name}.yaml")), **files})
+
+
+@needs_shared_data
+def test_stock_tasks_fit_the_real_gsm8k_and_alpaca_files(tiny_model, tmp_path):
+    """The rest of the suite runs on generated look-alikes; this checks the shipped gsm8k and alpaca tasks
+    against the real files: every GSM8K reference has the answer exact match scores, Alpaca's holdout splits
+    it, the prompts render (Alpaca's `input` is often empty), and the eval stage scores both."""
+    from lota_cli.config import EvalConfig, EvalOptions, ModelConfig
+    from lota_cli.data import load_rows, render
+    from lota_cli.stages.eval import run
+
+    gsm8k = _stock_task("gsm8k", data_files=str(GSM8K_TRAIN), eval_data_files=str(GSM8K_TEST))
+    for purpose, n in (("train", 7473), ("eval", 1319)):
+        rows = load_rows(gsm8k, purpose)
+        assert len(rows) == n
+        assert all(extract_number(row["answer"], gsm8k.answer_pattern) is not None for row in rows), purpose
+    alpaca = _stock_task("alpaca", data_files=str(ALPACA))
+    train, held_out = load_rows(alpaca, "train"), load_rows(alpaca, "eval")
+    assert (len(train), len(held_out)) == (5000 - alpaca.holdout, alpaca.holdout)
+    assert any(not r["input"] for r in train) and all(render(alpaca.prompt, r) for r in train)
+
+    cfg = EvalConfig(out=str(tmp_path), model=ModelConfig(path=str(tiny_model)),
+                     tasks={"gsm8k": gsm8k, "alpaca": alpaca},
+                     eval=EvalOptions(tasks=["gsm8k", "alpaca"], max_examples=4, max_new_tokens=8))
+    [path] = run(cfg, tmp_path)
+    scores = json.loads(path.read_text())["tasks"]
+    assert scores["gsm8k"]["n"] == scores["alpaca"]["n"] == 4
+    assert 0.0 <= scores["gsm8k"]["exact_match"] <= 1.0 and 0.0 <= scores["alpaca"]["rouge_l"] <= 1.0

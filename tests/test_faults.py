@@ -31,17 +31,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GSM8K_TRAIN, tiny_overrides
-from lota_cli import LotaError, cli
+from conftest import DATA, tiny_overrides
+from lota_cli import LotaError, cli, testing
 from lota_cli.artifacts import Artifact, library_versions, save_sparse
 from lota_cli.masks import encode_positions, pack_bits
 
 ROOT = Path(__file__).resolve().parents[1]
-LOTA = [sys.executable, "-m", "lota_cli"]
 # One thread everywhere: the tiny model gains nothing from more, a busy machine makes OpenMP threads spin (10x
 # slower), and bitwise comparisons between this process and the subprocesses need the same thread count.
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ENV = {**testing.OFFLINE_ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 STEPS = 12  # long enough to be killed between checkpoints (train.save_every=2), short enough to be cheap
 
 
@@ -95,8 +93,8 @@ class Interrupted:
     def __init__(self, stage: str, args: list[str], sig: int, trigger: str, log: Path):
         self.args, self.log = args, log
         with open(log, "w") as f:
-            self.proc = subprocess.Popen([*LOTA, stage, *args], stdout=subprocess.DEVNULL, stderr=f, env=ENV,
-                                         cwd=ROOT)
+            self.proc = subprocess.Popen(testing.command(stage, *args), stdout=subprocess.DEVNULL, stderr=f,
+                                         env=ENV, cwd=ROOT)
         self.watcher = subprocess.Popen([sys.executable, "-c", WATCHER, str(self.proc.pid), str(int(sig)), trigger])
 
     def result(self) -> Result:
@@ -254,7 +252,7 @@ def test_unreadable_artifact_and_data_file(runs, tiny_model, tmp_path, make_unre
     tv = tmp_path / "tv.safetensors"
     shutil.copy(runs["cal_a"], tv)
     data = tmp_path / "train.jsonl"
-    shutil.copy(GSM8K_TRAIN, data)
+    shutil.copy(DATA["arith_train"], data)
     make_unreadable(tv)
     make_unreadable(data)
     refused(lota("extract", f"extract.task_vector={tv}", f"out={tmp_path / 'e'}"), "extract",
@@ -323,14 +321,15 @@ def test_every_single_bit_flip_in_a_header_is_refused(tmp_path):
     assert accepted == []
 
 
-def test_info_refuses_damaged_files_in_one_line(runs, tmp_path, capsys):
-    from lota_cli.stages.info import main as info
-
+def test_info_refuses_damaged_files_in_one_line(runs, tmp_path):
     path = tmp_path / "tv.safetensors"
     path.write_bytes(runs["cal_a"].read_bytes()[:-1])
-    assert info([str(path)]) == 1
-    err = capsys.readouterr().err.strip()
+    result = lota("info", path)
+    err = result.stderr.strip()
+    assert result.code == 1 and result.stdout == ""
     assert err.startswith("lota info: error: ") and "\n" not in err and "truncated" in err
+    with pytest.raises(LotaError, match="truncated"):  # --debug: the exception itself, for its traceback
+        lota("info", path, "--debug")
 
 
 # --------------------------------------------------------------------------- artifacts that do not fit

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,9 +14,9 @@ from lota_cli.artifacts import Artifact, save_dense, save_sparse, stage_meta
 from lota_cli.config import MergeConfig, ModelConfig
 from lota_cli.masks import encode_positions, pack_bits
 from lota_cli.stages import merge as merge_stage
+from lota_cli.testing import lota
 
 ROOT = Path(__file__).resolve().parents[1]
-LOTA = str(ROOT / ".venv" / "bin" / "lota")
 FP = "a" * 64  # base fingerprint of the hand-built artifacts that need no model
 
 
@@ -194,10 +193,6 @@ def test_sum_of_disjoint_sparse_deltas_equals_applying_them_in_turn(tmp_path, ba
 
 # --------------------------------------------------------------------------- the CLI
 
-def lota_merge(*args):
-    return subprocess.run([LOTA, "merge", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=120)
-
-
 @pytest.mark.parametrize("case", ["base", "shape", "missing"])
 def test_merge_refuses_mismatched_inputs(tmp_path, case):
     names = ["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"]
@@ -213,7 +208,7 @@ def test_merge_refuses_mismatched_inputs(tmp_path, case):
     b = write_sparse(tmp_path / "b.safetensors", other, fp)
 
     out = tmp_path / "out"
-    result = lota_merge(a, b, f"out={out}")
+    result = lota("merge", a, b, f"out={out}", check=False, cwd=ROOT, timeout=120)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -232,8 +227,8 @@ def test_merge_to_a_model_equals_base_plus_both_deltas(tmp_path, base):
     a = write_sparse(tmp_path / "a.safetensors", da, fp, model_cfg)
     b = write_dense(tmp_path / "b.safetensors", db, fp, model_cfg)
 
-    result = lota_merge(a, b, "method=sum", f"output_model={tmp_path / 'merged'}", f"out={tmp_path / 'out'}")
-    assert result.returncode == 0, result.stderr
+    result = lota("merge", a, b, "method=sum", f"output_model={tmp_path / 'merged'}", f"out={tmp_path / 'out'}",
+                  cwd=ROOT, timeout=120)
     assert result.stdout.strip() == str(tmp_path / "merged")
     assert "Jaccard" in result.stderr and "sign conflicts" in result.stderr
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from lota_cli import LotaError, merging
 from lota_cli.artifacts import Artifact, save_dense, stage_meta
 from lota_cli.config import MergeConfig
 from lota_cli.stages import merge as merge_stage
+from lota_cli.testing import lota
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,9 +195,8 @@ def test_the_other_checks_remain():
 
 
 def test_the_cli_prints_the_refusal_on_one_line(tmp_path):
-    result = subprocess.run([str(ROOT / ".venv" / "bin" / "lota"), "merge", "a.safetensors", "method=sum",
-                             "density=0.5", f"out={tmp_path / 'out'}"], capture_output=True, text=True, cwd=ROOT,
-                            timeout=120)
+    result = lota("merge", "a.safetensors", "method=sum", "density=0.5", f"out={tmp_path / 'out'}", check=False,
+                  cwd=ROOT, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == ("lota merge: error: density=0.5 only applies to method=ties, dare or magnitude, "
                                      "not method=sum; drop density or use one of those methods")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,9 @@ from lota_cli.artifacts import save_dense, save_sparse, stage_meta
 from lota_cli.config import OverlapConfig
 from lota_cli.masks import encode_positions, pack_bits
 from lota_cli.stages import overlap as overlap_stage
+from lota_cli.testing import lota, paths
 
 ROOT = Path(__file__).resolve().parents[1]
-LOTA = str(ROOT / ".venv" / "bin" / "lota")
 FP = "a" * 64
 L0, L1 = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
 
@@ -80,20 +79,24 @@ def check_trio(result: dict, m, s, t) -> None:
     assert [i["entries"] for i in result["inputs"]] == [5, 6, 5]
 
 
+def run_overlap(inputs, out: Path) -> dict:
+    """The stage in-process: it returns the one file it wrote; its JSON is the result."""
+    assert overlap_stage.run(OverlapConfig(inputs=list(map(str, inputs)), out=str(out)), out) == [out / "overlap.json"]
+    return json.loads((out / "overlap.json").read_text())
+
+
 def test_overlap_by_hand(tmp_path, trio, capfd):
-    assert overlap_stage.run(OverlapConfig(inputs=list(map(str, trio)), out=str(tmp_path)), tmp_path / "out") == []
+    result = run_overlap(trio, tmp_path / "out")
     captured = capfd.readouterr()
-    result = json.loads(captured.out)  # the real stdout (fd 1) holds the JSON and nothing else
-    assert json.loads((tmp_path / "out" / "overlap.json").read_text()) == result
+    assert captured.out == ""  # the stage itself prints nothing on stdout (the CLI prints the path)
     assert "Jaccard" in captured.err  # the table
     check_trio(result, *trio)
 
 
-def test_a_missing_tensor_holds_nothing(tmp_path, capfd):
+def test_a_missing_tensor_holds_nothing(tmp_path):
     a = write(tmp_path / "a.safetensors", "task_vector", {L0: dense({0: 1, 1: 2}), L1: dense({0: 1})})
     b = write(tmp_path / "b.safetensors", "sparse_delta", {L0: dense({1: 3})})
-    overlap_stage.run(OverlapConfig(inputs=[str(a), str(b)], out=str(tmp_path)), tmp_path / "out")
-    [pair] = json.loads(capfd.readouterr().out)["pairs"]
+    [pair] = run_overlap([a, b], tmp_path / "out")["pairs"]
     # layer 0: {1} shared of {0, 1}; layer 1: b holds nothing, a holds {0} -> Jaccard 0, agreement undefined
     assert pair["per_layer"]["layer 1"] == {"entries_a": 1, "entries_b": 0, "intersection": 0, "union": 1,
                                             "jaccard": 0.0, "sign_agreement": None}
@@ -112,19 +115,17 @@ def test_overlap_refuses_another_base_or_shape(tmp_path):
         overlap_stage.run(OverlapConfig(inputs=[str(a)], out=str(tmp_path)), tmp_path / "out")
 
 
-def test_cli_prints_only_json_on_stdout(tmp_path, trio):
-    result = subprocess.run([LOTA, "overlap", *map(str, trio), f"out={tmp_path / 'out'}"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert result.returncode == 0, result.stderr
-    check_trio(json.loads(result.stdout), *trio)
+def test_cli_prints_only_the_path_on_stdout(tmp_path, trio):
+    result = lota("overlap", *trio, f"out={tmp_path / 'out'}", cwd=ROOT, timeout=120)
+    assert paths(result) == [tmp_path / "out" / "overlap.json"]
+    check_trio(json.loads((tmp_path / "out" / "overlap.json").read_text()), *trio)
     assert "per layer" in result.stderr
 
 
-def test_layers_in_numeric_order(tmp_path, capfd):
+def test_layers_in_numeric_order(tmp_path):
     names = [f"model.layers.{i}.mlp.up_proj.weight" for i in (10, 2, 1)]
     a = write(tmp_path / "a.safetensors", "mask", {n: dense({0: 1}) for n in names})
     b = write(tmp_path / "b.safetensors", "mask", {n: dense({1: 1}) for n in names})
-    overlap_stage.run(OverlapConfig(inputs=[str(a), str(b)], out=str(tmp_path)), tmp_path / "out")
-    [pair] = json.loads(capfd.readouterr().out)["pairs"]
+    [pair] = run_overlap([a, b], tmp_path / "out")["pairs"]
     assert list(pair["per_layer"]) == ["layer 1", "layer 2", "layer 10"]
     assert pair["jaccard"] == 0.0

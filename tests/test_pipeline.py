@@ -1,37 +1,19 @@
-"""The CLI end to end on the tiny model over the shared GSM8K / Alpaca files:
+"""The CLI end to end on the tiny model over generated GSM8K- and Alpaca-shaped files:
 calibrate -> extract -> sparse-train, then a LoTTO chain, with the invariants the method rests on."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ALPACA, GSM8K_TRAIN, tiny_overrides
+from conftest import tiny_overrides
 from lota_cli.artifacts import Artifact
 from lota_cli.masks import unpack_bits
-
-LOTA = [sys.executable, "-m", "lota_cli"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-
-
-def lota(*args, check=True) -> subprocess.CompletedProcess:
-    result = subprocess.run([*LOTA, *map(str, args)], capture_output=True, text=True, env=ENV)
-    if check and result.returncode != 0:
-        raise AssertionError(f"lota {args[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result
-
-
-def paths(result) -> list[Path]:
-    lines = result.stdout.strip().splitlines()
-    assert all(Path(line).exists() for line in lines), f"stdout must hold only written paths: {result.stdout!r}"
-    return [Path(line) for line in lines]
+from lota_cli.testing import lota, paths
 
 
 def model_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -95,10 +77,10 @@ def test_sparse_trained_model_differs_from_base_only_inside_the_mask(pipeline, t
             assert not changed.any(), name
 
 
-def test_lotto_chain_of_three_tasks_has_disjoint_masks(pipeline, tiny_model):
+def test_lotto_chain_of_three_tasks_has_disjoint_masks(pipeline, tiny_model, data):
     root = pipeline["root"]
     b = lota("lotto", *tiny_overrides(tiny_model, root / "lotto_b", **{
-        "task": "alpaca", "task.data_files": ALPACA, "task.eval_data_files": "null",
+        "task": "alpaca", "task.data_files": data["reverse_train"], "task.eval_data_files": "null",
         f"lotto.previous": f"[{pipeline['delta']}]", "save_model": "true"}))
     delta_b, model_b = paths(b)
     assert "overlap with" in b.stderr and ": 0 entries" in b.stderr

@@ -1,0 +1,103 @@
+"""The one CLI path: --help per stage, --version, presets for every stage with a model and a task, debug in any
+spelling Hydra reads as true, one-line errors from composition and from running, and the out= lock."""
+
+from __future__ import annotations
+
+import fcntl
+
+import pytest
+
+from lota_cli import __version__
+from lota_cli.cli import LOCK_FILE, STAGES
+from lota_cli.testing import lota, paths
+
+HYDRA_STAGES = [name for name in STAGES if name != "info"]
+
+
+def test_version():
+    assert lota("--version").stdout.strip() == f"lota {__version__}"
+
+
+@pytest.mark.parametrize("stage", HYDRA_STAGES)
+def test_help_names_the_stage_and_lists_only_its_keys(stage):
+    text = lota(stage, "--help").stdout
+    first = text.splitlines()[0]
+    assert first == f"lota {stage}: {STAGES[stage].does}" and "powered by Hydra" not in text
+    assert f"writes: {STAGES[stage].writes}" in text
+    keys = [line.split()[0] for line in text.split("keys (current value, meaning):\n")[1].splitlines()
+            if line.startswith("  ")]
+    assert "out" in keys and "debug" in keys
+    trains = stage in ("calibrate", "sparse-train", "lotto")
+    assert ("train.lr" in keys) == trains and ("dist.engine" in keys) == trains
+    assert ("model.path" in keys) == (trains or stage == "eval")
+    assert "train" not in " ".join(keys) or trains  # a preset's training settings are not listed for eval
+    if stage == "extract":
+        assert "config groups" not in text and "extract.sparsity" in keys
+    for line in text.split("keys (current value, meaning):\n")[1].splitlines():
+        if line.startswith("  ") and not line.startswith("  tasks.NAME"):
+            assert len(line.split(None, 2)) == 3, f"a key without a value or meaning: {line!r}"
+
+
+def test_help_shows_overridden_values_and_merge_methods():
+    text = lota("calibrate", "train.lr=0.25", "--help").stdout
+    assert any(line.split()[:2] == ["train.lr", "0.25"] for line in text.splitlines())
+    merge = lota("merge", "--help").stdout
+    for method in ("sum", "task_arithmetic", "ties", "dare", "magnitude"):
+        assert any(line.split()[:1] == [method] for line in merge.split("methods:\n")[1].splitlines())
+
+
+@pytest.mark.parametrize("stage", ["calibrate", "sparse-train", "lotto", "eval"])
+def test_preset_composes_for_every_stage_with_a_model_and_a_task(stage):
+    job = lota(stage, "conf=gsm8k", "--cfg", "job").stdout
+    assert "name: gsm8k" in job and "HuggingFaceTB/SmolLM2-135M-Instruct" in job
+
+
+def test_eval_evaluates_the_chosen_task(tiny_model, data, tmp_path):
+    """task=NAME in eval takes the task.* overrides a training stage takes, and is what eval.tasks defaults to."""
+    (results,) = paths(lota("eval", f"model.path={tiny_model}", "task=alpaca",
+                            f"task.eval_data_files={data['reverse_test']}", "eval.max_examples=2",
+                            "eval.generate=false", f"out={tmp_path}"))
+    import json
+
+    tasks = json.loads(results.read_text())["tasks"]
+    assert list(tasks) == ["alpaca"] and tasks["alpaca"]["n"] == 2
+
+
+@pytest.mark.parametrize("spelling", ["true", "True", "yes", "1"])
+def test_debug_in_any_spelling_shows_the_traceback(spelling, tmp_path):
+    failed = lota("extract", "no_such_key=1", f"debug={spelling}", f"out={tmp_path}", check=False)
+    assert failed.returncode == 1 and "Traceback" in failed.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["no_such_key=1"], "Key 'no_such_key' not in 'ExtractConfig'"),  # composition
+    (["extract.sparsity=2", "extract.task_vector=x"], "extract.sparsity=2.0 must be strictly between 0 and 1"),  # schema
+    (["extract.task_vector=/no/such/file"], "artifact not found: /no/such/file"),  # the stage itself
+])
+def test_every_failure_is_one_line(args, says, tmp_path):
+    failed = lota("extract", *args, f"out={tmp_path / 'out'}", check=False)
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert lines[-1].startswith("lota extract: error: ") and says in lines[-1], failed.stderr
+    assert not any(line.startswith(("Error executing job", "Traceback")) for line in lines), failed.stderr
+
+
+def test_a_second_command_on_the_same_out_refuses(tiny_model, tmp_path):
+    """While one run holds out/.lota.lock, another given the same out= refuses in one line naming the first and
+    writes nothing; once the first ends (the lock is an flock, so also when it is killed) the out is free."""
+    out = tmp_path / "run"
+    calibrate = ["calibrate", f"model.path={tiny_model}", "task.data_files=x", f"out={out}"]
+    out.mkdir()
+    with open(out / LOCK_FILE, "w") as holder:
+        holder.write("`lota calibrate` (pid 12345, started 2026-12-01 10:00:00)\n")
+        holder.flush()
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        failed = lota(*calibrate, check=False)
+        assert failed.returncode == 1
+        assert failed.stderr.strip().splitlines()[-1] == (
+            f"lota calibrate: error: out={out} is in use by `lota calibrate` (pid 12345, started 2026-12-01 "
+            "10:00:00); wait for it to finish or choose another out=")
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # the refused run wrote nothing there
+    # released: the next command gets past the lock (and fails on its missing data file instead)
+    again = lota(*calibrate, check=False)
+    assert again.returncode == 1 and "in use by" not in again.stderr and "task.data_files" in again.stderr
