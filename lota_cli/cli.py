@@ -198,13 +198,25 @@ def _holds_lock() -> bool:
             and os.environ.get("MACHINE_RANK", "0") == "0")
 
 
+def _locked_out(args: list[str]) -> Path | None:
+    """The output directory to lock: an `out=` given on the command line, when the stage will run (not for
+    --cfg, --info, --help). A sweep locks its root, the jobs' parent. The default out holds the start time, so
+    two runs share it only if started in the same second; an interpolated out= is not locked."""
+    if any(a in ("--cfg", "-c", "--info", "-i", "--hydra-help") or a.startswith("--cfg=") for a in args):
+        return None
+    values = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("out=")]
+    if not values or "${" in values[-1]:
+        return None
+    return Path(values[-1].strip("'\"")).resolve()
+
+
 @contextlib.contextmanager
-def exclusive(out: Path, stage: str):
+def exclusive(out: Path | None, stage: str):
     """Hold out/.lota.lock while the stage runs, so a second command given the same out= refuses at once
     instead of overwriting the first one's checkpoints. An flock: a killed run leaves no stale lock."""
     import fcntl
 
-    if not _holds_lock():
+    if out is None or not _holds_lock():
         yield
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -265,11 +277,10 @@ def run_stage(stage: str, args: list[str]) -> None:
             # reported here too, not only around hydra.main: Hydra would print its own line for a failed job
             with reported(stage):
                 try:
-                    with exclusive(out, stage):
-                        if isinstance(cfg, TrainStageConfig) and _launch_if_needed(cfg, stage, out, raw_out):
-                            return
-                        with contextlib.redirect_stdout(sys.stderr):  # libraries that print (DeepSpeed)
-                            written = module.run(cfg, out)
+                    if isinstance(cfg, TrainStageConfig) and _launch_if_needed(cfg, stage, out, raw_out):
+                        return
+                    with contextlib.redirect_stdout(sys.stderr):  # libraries that print (DeepSpeed logs there)
+                        written = module.run(cfg, out)
                     succeeded = True
                 finally:
                     _end_processes(succeeded)
@@ -278,7 +289,8 @@ def run_stage(stage: str, args: list[str]) -> None:
 
         sys.argv = [f"lota {stage}", *args]
         os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; `reported` prints one line
-        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=spec.module)(task)()
+        with exclusive(_locked_out(args), stage):  # before Hydra writes out/.hydra and out/lota.log
+            hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=spec.module)(task)()
 
 
 # --------------------------------------------------------------------------- --help
