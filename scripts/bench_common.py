@@ -123,10 +123,10 @@ def measure(fn, *args, **kwargs) -> tuple[object, dict]:
 # --------------------------------------------------------------------------- child processes
 
 def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    """The offline environment every lota run from a script gets (lota_cli.testing), plus the bench's threads."""
+    from lota_cli.testing import OFFLINE_ENV
+
+    env = dict(OFFLINE_ENV)
     if THREADS.get("n"):  # torch's (OpenMP) intra-op threads in every child, including the CLIs they start
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(THREADS["n"])
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
