@@ -4,7 +4,6 @@ move."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
