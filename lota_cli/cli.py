@@ -172,7 +172,8 @@ def _launch_if_needed(cfg, stage: str, out: Path, raw_out: str) -> bool:
     """Start the stage's processes through `accelerate launch` when cfg.dist asks for them; True if it did.
 
     The processes get this job's overrides and its resolved `out` (whose default holds the time, which would
-    differ between processes); their main process prints the paths. A failed launch exits with its status.
+    differ between processes); their main process prints the paths. A failed launch is a LotaError naming the
+    failed process, and how to resume.
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -185,9 +186,7 @@ def _launch_if_needed(cfg, stage: str, out: Path, raw_out: str) -> bool:
     if not dist.needs_launch(cfg):
         return False
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("out=")]
-    status = dist.launch(cfg, [stage, *overrides, f"out={_quote(str(out))}"])
-    if status != 0:
-        raise SystemExit(status)
+    dist.launch(cfg, [stage, *overrides, f"out={_quote(str(out))}"], out)
     return True
 
 

@@ -25,9 +25,13 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
+import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -78,10 +82,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cfg: TrainStageConfig, lota_args: list[str]) -> int:
-    """Run `accelerate launch <flags from cfg.dist> -m lota_cli <lota_args>`; returns its exit status.
+def launch(cfg: TrainStageConfig, lota_args: list[str], out: Path) -> None:
+    """Run `accelerate launch <flags from cfg.dist> -m lota_cli <lota_args>`; a LotaError if it fails.
 
-    The processes re-read the same overrides, so each builds the engine from cfg.dist (make_accelerator);
+    The processes re-read the same overrides, so each builds the engine from cfg.dist (engines.make_engine);
     the launcher only starts them: torchrun-style, which DeepSpeed needs even for one process.
     """
     d = cfg.dist
@@ -107,9 +111,56 @@ def launch(cfg: TrainStageConfig, lota_args: list[str]) -> int:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // d.num_processes))
     cmd += ["-m", "lota_cli", *lota_args]
     log.info("launching %d processes (%s): %s", d.num_processes, d.engine, " ".join(cmd))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr_lines: list[str] = []
     # The main process prints the written paths on stdout; the launcher itself may print there too (DeepSpeed
     # logs to stdout), so only lines naming written files are passed on to stdout, the rest to stderr.
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout.splitlines():
-        print(line, file=sys.stdout if line and Path(line).exists() else sys.stderr, flush=True)
-    return proc.returncode
+    # stderr is passed on as it comes, and kept to tell afterwards which process failed and how.
+    threads = [threading.Thread(target=_forward, args=(proc.stdout, _stdout_or_stderr, None), daemon=True),
+               threading.Thread(target=_forward, args=(proc.stderr, lambda line: sys.stderr, stderr_lines),
+                                daemon=True)]
+    for thread in threads:
+        thread.start()
+    status = proc.wait()
+    for thread in threads:
+        thread.join()
+    if status != 0:
+        raise LotaError(failure(stderr_lines, status, out))
+
+
+def _stdout_or_stderr(line: str):
+    return sys.stdout if line.strip() and Path(line.strip()).exists() else sys.stderr
+
+
+def _forward(stream, destination, keep: list[str] | None) -> None:
+    for line in stream:
+        print(line, end="", file=destination(line), flush=True)
+        if keep is not None:
+            keep.append(line)
+
+
+def failure(stderr_lines: list[str], status: int, out: Path) -> str:
+    """One line for a failed multi-process run: the failing rank and how it failed (torch elastic's report
+    names its root cause), its own error line if it printed one, and for a process that died the newest
+    checkpoint and the command that resumes from it."""
+    text = "".join(stderr_lines)
+    root = text[text.find("Root Cause"):] if "Root Cause" in text else ""
+    rank = re.search(r"rank\s*:\s*(\d+)", root)
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
+    exitcode = int(code.group(1)) if code else status
+    own = [line.strip() for line in stderr_lines if line.startswith("lota ") and ": error: " in line]
+    if exitcode >= 0 and own:  # a process stopped on an error lota explains (bad input, a NaN loss, a signal)
+        return own[0].split(": error: ", 1)[1]
+    who = f"process rank {rank.group(1)}" if rank else "a process"
+    if exitcode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"was killed by signal {-exitcode}"
+    else:
+        how = f"exited with status {exitcode}"
+    checkpoints = sorted(out.glob("**/checkpoints/step-*/state.pt"), key=lambda p: p.stat().st_mtime)
+    newest = str(checkpoints[-1].parent) if checkpoints else "none (set train.save_every=N to keep some)"
+    args = [a for a in sys.argv[1:] if not a.lstrip("+").startswith("resume=")]
+    command = shlex.join(["lota", *sys.argv[0].split()[1:], *args, "resume=true"])
+    return f"{who} {how}; newest checkpoint: {newest}; resume with: {command}"

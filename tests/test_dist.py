@@ -134,3 +134,43 @@ def test_deepspeed_batch_follows_train_config():
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 3, 24)
     assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=needs_deepspeed)])
+def test_a_killed_rank_ends_the_run_with_how_to_resume(engine, tiny_model, tmp_path):
+    """SIGKILL to rank 1 mid-run: the command exits non-zero within 60 s, and its last stderr line names the rank,
+    the signal, the newest checkpoint and the command that resumes."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from lota_cli import testing
+
+    out = tmp_path / "run"
+    args = overrides(tiny_model, out, **{"dist": engine, "dist.num_processes": 2, "train.max_steps": 100000,
+                                          "train.save_every": 1, "train.log_every": 1000})
+    proc = subprocess.Popen(testing.command("calibrate", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**testing.OFFLINE_ENV, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("checkpoints/step-*/state.pt")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.5)
+        rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "lota_cli" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+        assert len(rank1) == 1
+        killed_at = time.monotonic()
+        os.kill(rank1[0].pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+    assert proc.returncode != 0 and time.monotonic() - killed_at < 60
+    last = err.strip().splitlines()[-1]
+    newest = sorted(out.glob("checkpoints/step-*"))[-1]
+    assert last.startswith("lota calibrate: error: process rank 1 was killed by SIGKILL; "), last
+    assert f"newest checkpoint: {newest}; resume with: lota calibrate " in last and last.endswith(" resume=true")
