@@ -374,7 +374,22 @@ def _show(value) -> str:
 
 # --------------------------------------------------------------------------- entry point
 
+def return_freed_memory() -> None:
+    """Make glibc give large freed blocks (>= 1 MiB) back to the OS at once. Its default threshold grows to
+    32 MiB after the first large free, after which weight-sized temporaries (a sparse layer's merged weight,
+    a dense gradient) freed during a step stay in the heap: one LoTA step of a 226M-weight Llama peaked at
+    3,076 MiB with the default and 2,300 with this. No-op where the C library has no mallopt."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
+    return_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

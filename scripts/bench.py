@@ -8,6 +8,8 @@ Parts (each measurement runs in a fresh child process, so peak RSS is that call'
   artifacts  bytes per parameter of masks and sparse deltas vs a dense bf16 task vector
   merge      lota merge (sum, ties) of two SmolLM2-135M deltas vs mergekit on the equivalent models
   eval       tokens/s of teacher-forced NLL and batched greedy generation vs one-at-a-time generate
+  memory     one step of LoTA vs FFT on a weights-dominated Llama (226M selected): peak RSS in float32 and
+             bfloat16, bytes saved for backward, and lota sparse-train vs a forward-only lota eval
 
 Figures are ratios of runs made in the same invocation (alternated where noise matters); absolute times
 are context only. The table is printed and written as JSON to {out}/bench.json.
@@ -29,7 +31,7 @@ from bench_common import THREADS, Figure, child_main, fmt, log  # noqa: E402
 
 DEFAULTS = {
     "out": "runs/bench",
-    "parts": ["extract", "artifacts", "train", "merge", "eval"],
+    "parts": ["extract", "artifacts", "train", "merge", "eval", "memory"],
     "tmp": None,  # where the large temporary files go (default: the system temp dir)
     # torch intra-op threads in every measured process (null: torch's default, one per core). 1 by default:
     # on a shared 2-core machine the second OpenMP thread waits on other jobs and makes torch ops 5-20x
@@ -42,9 +44,11 @@ DEFAULTS = {
               "rounds": 2},
     "merge": {"methods": ["sum", "ties"], "density": 0.2, "mergekit": True, "rounds": 1},
     "eval": {"prompts": 16, "new_tokens": 32, "batch": 16},
+    "memory": {"dtypes": ["float32", "bfloat16"], "batch": 1, "seq": 32, "sparsity": 0.9, "cli": True,
+               "cli_tokens": 160},
 }
 PARTS = {"extract": "bench_extract", "artifacts": "bench_artifacts", "train": "bench_train",
-         "merge": "bench_merge", "eval": "bench_eval"}
+         "merge": "bench_merge", "eval": "bench_eval", "memory": "bench_memory"}
 
 
 def machine(threads) -> dict:

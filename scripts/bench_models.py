@@ -45,9 +45,23 @@ def smollm2_dir(cfg) -> str:
     return str(directory.resolve())
 
 
-def load(name: str, smollm2: str | None):
-    """(model, tokenizer or None): 'smollm2' from the cached directory, 'tiny' a 4-layer Llama from a config."""
+# A random Llama whose selected (attention + MLP) weights dominate memory: 8 layers, hidden 1536, MLP 4096 hold
+# 226M selected weights beside 49M of embeddings (Llama's default vocabulary of 32,000).
+LARGE = {"vocab_size": 32000, "hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 8,
+         "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 2048,
+         "tie_word_embeddings": False}
+
+
+def load(name: str, smollm2: str | None, dtype: str = "float32"):
+    """(model, tokenizer or None): 'smollm2' from the cached directory, 'tiny' a 4-layer Llama from a config,
+    'large' the LARGE Llama built directly in `dtype` (no float32 copy first, which would set the peak)."""
     import torch
+
+    if name == "large":
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(LlamaConfig(**LARGE), dtype=getattr(torch, dtype)), None
 
     if name == "smollm2":
         from lota_cli.config import ModelConfig

@@ -26,9 +26,29 @@ def state_bytes(trainable: dict, optimizer, model, method: str) -> dict:
             "total": grads + optim + values + index}
 
 
+def saved_bytes(model, fn) -> int:
+    """Bytes autograd saves for backward while `fn()` runs its forward: distinct storages that are not the
+    model's own parameters or buffers (those stay resident whatever autograd keeps)."""
+    import torch
+
+    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in resident:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def train_steps(model: str, method: str, batch: int, seq: int, steps: int, sparsity: float,
-                smollm2: str | None) -> dict:
-    """Child: `steps` timed optimizer steps (after one warm-up) of FFT or LoTA on one fixed batch."""
+                smollm2: str | None, dtype: str = "float32") -> dict:
+    """Child: `steps` timed optimizer steps (after one warm-up) of FFT or LoTA on one fixed batch; the warm-up
+    step also counts the bytes saved for backward."""
     import time
 
     import torch
@@ -36,11 +56,13 @@ def train_steps(model: str, method: str, batch: int, seq: int, steps: int, spars
     from bench_common import PeakRSS, status
     from bench_models import load
     from lota_cli import loop, sparse
+    from lota_cli.cli import return_freed_memory
     from lota_cli.config import OptimConfig, ParamsConfig, TrainConfig
     from lota_cli.masks import k_for
     from lota_cli.models import select_params
 
-    net, _ = load(model, smollm2)
+    return_freed_memory()  # as every lota process does at start
+    net, _ = load(model, smollm2, dtype)
     names = select_params(net, ParamsConfig())
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, net.config.vocab_size, (batch, seq), generator=gen)
@@ -63,11 +85,17 @@ def train_steps(model: str, method: str, batch: int, seq: int, steps: int, spars
             trainable = sparse.attach(net, positions)
         params = list(trainable.values())
         optimizer = loop.make_optimizer(params, tcfg, ocfg)
-        times, state = [], None
+        times, state, saved = [], None, 0
+
+        def forward_backward():
+            (loop.token_nll_sum(net, data) / targets).backward()
+
         for step in range(steps + 1):
             start = time.perf_counter()
-            nll = loop.token_nll_sum(net, data)
-            (nll / targets).backward()
+            if step == 0:
+                saved = saved_bytes(net, forward_backward)
+            else:
+                forward_backward()
             torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
             optimizer.step()
             elapsed = time.perf_counter() - start
@@ -76,9 +104,11 @@ def train_steps(model: str, method: str, batch: int, seq: int, steps: int, spars
             optimizer.zero_grad(set_to_none=True)
             if step:  # the first step allocates the optimizer state: warm-up
                 times.append(elapsed)
+    selected = [net.get_parameter(n) for n in names]
     return {"times": times, "state": state, "rss_peak": rss.peak, "rss_extra": rss.extra,
-            "rss_loaded": rss_loaded, "trained": sum(p.numel() for p in params),
-            "selected": sum(net.get_parameter(n).numel() for n in names)}
+            "rss_loaded": rss_loaded, "trained": sum(p.numel() for p in params), "saved": saved,
+            "selected": sum(p.numel() for p in selected),
+            "selected_bytes": sum(p.numel() * p.element_size() for p in selected)}
 
 
 def run(cfg) -> list[Figure]:
@@ -111,7 +141,7 @@ def run(cfg) -> list[Figure]:
             Figure(part, "sparse-train (LoTA) step, median", t_lota, "s",
                    note=f"{len(fft[0]['times']) * c.rounds} steps each after a warm-up, fresh process per round, "
                         "rounds alternated"),
-            Figure(part, "step time LoTA / FFT", t_lota / t_fft, "x", 1.10),
+            Figure(part, "step time LoTA / FFT", t_lota / t_fft, "x", 1.0),
             Figure(part, "training state, FFT", s_fft["total"], "B",
                    note=f"grads {s_fft['grads'] / 2**20:.0f} MiB + AdamW {s_fft['optimizer'] / 2**20:.0f} MiB"),
             Figure(part, "training state, LoTA", s_lota["total"], "B",
