@@ -55,3 +55,22 @@ def paths(result: subprocess.CompletedProcess) -> list[Path]:
     if stray:
         raise AssertionError(f"stdout must hold only written paths, one per line: {result.stdout!r}")
     return [Path(line) for line in lines]
+
+
+def saved_bytes(model, fn) -> int:
+    """Bytes autograd saves for backward while `fn()` runs (a forward, or forward + backward): distinct storages
+    that are not the model's own parameters or buffers, which stay resident whatever autograd keeps."""
+    import torch
+
+    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in resident:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())

@@ -26,25 +26,6 @@ def state_bytes(trainable: dict, optimizer, model, method: str) -> dict:
             "total": grads + optim + values + index}
 
 
-def saved_bytes(model, fn) -> int:
-    """Bytes autograd saves for backward while `fn()` runs its forward: distinct storages that are not the
-    model's own parameters or buffers (those stay resident whatever autograd keeps)."""
-    import torch
-
-    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in resident:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def train_steps(model: str, method: str, batch: int, seq: int, steps: int, sparsity: float,
                 smollm2: str | None, dtype: str = "float32") -> dict:
     """Child: `steps` timed optimizer steps (after one warm-up) of FFT or LoTA on one fixed batch; the warm-up
@@ -57,6 +38,7 @@ def train_steps(model: str, method: str, batch: int, seq: int, steps: int, spars
     from bench_models import load
     from lota_cli import loop, sparse
     from lota_cli.cli import return_freed_memory
+    from lota_cli.testing import saved_bytes
     from lota_cli.config import OptimConfig, ParamsConfig, TrainConfig
     from lota_cli.masks import k_for
     from lota_cli.models import select_params
