@@ -90,12 +90,24 @@ class TaskConfig:
 
 @dataclass
 class ParamsConfig:
-    """Which tensors a stage trains and selects from: 2-D weights whose names match include and not exclude."""
+    """Which tensors a stage trains and selects from: the tensors of 2 or more dimensions (weight matrices,
+    fused MoE expert stacks) whose names match include and not exclude."""
 
-    include: List[str] = opt(factory=lambda: [ATTN_MLP_WEIGHTS],
-                             help="regexes of tensor names to train and select (default: attention and MLP weights)")
-    exclude: List[str] = opt(factory=lambda: [r".*(norm|embed|lm_head).*"],
-                             help="regexes of tensor names never trained or selected")
+    # Default: the attention and MLP weight matrices, and the fused experts of MoE blocks, which transformers 5
+    # stores as 3-D tensors on one module, not as modules with a .weight: `mlp.experts.gate_up_proj`
+    # [experts, 2 x intermediate, hidden] and `mlp.experts.down_proj` [experts, hidden, intermediate]
+    # (Qwen3-MoE, Mixtral, ...; their `_bias` stacks stay out). Masks cover every entry of such a tensor,
+    # as flat row-major positions. The shared/dense parts of an MoE model are selected as in a dense one.
+    # Routers stay out (the MoE block's `mlp.gate.weight`, any `router`, Qwen2-MoE's `shared_expert_gate`):
+    # they are tiny, and moving them reroutes tokens, which changes which experts' entries matter (the mask
+    # was drawn under calibration's routing); they are also often kept in fp32.
+    include: List[str] = opt(factory=lambda: [ATTN_MLP_WEIGHTS, r".*\.experts\.\w*proj"],
+                             help="regexes of tensor names to train and select (default: attention and MLP "
+                                  "weights, and fused MoE experts)")
+    exclude: List[str] = opt(factory=lambda: [r".*(norm|embed|lm_head).*",
+                                              r".*(\.gate\.|router|shared_expert_gate).*"],
+                             help="regexes of tensor names never trained or selected (default: norms, "
+                                  "embeddings, lm_head and MoE routers)")
 
 
 @dataclass

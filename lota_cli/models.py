@@ -98,14 +98,18 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _matches(name: str, include: list, exclude: list) -> bool:
+    return any(r.fullmatch(name) for r in include) and not any(r.fullmatch(name) for r in exclude)
+
+
 def selected(shapes: dict[str, tuple[int, ...]], cfg: ParamsConfig) -> list[str]:
-    """Names of the 2-D tensors matching params.include and not params.exclude, in the given order."""
+    """Names of the tensors of 2 or more dimensions (weight matrices, 3-D stacks of fused MoE experts)
+    matching params.include and not params.exclude, in the given order. Vectors and scalars (biases, norm
+    scales, router biases) are never selected; a hand-made mask over one still trains (sparse.attach takes
+    any parameter)."""
     include = [re.compile(p) for p in cfg.include]
     exclude = [re.compile(p) for p in cfg.exclude]
-    names = [
-        name for name, shape in shapes.items()
-        if len(shape) == 2 and any(r.fullmatch(name) for r in include) and not any(r.fullmatch(name) for r in exclude)
-    ]
+    names = [name for name, shape in shapes.items() if len(shape) >= 2 and _matches(name, include, exclude)]
     if not names:
         sample = ", ".join(list(shapes)[:6])
         raise LotaError(f"no parameters match params.include={list(cfg.include)} (excluding {list(cfg.exclude)}); "
@@ -114,7 +118,61 @@ def selected(shapes: dict[str, tuple[int, ...]], cfg: ParamsConfig) -> list[str]
 
 
 def select_params(model: nn.Module, cfg: ParamsConfig) -> list[str]:
-    return selected({n: tuple(p.shape) for n, p in model.named_parameters()}, cfg)
+    """selected() over the model's parameters, refusing at once (before anything trains) a selection that
+    matches a tensor lota cannot train: a buffer, an integer tensor, tied weights (check_trainable)."""
+    include = [re.compile(p) for p in cfg.include]
+    exclude = [re.compile(p) for p in cfg.exclude]
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point() and buffer.dim() >= 2 and _matches(name, include, exclude):
+            raise LotaError(f"params.include matches {name!r}, a buffer of this model, not a parameter: it has no "
+                            "gradient and is not saved as a weight, so lota cannot train it; add it to "
+                            "params.exclude (or narrow params.include)")
+    names = selected({n: tuple(p.shape) for n, p in model.named_parameters()}, cfg)
+    check_trainable(model, names)
+    return names
+
+
+def check_trainable(model: nn.Module, names: list[str]) -> None:
+    """Refuse, with one line naming the tensor and the fix, a tensor lota cannot train:
+      - a buffer (no gradient, not a weight), or a name the model does not have;
+      - a tensor that is not floating point (quantized weights);
+      - a parameter shared by two modules (tied weights, e.g. embeddings tied to lm_head): a sparse delta
+        reaches the merged tensor only inside its owning module's forward, so the other use would compute
+        with the base (calibrate refuses it too: its task vector would pick entries sparse-train cannot train);
+      - a parameter held by a container whose forward is never called (nn.ParameterList / ParameterDict):
+        the owning module's forward is where sparse training merges the values in.
+    """
+    holders: dict[int, dict[int, str]] = {}  # id(parameter) -> id(module) -> one name for it there
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), {}).setdefault(id(module), f"{module_name}.{attr}".lstrip("."))
+    buffers = {n for n, _ in model.named_buffers()}
+    for name in names:
+        if name in buffers:
+            raise LotaError(f"tensor {name!r} is a buffer of this model, not a parameter: lota trains parameters "
+                            "only; leave it out (params.exclude, or a mask made without it)")
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            module = None
+        param = None if module is None else module._parameters.get(attr)
+        if param is None:
+            raise LotaError(f"this model has no parameter {name!r}; use artifacts made from this base model")
+        if not param.is_floating_point():
+            raise LotaError(f"tensor {name!r} is {str(param.dtype).removeprefix('torch.')}, not floating point "
+                            "(a quantized weight?): lota trains float weights; load the model unquantized "
+                            "(model.dtype=bfloat16) or add it to params.exclude")
+        others = [other for owner, other in holders.get(id(param), {}).items() if owner != id(module)]
+        if others:
+            raise LotaError(f"tensor {name!r} is the same parameter as {others[0]!r} (tied weights): a sparse "
+                            "delta would reach only one of its uses; add it to params.exclude, or untie the "
+                            "weights (tie_word_embeddings=false in the model's config.json) and train both")
+        if getattr(type(module), "forward", None) is nn.Module.forward:
+            raise LotaError(f"tensor {name!r} is held by a {type(module).__name__}, a container that is never "
+                            "called: lota trains a tensor inside the forward of the module that owns it; add "
+                            "it to params.exclude")
 
 
 def check_tensor(model: nn.Module, name: str, shape: tuple[int, ...], source: str) -> torch.Tensor:
@@ -122,6 +180,9 @@ def check_tensor(model: nn.Module, name: str, shape: tuple[int, ...], source: st
     try:
         param = model.get_parameter(name)
     except AttributeError:
+        if name in {n for n, _ in model.named_buffers()}:
+            raise LotaError(f"{source} has tensor {name!r}, which is a buffer of this model, not a parameter: lota "
+                            "trains and adds deltas to parameters only; use an artifact made without it") from None
         raise LotaError(f"{source} has tensor {name!r}, which this model does not have; it was made for another "
                         "architecture: use artifacts made from this base model") from None
     if tuple(param.shape) != tuple(shape):

@@ -44,12 +44,10 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return DATA
 
 
-def make_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama with a byte-level BPE tokenizer trained on the generated tasks' text, saved as a HF
-    directory."""
-    import torch
+def make_tokenizer():
+    """A byte-level BPE tokenizer (384 tokens, <pad> <s> </s>) trained on the generated tasks' text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     texts = []
     for name in ("arith_train", "reverse_train"):
@@ -61,7 +59,15 @@ def make_tiny_model(directory: Path, seed: int = 0) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def make_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama with make_tokenizer()'s tokenizer, saved as a HF directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
