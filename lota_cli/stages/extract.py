@@ -1,7 +1,7 @@
 """lota extract: a mask of the largest-magnitude entries of a task vector.
 
-Default: one global threshold over the selected tensors (attention and MLP weight matrices, fused MoE experts) keeping exactly
-k = round((1 - sparsity) * N) entries; extract.scope=per_tensor keeps that fraction of each tensor instead.
+Default: one global threshold over the selected tensors (attention and MLP weight matrices, fused MoE
+experts) keeping exactly k = round((1 - sparsity) * N) entries; extract.scope=per_tensor keeps that fraction of each tensor instead.
 Streams tensor by tensor from the memory-mapped artifact (see masks.top_k_mask).
 """
 
