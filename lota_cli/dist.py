@@ -5,7 +5,8 @@ Engines (conf/dist/<name>.yaml, chosen with `dist=<name>`):
   ddp     data parallel: every process holds the model, the trainable values and their optimizer state.
   zero2   DeepSpeed ZeRO-2: gradients and optimizer state of the trainable parameters are partitioned.
   zero3   DeepSpeed ZeRO-3: the parameters too, gathered module by module around its forward.
-  fsdp    refused (see check): zero3 gives the same sharding.
+  fsdp    torch FSDP2 (fully_shard per decoder layer and the root): every parameter, frozen or trained, its
+          gradient and optimizer state sharded over the processes; launched like ddp (engines.FullyShardedV2).
 
 Whatever the engine and the number of processes N, one optimizer step sees the same global batch of
 train.batch_size x train.grad_accum sequences: each micro-step's train.batch_size sequences are split into
@@ -17,6 +18,7 @@ Two ways to start N processes:
   accelerate launch --config_file my.yaml -m lota_cli calibrate ...
                                                          an existing accelerate set-up; with dist=single
                                                          the engine is the one that config chose
+                                                         (FSDP: version 2 only)
 """
 
 from __future__ import annotations
@@ -50,15 +52,20 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ or os.environ.get("LOTA_LAUNCHED") == "1"
 
 
+def uses_fsdp(cfg: TrainStageConfig) -> bool:
+    """dist=fsdp, or dist=single under a user's `accelerate launch --use_fsdp` (its config chose FSDP)."""
+    engine = cfg.dist.engine
+    return engine == "fsdp" or (engine == "single" and os.environ.get("ACCELERATE_USE_FSDP") == "true")
+
+
 def check(cfg: TrainStageConfig) -> None:
     """Refuse engine settings that cannot run, before anything is loaded or launched."""
     d = cfg.dist
-    if d.engine == "fsdp":
-        raise LotaError("dist=fsdp is not supported: FSDP flattens a layer's parameters into one shard that is "
-                        "either all frozen or all trained, while LoTA trains values next to frozen weights in the "
-                        "same layer; use dist=zero3 (the same parameter sharding) or dist=zero2")
+    if uses_fsdp(cfg):
+        _check_fsdp(cfg)
     if d.engine == "single" and d.num_processes > 1 and not launched():
-        raise LotaError(f"dist.num_processes={d.num_processes} needs an engine: dist=ddp, dist=zero2 or dist=zero3")
+        raise LotaError(f"dist.num_processes={d.num_processes} needs an engine: dist=ddp, dist=fsdp, dist=zero2 or "
+                        "dist=zero3")
     if cfg.train.batch_size % d.num_processes:
         raise LotaError(f"train.batch_size={cfg.train.batch_size} must be divisible by dist.num_processes="
                         f"{d.num_processes}: each process takes an equal share of every micro-batch")
@@ -68,6 +75,24 @@ def check(cfg: TrainStageConfig) -> None:
         raise LotaError("dist.offload_params=true needs dist=zero3 (only ZeRO-3 partitions the parameters)")
     if d.offload_optimizer and d.engine not in ZERO_STAGES:
         raise LotaError("dist.offload_optimizer=true needs dist=zero2 or dist=zero3")
+
+
+def _check_fsdp(cfg: TrainStageConfig) -> None:
+    """What lota's FSDP2 engine does not do, in dist.* or in a user's accelerate FSDP config (FSDP_* variables)."""
+    d, env = cfg.dist, os.environ
+    if d.engine == "single" and env.get("FSDP_VERSION", "1") != "2":
+        raise LotaError(f"your accelerate config chose FSDP version {env.get('FSDP_VERSION', '1')}, which shards a "
+                        "layer as one flat tensor that is either all frozen or all trained, while LoTA trains values "
+                        "next to frozen weights: set fsdp_version: 2 in it (or --fsdp_version 2), or use dist=zero3")
+    offload = ("dist.offload_params=true" if d.offload_params else "dist.offload_optimizer=true"
+               if d.offload_optimizer else "fsdp_offload_params in your accelerate config"
+               if env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true" else None)
+    if offload:
+        raise LotaError(f"{offload} is not supported with FSDP (lota's FSDP2 engine keeps shards and optimizer "
+                        "state on the devices): use dist=zero3 with dist.offload_params / dist.offload_optimizer")
+    if cfg.train.mixed_precision == "fp16":
+        raise LotaError("train.mixed_precision=fp16 is not supported with dist=fsdp (it would need a sharded "
+                        "gradient scaler): use bf16 or no")
 
 
 def needs_launch(cfg: TrainStageConfig) -> bool:
@@ -94,7 +119,7 @@ def launch(cfg: TrainStageConfig, lota_args: list[str], out: Path) -> None:
     env = {**os.environ, "LOTA_LAUNCHED": "1"}
     if d.engine in ZERO_STAGES:
         cmd += ["--use_deepspeed", "--zero_stage", str(ZERO_STAGES[d.engine])]
-    else:
+    else:  # ddp, and fsdp: lota shards with FSDP2 itself in each process (engines.FullyShardedV2)
         cmd += ["--multi_gpu"]
         if not torch.cuda.is_available():  # DDP over gloo; accelerate's --cpu alone would start one process
             env["ACCELERATE_USE_CPU"] = "true"

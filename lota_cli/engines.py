@@ -1,7 +1,10 @@
-"""Engines: the one place that knows how single-process, DDP and DeepSpeed ZeRO training differ.
+"""Engines: the one place that knows how single-process, DDP, FSDP2 and DeepSpeed ZeRO training differ.
 
   single, ddp    `Replicated`: every process holds the model, the trainable values and their optimizer state;
                  accelerate wraps the model in DDP when there are several processes.
+  fsdp           `FullyShardedV2`: torch's FSDP2 (`fully_shard` on each decoder layer and the root) shards every
+                 parameter, frozen or trained, its gradient and optimizer state over the processes, each one a
+                 DTensor; accelerate only runs the processes.
   zero2, zero3   `DeepSpeedZero`: DeepSpeed (through accelerate) partitions gradients and optimizer state
                  (zero2) and the parameters too (zero3); it keeps an fp32 master copy of what trains.
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -22,9 +26,11 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
+from lota_cli import LotaError
 from lota_cli.config import TrainStageConfig
-from lota_cli.dist import ZERO_STAGES, check
+from lota_cli.dist import ZERO_STAGES, check, uses_fsdp
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,9 @@ class Replicated:
 
     @torch.no_grad()
     def restore(self, checkpoint: Path, state: dict, trainable: dict[str, nn.Parameter], optimizer) -> None:
+        if "trainable" not in state:
+            raise LotaError(f"checkpoint {checkpoint} holds the shards of a partitioning engine (dist=fsdp, zero2 or "
+                            "zero3), not replicated state: resume it with the dist= it was written with")
         for name, param in trainable.items():
             param.copy_(state["trainable"][name])
         optimizer.load_state_dict(state["optimizer"])
@@ -171,6 +180,153 @@ def _whole_model_loading(accelerator):
         accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
+class FullyShardedV2(Replicated):
+    """FSDP2: `fully_shard` on each decoder layer (the model's `_no_split_modules`) and on the root, so every
+    parameter, gradient and optimizer state is a DTensor sharded on dim 0 over the processes. It shards each
+    parameter on its own, so a frozen weight and the trainable values beside it in one layer are fine, unlike
+    FSDP1's one flat shard per layer. A layer's parameters are gathered around its forward and backward;
+    gradients are reduce-scattered after every micro-step's backward (sharded accumulation, no whole gradient
+    kept). The model is not handed to accelerate (which would wrap it in DDP); the optimizer is.
+
+    fully_shard replaces the module's parameters with new (DTensor) ones: the stages and the loop keep the
+    parameters they had before prepare, so every method here maps those to the sharded ones (`_sharded`), and
+    their old storage is released. Under bf16 the sharded parameters stay in their own dtype (fp32 values:
+    the master copy) and are gathered in bf16, gradients reduced in fp32 (MixedPrecisionPolicy)."""
+
+    def __init__(self, accelerator, mixed_precision: str):
+        super().__init__(accelerator)
+        self.mixed_precision = mixed_precision
+        self.mesh = None
+        self._sharded: dict[int, nn.Parameter] = {}
+
+    def _param(self, param: nn.Parameter) -> nn.Parameter:
+        return self._sharded.get(id(param), param)
+
+    def prepare(self, model: nn.Module, optimizer):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        acc = self.accelerator
+        # a second prepare (lotto's sparse phase): drop the earlier model's shards and optimizer state first
+        self._sharded, self._before, self.optimizer = {}, [], None
+        if self.mesh is None:
+            self.mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if self.mixed_precision == "bf16" else MixedPrecisionPolicy())
+        before = dict(model.named_parameters())
+        layer_types = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+        layers = [m for m in model.modules() if type(m).__name__ in layer_types]
+        for layer in layers + [model]:
+            old = dict(layer.named_parameters())
+            fully_shard(layer, mesh=self.mesh, mp_policy=policy)
+            new = dict(layer.named_parameters())
+            for name, p in old.items():  # release the whole copy (moved to the device by fully_shard)
+                if new[name] is not p and not isinstance(p, DTensor):
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        log.info("FSDP2: %d %s layers and the root sharded over %d processes", len(layers),
+                 "/".join(sorted(layer_types)) or "(no decoder)", acc.num_processes)
+        after = dict(model.named_parameters())
+        self._before = list(before.values())  # keeps their ids valid as keys
+        self._sharded = {id(p): after[name] for name, p in before.items()}
+        for group in optimizer.param_groups:
+            group["params"] = [self._param(p) for p in group["params"]]
+        self.optimizer = optimizer
+        return model, acc.prepare(optimizer)
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float | None) -> float:
+        """torch's clip_grad_norm_ on the sharded gradients: the norm over all shards (a collective)."""
+        norm = torch.nn.utils.clip_grad_norm_([self._param(p) for p in params], max_norm or float("inf"))
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+    def checkpoint_state(self, trainable: dict[str, nn.Parameter], optimizer) -> dict:
+        return {"fsdp_processes": self.accelerator.num_processes}  # each process writes its shard (save_shards)
+
+    def _shard_file(self, directory: Path, rank: int) -> Path:
+        return directory / f"fsdp-shard-{rank:05d}-of-{self.accelerator.num_processes:05d}.pt"
+
+    def save_shards(self, directory: Path) -> None:
+        """This process's shard of the trainable values and of their optimizer state, as plain tensors (read
+        back with weights_only=True), in the optimizer's parameter order."""
+        acc = self.accelerator
+        acc.wait_for_everyone()  # the main process has made `directory`
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {i: {k: _local(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
+        torch.save({"values": [_local(p.detach()).clone() for p in params], "optimizer": optimizer},
+                   self._shard_file(directory, acc.process_index))
+        acc.wait_for_everyone()
+
+    @torch.no_grad()
+    def restore(self, checkpoint: Path, state: dict, trainable: dict[str, nn.Parameter], optimizer) -> None:
+        from lota_cli.checkpoints import first_line
+
+        written, now = state.get("fsdp_processes"), self.accelerator.num_processes
+        if written is None:
+            raise LotaError(f"checkpoint {checkpoint} was not written by dist=fsdp: resume it with the dist= it was "
+                            "written with")
+        if written != now:
+            raise LotaError(f"checkpoint {checkpoint} holds the FSDP shards of {written} processes, this run has "
+                            f"{now}: resume it with dist=fsdp dist.num_processes={written}")
+        path = self._shard_file(checkpoint, self.accelerator.process_index)
+        try:
+            shard = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as err:
+            raise LotaError(f"cannot read checkpoint shard {path}: {first_line(err)}; delete {checkpoint} to "
+                            "resume from an older one") from err
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for param, local in zip(params, shard["values"], strict=True):
+            _local(param).copy_(local)
+        for i, entry in shard["optimizer"]["state"].items():  # per-entry state (Adam's m, v) back to DTensors
+            param = params[int(i)]
+            for key, value in entry.items():
+                if isinstance(param, DTensor) and value.shape == _local(param).shape and value.dim() > 0:
+                    entry[key] = DTensor.from_local(value.to(_local(param).device), param.device_mesh,
+                                                    param.placements, shape=param.shape, stride=param.stride())
+        self.optimizer.load_state_dict(shard["optimizer"])
+
+    def full_fp32(self, param: nn.Parameter) -> torch.Tensor:
+        """The whole parameter gathered from its shards (a collective, in the same order on every process)."""
+        param = self._param(param).detach()
+        return (param.full_tensor() if isinstance(param, DTensor) else param).float()
+
+    @torch.no_grad()
+    def write_entries(self, param: nn.Parameter, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Writes the entries that fall in this process's shard (rows start..start + rows of dim 0); the sharded
+        parameter is the one the optimizer steps and the one gathered for the next forward."""
+        param = self._param(param)
+        if not isinstance(param, DTensor):
+            return super().write_entries(param, index, values)
+        local = _local(param)
+        start, per_row = _shard_start(param), math.prod(param.shape[1:])
+        lo, hi = start * per_row, (start + local.shape[0]) * per_row
+        index = index.to(local.device).long()
+        inside = (index >= lo) & (index < hi)
+        local.view(-1)[index[inside] - lo] = values.to(local.device, local.dtype)[inside]
+
+    def model_for_export(self, model: nn.Module, load_fresh: Callable[[], nn.Module]) -> nn.Module:
+        """A fresh copy from disk: the engine's module is sharded."""
+        return load_fresh()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view sharing its storage); any other tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _shard_start(param) -> int:
+    """The first dim-0 row of this process's shard: FSDP2 chunks dim 0 like torch.chunk (ceil-sized, the
+    last shards short or empty)."""
+    if tuple(param.placements) != (Shard(0),):
+        raise LotaError(f"internal error: an FSDP parameter is sharded as {param.placements}, expected Shard(0)")
+    rows, world = param.shape[0], param.device_mesh.size()
+    chunk = -(-rows // world)
+    start = min(param.device_mesh.get_local_rank() * chunk, rows)
+    if _local(param).shape[0] != min(chunk, rows - start):
+        raise LotaError(f"internal error: FSDP shard of {tuple(param.shape)} has {_local(param).shape[0]} rows "
+                        f"at row {start}")
+    return start
+
+
 # --------------------------------------------------------------------------- building one
 
 def mixed_precision(setting: str) -> str:
@@ -211,7 +367,8 @@ def _quiet_deepspeed() -> None:
 
 def make_engine(cfg: TrainStageConfig, out: Path) -> Replicated:
     """The engine for cfg.dist in this process: DeepSpeed when dist=zero2/zero3 (or a user's accelerate
-    config chose it), otherwise whatever the launcher set up (DDP for several processes, nothing for one).
+    config chose it), FSDP2 when dist=fsdp (or a user's accelerate config chose FSDP version 2) on several
+    processes, otherwise whatever the launcher set up (DDP for several processes, nothing for one).
     Batch, accumulation and clipping always follow train.*, also under a user's accelerate / DeepSpeed config."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
@@ -222,6 +379,11 @@ def make_engine(cfg: TrainStageConfig, out: Path) -> Replicated:
     if "LOCAL_RANK" in os.environ:  # launched by accelerate / torchrun
         backend = cfg.dist.backend or ("nccl" if torch.cuda.is_available() else "gloo")
         handlers.append(InitProcessGroupKwargs(backend=backend))
+    fsdp = uses_fsdp(cfg)
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        # lota shards with fully_shard itself (FullyShardedV2), or runs the engine named in dist=: accelerate
+        # is to run plain processes and must not wrap the model (in its own FSDP, or in DDP: see prepare)
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
     if cfg.dist.engine in ZERO_STAGES:
         _quiet_deepspeed()
         # zero3_init_flag off: models load whole and ZeRO-3 partitions them at prepare (see _whole_model_loading)
@@ -239,6 +401,8 @@ def make_engine(cfg: TrainStageConfig, out: Path) -> Replicated:
     accelerator.gradient_accumulation_steps = cfg.train.grad_accum  # an accelerate config's value would win
     own = accelerator.state.deepspeed_plugin
     if own is None:
+        if fsdp and accelerator.num_processes > 1:  # (on one process there is nothing to shard)
+            return FullyShardedV2(accelerator, mixed_precision(cfg.train.mixed_precision))
         return Replicated(accelerator)
     if plugin is None:  # DeepSpeed from the user's config: lota's train.* still rule the step
         own.deepspeed_config.update(batch_settings(cfg, accelerator.num_processes))

@@ -1,7 +1,9 @@
-"""Training stages on 2 processes (DDP, DeepSpeed ZeRO-2 and ZeRO-3, over gloo on CPUs) against 1 process at
-the same global batch: the same artifacts to float tolerance, frozen entries bitwise the base's, and only
+"""Training stages on 2 processes (DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3, over gloo on CPUs) against 1 process
+at the same global batch: the same artifacts to float tolerance, frozen entries bitwise the base's, and only
 the main process prints. The 1-process reference runs are shared by the engines; calibrate goes through
-lota's own launch (dist=...), sparse-train through `accelerate launch -m lota_cli` (a user's launcher)."""
+lota's own launch (dist=...), sparse-train through `accelerate launch -m lota_cli` (a user's launcher).
+FSDP2 also: lotto, a bitwise resume from a checkpoint of shards; and two "machines" (two lota commands on
+this one) for ddp and fsdp."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
@@ -20,6 +23,7 @@ from lota_cli import LotaError
 from lota_cli.artifacts import Artifact
 from lota_cli.config import ExtractConfig, ExtractOptions
 from lota_cli.masks import unpack_bits
+from lota_cli import testing
 from lota_cli.stages import extract
 from lota_cli.testing import OFFLINE_ENV, lota, paths
 from test_pipeline import model_weights
@@ -27,7 +31,7 @@ from test_pipeline import model_weights
 pytestmark = pytest.mark.dist
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="deepspeed is not installed (make install adds it)")
-ENGINES = ["ddp", pytest.param("zero2", marks=needs_deepspeed), pytest.param("zero3", marks=needs_deepspeed)]
+ENGINES = ["ddp", "fsdp", pytest.param("zero2", marks=needs_deepspeed), pytest.param("zero3", marks=needs_deepspeed)]
 # global batch 4 x 2: two micro-batches per step, each split 2 + 2 over the processes
 SMALL = {"task.max_examples": 32, "train.max_steps": 3, "train.batch_size": 4, "train.grad_accum": 2}
 # Adam divides by sqrt(v): entries with tiny gradients amplify the float rounding of a different reduction order
@@ -60,14 +64,20 @@ def reference(tiny_model, tmp_path_factory):
     return {"root": root, "task_vector": task_vector, "mask": mask, "delta": delta}
 
 
-def launch(engine: str, *lota_args) -> list[str]:
-    """`accelerate launch <engine flags> -m lota_cli ...`, as a user with their own launcher runs lota."""
+def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+        return str(s.getsockname()[1])
+
+
+def launch(engine: str, *lota_args) -> list[str]:
+    """`accelerate launch <engine flags> -m lota_cli ...`, as a user with their own launcher runs lota."""
+    port = free_port()
     env = {**OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
     if engine == "ddp":
         flags, env["ACCELERATE_USE_CPU"] = ["--multi_gpu"], "true"
+    elif engine == "fsdp":
+        flags, env["ACCELERATE_USE_CPU"] = ["--use_fsdp", "--fsdp_version", "2"], "true"
     else:
         flags = ["--use_deepspeed", "--zero_stage", engine[-1]]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
@@ -83,7 +93,7 @@ def test_two_processes_train_like_one(engine, reference, tiny_model, tmp_path):
     dist = {"dist": engine, "dist.num_processes": 2}
     cal = lota("calibrate", *overrides(tiny_model, tmp_path / "cal", **dist))
     assert cal.stdout == f"{tmp_path / 'cal' / 'task_vector.safetensors'}\n"  # the main process alone prints
-    # zero2: lota's engine under the user's launcher; ddp, zero3: the engine the launcher set up (dist=single)
+    # zero2: lota's engine under the user's launcher; ddp, fsdp, zero3: the engine the launcher set up (dist=single)
     delta, model_dir = launch(engine, "sparse-train", *overrides(tiny_model, tmp_path / "st", **{
         "sparse_train.mask": reference["mask"], "save_model": "true", "train.weight_decay": 0.1,
         **({"dist": "zero2"} if engine == "zero2" else {})}))
@@ -106,16 +116,133 @@ def test_two_processes_train_like_one(engine, reference, tiny_model, tmp_path):
             assert not changed.any(), name
 
 
+
+def bits(artifact: Artifact, name: str):
+    return unpack_bits(artifact.bits(name), artifact.numel(name))
+
+
+def test_fsdp_lotto_trains_like_one_process(reference, tiny_model, tmp_path):
+    """LoTTO under FSDP2: calibration restores the earlier adapter's entries after every step, each process in
+    its own shard (Engine.write_entries), so the new mask drawn from it is the 1-process one, bitwise; the new
+    delta agrees to tolerance, and the saved chain model is the 1-process one outside the new mask, bitwise."""
+    args = {"lotto.previous": f"[{reference['delta']}]", "save_model": "true"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    lota("lotto", *overrides(tiny_model, one, **args))
+    result = lota("lotto", *overrides(tiny_model, two, **args, **{"dist": "fsdp", "dist.num_processes": 2}))
+    assert paths(result) == [two / "sparse_delta.safetensors", two / "model"]  # the main process alone prints
+
+    mask_one, mask_two = load_file(one / "mask.safetensors"), load_file(two / "mask.safetensors")
+    assert mask_one.keys() == mask_two.keys() and all(mask_one[k].equal(mask_two[k]) for k in mask_one)
+    delta_diff = max_abs_diff(one / "sparse_delta.safetensors", two / "sparse_delta.safetensors")
+    print(f"\nfsdp lotto: 2 vs 1 process, max abs difference: sparse delta {delta_diff:.2e}")
+    assert delta_diff < TOLERANCE["sparse_delta"]
+    for phase in ("calibrate", "sparse-train"):
+        assert losses(two / phase) == pytest.approx(losses(one / phase), rel=1e-5)
+
+    base, chain_one, chain_two = (model_weights(d) for d in (tiny_model, one / "model", two / "model"))
+    earlier, new = Artifact(reference["delta"]), Artifact(two / "sparse_delta.safetensors")
+    for name, weight in base.items():
+        outside = ~bits(new, name) if name in new.meta.shapes else torch.ones(weight.numel(), dtype=torch.bool)
+        assert chain_two[name].reshape(-1)[outside].equal(chain_one[name].reshape(-1)[outside]), name
+        if name in earlier.meta.shapes:
+            outside &= ~bits(earlier, name)
+        assert chain_two[name].reshape(-1)[outside].equal(weight.reshape(-1)[outside]), name
+
+
+def test_fsdp_resumes_bitwise_from_its_shards(reference, tiny_model, tmp_path):
+    """A 2-process FSDP2 sparse-train resumed from its step-1 checkpoint (each process's shard of the values and
+    of AdamW's state, beside state.pt) writes the uninterrupted run's delta, bitwise."""
+    args = {"dist": "fsdp", "dist.num_processes": 2, "sparse_train.mask": reference["mask"],
+            "train.weight_decay": 0.1}
+    (whole,) = paths(lota("sparse-train", *overrides(tiny_model, tmp_path / "whole", **args,
+                                                     **{"train.save_every": 1})))
+    step1 = tmp_path / "whole" / "checkpoints" / "step-00000001"
+    assert sorted(p.name for p in step1.iterdir()) == [
+        "fsdp-shard-00000-of-00002.pt", "fsdp-shard-00001-of-00002.pt", "state.pt"]
+    result = lota("sparse-train", *overrides(tiny_model, tmp_path / "resumed", **args, resume=step1))
+    (resumed,) = paths(result)
+    assert f"resumed from {step1} at step 1 of 3" in result.stderr
+    assert max_abs_diff(whole, resumed) == 0.0
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")[1:]
+
+
+def test_a_checkpoint_resumes_only_under_its_engine():
+    from types import SimpleNamespace
+
+    from lota_cli.engines import FullyShardedV2, Replicated
+
+    fsdp = FullyShardedV2(SimpleNamespace(num_processes=4), "no")
+    with pytest.raises(LotaError, match=r"holds the FSDP shards of 2 processes, this run has 4: resume it with "
+                                        r"dist=fsdp dist.num_processes=2"):
+        fsdp.restore(Path("ck"), {"fsdp_processes": 2}, {}, None)
+    with pytest.raises(LotaError, match="was not written by dist=fsdp"):
+        fsdp.restore(Path("ck"), {"trainable": {}, "optimizer": {}}, {}, None)
+    with pytest.raises(LotaError, match="holds the shards of a partitioning engine"):
+        Replicated(None).restore(Path("ck"), {"fsdp_processes": 2}, {}, None)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_machines_train_like_one(engine, reference, tiny_model, tmp_path):
+    """Two lota commands on this machine as two machines of one process each (MACHINE_RANK 0 and 1, MASTER_ADDR,
+    MASTER_PORT; dist.num_processes=2 counts both machines' processes), sharing out: both exit 0, machine 0 alone
+    prints, and the task vector is the 1-process one."""
+    out, port = tmp_path / "cal", free_port()
+    args = overrides(tiny_model, out, **{"dist": engine, "dist.num_processes": 2, "dist.num_machines": 2})
+    procs, logs = [], []
+    for rank in (0, 1):
+        stdout, stderr = open(tmp_path / f"stdout{rank}", "w+"), open(tmp_path / f"stderr{rank}", "w+")
+        logs.append((stdout, stderr))
+        procs.append(subprocess.Popen(testing.command("calibrate", *args), stdout=stdout, stderr=stderr, text=True,
+                                      env={**OFFLINE_ENV, "OMP_NUM_THREADS": "1", "MACHINE_RANK": str(rank),
+                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}))
+    try:
+        for proc in procs:
+            proc.wait(timeout=600)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    printed = []
+    for proc, (stdout, stderr) in zip(procs, logs):
+        stdout.seek(0), stderr.seek(0)
+        printed.append(stdout.read())
+        assert proc.returncode == 0, stderr.read()[-3000:]
+    assert printed == [f"{out / 'task_vector.safetensors'}\n", ""]  # machine 0's main process alone
+    tv_diff = max_abs_diff(reference["task_vector"], out / "task_vector.safetensors")
+    print(f"\n{engine}: 2 machines vs 1 process, max abs difference: task vector {tv_diff:.2e}")
+    assert tv_diff < TOLERANCE["task_vector"]
+    assert losses(out) == pytest.approx(losses(reference["root"] / "cal"), rel=1e-5)
+
 def test_engine_errors_are_one_line(monkeypatch):
     from lota_cli import dist
-    from lota_cli.config import DistConfig, TrainStageConfig
+    from lota_cli.config import DistConfig, TrainConfig, TrainStageConfig
 
     def cfg(**kw):
         return TrainStageConfig(out="x", dist=DistConfig(**kw))
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    with pytest.raises(LotaError, match="use dist=zero3"):
-        dist.check(cfg(engine="fsdp"))
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_OFFLOAD_PARAMS"):
+        monkeypatch.delenv(name, raising=False)
+    dist.check(cfg(engine="fsdp", num_processes=2))
+    for offload in ("offload_params", "offload_optimizer"):
+        with pytest.raises(LotaError, match=rf"^dist.{offload}=true is not supported with FSDP .*: use dist=zero3"):
+            dist.check(cfg(engine="fsdp", **{offload: True}))
+    with pytest.raises(LotaError, match="fp16 is not supported with dist=fsdp"):
+        dist.check(TrainStageConfig(out="x", dist=DistConfig(engine="fsdp"), train=TrainConfig(mixed_precision="fp16")))
+    # a user's `accelerate launch --use_fsdp`: its FSDP version 2 is lota's FSDP2 engine, version 1 is refused
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert dist.uses_fsdp(cfg()) and not dist.uses_fsdp(cfg(engine="ddp"))
+    dist.check(cfg())
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(LotaError, match="^fsdp_offload_params in your accelerate config is not supported"):
+        dist.check(cfg())
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(LotaError, match="chose FSDP version 1, .*: set fsdp_version: 2"):
+        dist.check(cfg())
+    dist.check(cfg(engine="ddp"))  # an engine named in dist= wins over the accelerate config
+    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_OFFLOAD_PARAMS"):
+        monkeypatch.delenv(name)
     with pytest.raises(LotaError, match="needs an engine"):
         dist.check(cfg(num_processes=2))
     monkeypatch.setattr(dist.importlib.util, "find_spec", lambda name: None)
@@ -145,8 +272,6 @@ def test_a_killed_rank_ends_the_run_with_how_to_resume(engine, tiny_model, tmp_p
     import time
 
     import psutil
-
-    from lota_cli import testing
 
     out = tmp_path / "run"
     args = overrides(tiny_model, out, **{"dist": engine, "dist.num_processes": 2, "train.max_steps": 100000,
