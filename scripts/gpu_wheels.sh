@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Wheels that scripts/gpu_check.sh needs on a GPU machine without network, whose python3 (CPython 3.12,
-# x86_64) already has PyTorch, transformers, accelerate, safetensors, rich and peft (and what those pull in:
-# numpy, packaging, psutil, pyyaml, tqdm, filelock, huggingface-hub, fsspec, typing-extensions).
+# x86_64) already has PyTorch, transformers, accelerate, safetensors, rich, peft, pandas and pyarrow (and what
+# those pull in: numpy, packaging, psutil, pyyaml, tqdm, filelock, huggingface-hub, fsspec, typing-extensions,
+# python-dateutil, six, tzdata). What it carries stays far below the 60 MiB a device call may take along.
 # Run here (with network); the wheels land in .whl/ (git-ignored), which goes along with the check.
 #
 #   lota's own:  hydra-core, omegaconf, antlr4-python3-runtime (the 4.9 that omegaconf 2.3 pins)
-#   datasets:    datasets, pyarrow, pandas, python-dateutil, six, tzdata, dill, multiprocess, xxhash, fsspec
+#   datasets:    datasets, dill, multiprocess, xxhash, fsspec
 #   deepspeed:   deepspeed (built here: PyPI has only its source; pure Python with DS_BUILD_OPS=0),
 #                hjson, ninja, msgpack, einops, py-cpuinfo, pydantic, pydantic-core, annotated-types,
 #                typing-inspection
@@ -18,7 +19,7 @@ mkdir -p "$DEST"
 
 BINARY=(
   hydra-core==1.3.8 omegaconf==2.3.1
-  datasets==5.2.0 pyarrow==26.0.1 pandas==3.1.1 python-dateutil six tzdata dill==0.4.1 multiprocess==0.70.19
+  datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
   xxhash==4.1.0 fsspec==2026.9.0
   hjson ninja msgpack einops py-cpuinfo pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection
 )
