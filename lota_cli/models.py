@@ -66,6 +66,23 @@ def load_model(cfg: ModelConfig):
     return model, tokenizer
 
 
+def skeleton(cfg: ModelConfig) -> nn.Module | None:
+    """The model's modules and parameter shapes without its weights (on the meta device, from its config
+    alone), so that names, shapes and what can train are checked in a second, before gigabytes of weights
+    load. None where the config cannot be built that way; the same checks then run on the loaded model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, gguf = _source(cfg)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                            **gguf)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # a missing or unusual model: load_model says what is wrong
+        log.debug("no skeleton of %s", cfg.path, exc_info=True)
+        return None
+
+
 @torch.no_grad()
 def _check_finite(model: nn.Module, path: str) -> None:
     """Refuse weights holding NaN or Inf: training would stop at its first step with a NaN loss and blame the

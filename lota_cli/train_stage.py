@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,14 +33,20 @@ class Run:
         return self.engine.is_main
 
 
-def setup(cfg: TrainStageConfig, out: Path) -> Run:
-    """Engine, seeded RNG, model + tokenizer, base fingerprint and encoded training examples."""
+def setup(cfg: TrainStageConfig, out: Path, check: Callable[[nn.Module], None] | None = None) -> Run:
+    """Engine, seeded RNG, model + tokenizer, base fingerprint and encoded training examples.
+
+    `check(model)` refuses inputs that do not fit the model (a mask's names and shapes, a selection lota
+    cannot train) on the model's weightless skeleton, before anything loads or is written; the stage checks
+    the loaded model again (which is all there is where no skeleton can be built)."""
     from accelerate.utils import set_seed
 
     from lota_cli.data import encode, load_rows
     from lota_cli.engines import make_engine
-    from lota_cli.models import fingerprint, load_model
+    from lota_cli.models import fingerprint, load_model, skeleton
 
+    if check is not None and (outline := skeleton(cfg.model)) is not None:
+        check(outline)
     out.mkdir(parents=True, exist_ok=True)
     engine = make_engine(cfg, out)
     if not engine.is_main:  # one process speaks; the others only warn

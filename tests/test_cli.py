@@ -101,3 +101,28 @@ def test_a_second_command_on_the_same_out_refuses(tiny_model, tmp_path):
     # released: the next command gets past the lock (and fails on its missing data file instead)
     again = lota(*calibrate, check=False)
     assert again.returncode == 1 and "in use by" not in again.stderr and "task.data_files" in again.stderr
+
+
+@pytest.mark.parametrize("name, shape, says", [
+    ("transformer.h.0.attn.c_attn.weight", (64, 192), "which this model does not have; it was made for another "
+                                                      "architecture"),
+    ("model.layers.0.self_attn.q_proj.weight", (32, 64), "is [32, 64] but the model's is [64, 64]"),
+])
+def test_a_mask_that_does_not_fit_is_refused_before_the_model_loads(tiny_model, name, shape, says, tmp_path):
+    """Checked on the model's weightless skeleton: one line, before the weights load, nothing written."""
+    import torch
+
+    from conftest import tiny_overrides
+    from lota_cli.artifacts import save_sparse, stage_meta
+    from lota_cli.masks import encode_positions, pack_bits
+
+    bits = torch.zeros(torch.Size(shape).numel(), dtype=torch.bool)
+    bits[:10] = True
+    mask = save_sparse(tmp_path / "mask.safetensors", stage_meta("mask", "test", {}, "other", "f" * 64),
+                       {name: shape}, {name: encode_positions(pack_bits(bits), bits.numel())})
+    failed = lota("sparse-train", *tiny_overrides(tiny_model, tmp_path / "st", **{"sparse_train.mask": mask}),
+                  check=False)
+    last = failed.stderr.strip().splitlines()[-1]
+    assert failed.returncode == 1 and last.startswith("lota sparse-train: error: ") and says in last, failed.stderr
+    assert "training examples" not in failed.stderr and "Loading weights" not in failed.stderr  # never loaded
+    assert not (tmp_path / "st" / "sparse_delta.safetensors").exists()

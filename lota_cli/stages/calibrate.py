@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: CalibrateConfig, out: Path) -> list[Path]:
-    run = setup(cfg, out)
+    run = setup(cfg, out, check=lambda model: select_params(model, cfg.params))
     model = run.model
     names = select_params(model, cfg.params)
     for p in model.parameters():

@@ -52,7 +52,7 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
         raise LotaError("lotto.previous is empty: give the earlier adapters, e.g. lotto.previous=[a.safetensors]; "
                         "for a first task use calibrate, extract and sparse-train")
     previous = [Artifact(p, kinds=("sparse_delta",)) for p in cfg.lotto.previous]
-    run = setup(cfg, out)
+    run = setup(cfg, out, check=lambda model: select_params(model, cfg.params))
     engine, main = run.engine, run.is_main
     model = run.model
     for prev in previous:

@@ -14,7 +14,7 @@ from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import SparseTrainConfig
 from lota_cli.loop import train
 from lota_cli.masks import encode_positions
-from lota_cli.models import DTYPES, check_tensor
+from lota_cli.models import DTYPES, check_tensor, check_trainable
 from lota_cli.train_stage import export_model, setup
 
 log = logging.getLogger(__name__)
@@ -22,10 +22,15 @@ log = logging.getLogger(__name__)
 
 def run(cfg: SparseTrainConfig, out: Path) -> list[Path]:
     mask = Artifact(cfg.sparse_train.mask, kinds=("mask",))
-    run = setup(cfg, out)
+
+    def fits(model) -> None:  # a mask of another architecture, or of tensors lota cannot train
+        for name in mask.names:
+            check_tensor(model, name, mask.shape(name), str(mask.path))
+        check_trainable(model, list(mask.names))
+
+    run = setup(cfg, out, check=fits)
     mask.check_base(run.base_fingerprint, cfg.model.path)
-    for name in mask.names:
-        check_tensor(run.model, name, mask.shape(name), str(mask.path))
+    fits(run.model)
     positions = {n: mask.indices(n) for n in mask.names}
     trainable = sparse.attach(run.model, positions)
     log.info("sparse training %d entries in %d tensors (density %.4f)",
