@@ -102,10 +102,12 @@ def test_backward_saves_no_weight_sized_copies():
                                                                                                0.05 * selected)
 
 
-def test_entries_outside_the_mask_never_move():
-    """A few AdamW steps with weight decay: every weight stays bitwise the base's, the values train, and
-    fold writes base + values inside the mask only."""
-    model = tiny_llama()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entries_outside_the_mask_never_move(dtype):
+    """A few AdamW steps with weight decay: every weight stays bitwise the base's, the values and their AdamW
+    state are float32 whatever the weights' dtype (bf16: model.dtype=bfloat16), the values train, and fold
+    writes base + values (rounded once to the weights' dtype) inside the mask only."""
+    model = tiny_llama(dtype=dtype)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = attached(model)
     start = {n: p.detach().clone() for n, p in trainable.items()}
@@ -117,12 +119,13 @@ def test_entries_outside_the_mask_never_move():
         optimizer.zero_grad()
     for name, p in model.named_parameters():
         if name in base:
-            assert torch.equal(p, base[name]), name
-    assert all(not torch.equal(p, start[n]) for n, p in trainable.items())
+            assert p.dtype == dtype and torch.equal(p, base[name]), name
+    assert all(p.dtype == torch.float32 and not torch.equal(p, start[n]) for n, p in trainable.items())
+    assert all(v.dtype == torch.float32 for state in optimizer.state.values() for v in state.values() if v.dim())
     positions = {n: model.get_submodule(n.rpartition(".")[0]).lota_index.long() for n in trainable}
     values = {n: p.detach().clone() for n, p in trainable.items()}
     sparse.fold(model, list(trainable))
     for name, index in positions.items():
         weight, expected = model.get_parameter(name).reshape(-1), base[name].reshape(-1).clone()
-        expected[index] += values[name]
+        expected.index_add_(0, index, values[name].to(dtype))
         assert torch.equal(weight, expected), name
