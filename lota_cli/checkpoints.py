@@ -28,6 +28,12 @@ def latest(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def newest_below(out: Path) -> Path | None:
+    """The most recently written complete checkpoint of out or of its phases (lotto: out/calibrate, ...)."""
+    done = [p.parent for p in out.glob("**/checkpoints/step-*/state.pt")]
+    return max(done, key=lambda p: (p / "state.pt").stat().st_mtime) if done else None
+
+
 def resume_point(resume, out: Path) -> Path | None:
     """The checkpoint to resume from: `resume=true` picks the newest in out, `resume=PATH` that one."""
     if resume in (False, None, "false"):

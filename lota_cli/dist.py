@@ -184,8 +184,9 @@ def failure(stderr_lines: list[str], status: int, out: Path) -> str:
             how = f"was killed by signal {-exitcode}"
     else:
         how = f"exited with status {exitcode}"
-    checkpoints = sorted(out.glob("**/checkpoints/step-*/state.pt"), key=lambda p: p.stat().st_mtime)
-    newest = str(checkpoints[-1].parent) if checkpoints else "none (set train.save_every=N to keep some)"
+    from lota_cli.checkpoints import newest_below
+
+    newest = newest_below(out) or "none (set train.save_every=N to keep some)"
     args = [a for a in sys.argv[1:] if not a.lstrip("+").startswith("resume=")]
     command = shlex.join(["lota", *sys.argv[0].split()[1:], *args, "resume=true"])
     return f"{who} {how}; newest checkpoint: {newest}; resume with: {command}"

@@ -150,9 +150,10 @@ def train(model: nn.Module, trainable: dict[str, nn.Parameter], examples: list[E
                 after_step()
             losses.append(loss)
             elapsed, done = time.perf_counter() - t0, step + 1
-            bar.advance(loss=loss, tok_s=tokens * world / elapsed)
-            metrics.record(done, loss=loss, lr=schedule.get_last_lr()[0], grad_norm=grad_norm,
-                           tokens_per_s=tokens * world / elapsed, step_s=elapsed)
+            tok_s = tokens * world / elapsed
+            bar.advance(loss=loss, tok_s=tok_s)
+            metrics.record(done, loss=loss, lr=schedule.get_last_lr()[0], grad_norm=grad_norm, tokens_per_s=tok_s,
+                           step_s=elapsed)
             if tcfg.save_every and done % tcfg.save_every == 0 and done < steps:
                 checkpoints.save(done, losses)
             if stop_now:

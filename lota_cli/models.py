@@ -115,8 +115,11 @@ def fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _matches(name: str, include: list, exclude: list) -> bool:
-    return any(r.fullmatch(name) for r in include) and not any(r.fullmatch(name) for r in exclude)
+def _matcher(cfg: ParamsConfig):
+    """name -> whether params.include matches it and params.exclude does not."""
+    include = [re.compile(p) for p in cfg.include]
+    exclude = [re.compile(p) for p in cfg.exclude]
+    return lambda name: any(r.fullmatch(name) for r in include) and not any(r.fullmatch(name) for r in exclude)
 
 
 def selected(shapes: dict[str, tuple[int, ...]], cfg: ParamsConfig) -> list[str]:
@@ -124,9 +127,8 @@ def selected(shapes: dict[str, tuple[int, ...]], cfg: ParamsConfig) -> list[str]
     matching params.include and not params.exclude, in the given order. Vectors and scalars (biases, norm
     scales, router biases) are never selected; a hand-made mask over one still trains (sparse.attach takes
     any parameter)."""
-    include = [re.compile(p) for p in cfg.include]
-    exclude = [re.compile(p) for p in cfg.exclude]
-    names = [name for name, shape in shapes.items() if len(shape) >= 2 and _matches(name, include, exclude)]
+    matches = _matcher(cfg)
+    names = [name for name, shape in shapes.items() if len(shape) >= 2 and matches(name)]
     if not names:
         sample = ", ".join(list(shapes)[:6])
         raise LotaError(f"no parameters match params.include={list(cfg.include)} (excluding {list(cfg.exclude)}); "
@@ -137,10 +139,9 @@ def selected(shapes: dict[str, tuple[int, ...]], cfg: ParamsConfig) -> list[str]
 def select_params(model: nn.Module, cfg: ParamsConfig) -> list[str]:
     """selected() over the model's parameters, refusing at once (before anything trains) a selection that
     matches a tensor lota cannot train: a buffer, an integer tensor, tied weights (check_trainable)."""
-    include = [re.compile(p) for p in cfg.include]
-    exclude = [re.compile(p) for p in cfg.exclude]
+    matches = _matcher(cfg)
     for name, buffer in model.named_buffers():
-        if buffer.is_floating_point() and buffer.dim() >= 2 and _matches(name, include, exclude):
+        if buffer.is_floating_point() and buffer.dim() >= 2 and matches(name):
             raise LotaError(f"params.include matches {name!r}, a buffer of this model, not a parameter: it has no "
                             "gradient and is not saved as a weight, so lota cannot train it; add it to "
                             "params.exclude (or narrow params.include)")

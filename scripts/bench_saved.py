@@ -20,23 +20,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lota_cli import sparse
+from lota_cli.testing import saved_bytes
 
 MiB = 1 << 20
-
-
-def saved_bytes(model, ids) -> int:
-    """Storages saved for backward that are not the model's parameters or buffers, each counted once."""
-    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in resident:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids).loss.backward()
-    return sum(saved.values())
 
 
 def bench_saved(args) -> None:
@@ -53,7 +39,7 @@ def bench_saved(args) -> None:
                          for n, p in model.named_parameters() if n.endswith("proj.weight")}
             selected = sum(model.get_parameter(n).nbytes for n in positions)
             sparse.attach(model, positions)
-        extra = saved_bytes(model, ids)
+        extra = saved_bytes(model, lambda: model(input_ids=ids, labels=ids).loss.backward())
         share = f" = {extra / selected:.1%} of {selected / MiB:.1f} MiB selected weights" if selected else ""
         print(f"saved  {method:6s} {extra / MiB:8.2f} MiB{share}")
 

@@ -4,6 +4,7 @@ spelling Hydra reads as true, one-line errors from composition and from running,
 from __future__ import annotations
 
 import fcntl
+import json
 
 import pytest
 
@@ -57,8 +58,6 @@ def test_eval_evaluates_the_chosen_task(tiny_model, data, tmp_path):
     (results,) = paths(lota("eval", f"model.path={tiny_model}", "task=alpaca",
                             f"task.eval_data_files={data['reverse_test']}", "eval.max_examples=2",
                             "eval.generate=false", f"out={tmp_path}"))
-    import json
-
     tasks = json.loads(results.read_text())["tasks"]
     assert list(tasks) == ["alpaca"] and tasks["alpaca"]["n"] == 2
 
