@@ -10,8 +10,10 @@ Files are written by streaming tensor by tensor into a temporary file beside the
 into place only when complete: a killed stage never leaves a truncated artifact behind. The header records
 the base model and a fingerprint of its weights, so a stage can refuse an artifact made from another base,
 and a SHA-256 of the header itself, so a flipped byte in the metadata (a shape, the kind, the base) is
-caught when the file is opened rather than producing a wrong result later. Tensor data is covered by
-`fingerprint` (SHA-256 of names and bytes), which is not re-checked on open: that would read the whole file.
+caught when the file is opened rather than producing a wrong result later. Tensor data is covered by a
+SHA-256 per tensor, computed as it is written (no second pass): the small tensors of masks and sparse deltas
+are checked whenever they are read; a task vector's, which can be gigabytes, by `lota info --verify`.
+A sparse delta's values must be finite and its positions strictly increasing (no duplicates), checked on read.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import struct
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -34,7 +36,7 @@ from safetensors import safe_open
 from lota_cli import LotaError, __version__
 from lota_cli.masks import count_bits, indices_from_bits, unpack_bits
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-tensor checksums, and the fingerprint computed from them
 KINDS = ("task_vector", "mask", "sparse_delta")
 MADE_BY = {"task_vector": "calibrate or merge", "mask": "extract", "sparse_delta": "sparse-train or lotto"}
 _DTYPES = {
@@ -43,6 +45,7 @@ _DTYPES = {
     torch.bool: "BOOL",
 }
 _NO_FINGERPRINT = "0" * 64
+VERIFY_CHUNK = 1 << 24  # entries hashed per piece by Artifact.verify
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Meta:
     format: int = FORMAT_VERSION
     fingerprint: str = _NO_FINGERPRINT
     header_sha256: str = ""  # of the whole header with this field zeroed; empty in artifacts of lota < 0.1.1
+    checksums: dict[str, str] = field(default_factory=dict)  # key -> SHA-256 of its data; empty in format 1
 
     @property
     def numel(self) -> int:
@@ -88,23 +92,29 @@ def stage_meta(kind: str, stage: str, cfg, base_model: str, base_fingerprint: st
 
 # --------------------------------------------------------------------------- writing
 
-class ArtifactWriter:
-    """Streams tensors into a safetensors file; `layout` fixes every key's dtype and shape up front.
+class TensorFileWriter:
+    """Streams tensors into a safetensors file, atomically: `layout` fixes every key's dtype and shape up
+    front, so the header is written first and each tensor's bytes follow as they come (whole, or in pieces
+    with write_pieces: a tensor larger than memory never has to be held). The data goes to a temporary file
+    beside `path`, renamed into place only when complete, so a killed process never leaves a truncated file.
+    Each tensor's bytes are hashed (SHA-256) as they are written: `checksums` holds them at the end.
 
-    with ArtifactWriter(path, meta, layout) as w:
+    with TensorFileWriter(path, layout) as w:
         for key, tensor in ...: w.write(key, tensor)
     """
 
-    def __init__(self, path: str | Path, meta: Meta, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
-        if meta.kind not in KINDS:
-            raise ValueError(f"unknown artifact kind {meta.kind!r}")
-        self.path, self.meta, self.layout = Path(path), meta, layout
-        self._hash = hashlib.sha256()
-        self._written: list[str] = []
+    def __init__(self, path: str | Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
+        self.path, self.layout = Path(path), layout
+        self._keys = list(layout)
+        self.checksums: dict[str, str] = {}
+
+    def metadata(self) -> dict[str, str]:
+        """The header's __metadata__ (subclasses add theirs; must keep its length once written)."""
+        return {"format": "pt"}
 
     def _header(self) -> bytes:
-        # no sort_keys: the shapes keep model order, which Artifact.names reports
-        header: dict = {"__metadata__": {"format": "pt", "lota": json.dumps(asdict(self.meta))}}
+        # no sort_keys: keys keep the layout's (model) order, which Artifact.names reports
+        header: dict = {"__metadata__": self.metadata()}
         offset = 0
         for key, (dtype, shape) in self.layout.items():
             size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
@@ -117,14 +127,14 @@ class ArtifactWriter:
         return LotaError(f"could not write {self.path}: {err.strerror or err}; make sure {self.path.parent} is a "
                          "writable directory with free space (or choose another out=)")
 
-    def __enter__(self) -> "ArtifactWriter":
+    def __enter__(self):
         self._tmp = self._file = None
-        self.meta.header_sha256 = _NO_FINGERPRINT  # placeholder of the final width
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
             self._tmp, self._file = Path(tmp), os.fdopen(fd, "wb")
             header = self._header()
+            self._header_size = len(header)
             self._file.write(struct.pack("<Q", len(header)) + header)
         except OSError as err:
             self._discard()
@@ -139,30 +149,48 @@ class ArtifactWriter:
             self._tmp.unlink(missing_ok=True)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        expected = self.layout[key]
-        if key != list(self.layout)[len(self._written)] or (tensor.dtype, tuple(tensor.shape)) != expected:
+        expected = self.layout.get(key)
+        if (tensor.dtype, tuple(tensor.shape)) != expected:
             raise ValueError(f"writing {key} {tensor.dtype} {tuple(tensor.shape)} out of layout {expected}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise LotaError(f"refusing to write {self.path}: tensor {key!r} holds NaN or Inf values (the run "
-                            f"diverged, or {str(tensor.dtype).removeprefix('torch.')} cannot hold them); lower the "
-                            "learning rate or write float32")
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self._hash.update(key.encode())
-        self._hash.update(data)
-        self._file.write(data)
-        self._written.append(key)
+        self.write_pieces(key, [tensor])
+
+    def write_pieces(self, key: str, pieces: Iterable[torch.Tensor]) -> None:
+        """Tensor `key` as consecutive flat pieces of its dtype (row-major order), in layout order."""
+        if len(self.checksums) >= len(self._keys) or key != self._keys[len(self.checksums)]:
+            raise ValueError(f"writing {key} out of layout order")
+        dtype, shape = self.layout[key]
+        digest, written = hashlib.sha256(), 0
+        for piece in pieces:
+            if piece.dtype != dtype:
+                raise ValueError(f"writing {key}: a {piece.dtype} piece into a {dtype} tensor")
+            if piece.is_floating_point() and not bool(torch.isfinite(piece).all()):
+                raise LotaError(f"refusing to write {self.path}: tensor {key!r} holds NaN or Inf values (the run "
+                                f"diverged, or {str(dtype).removeprefix('torch.')} cannot hold them); lower the "
+                                "learning rate or write float32")
+            data = piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+            digest.update(data)
+            self._file.write(data)
+            written += piece.numel()
+        if written != math.prod(shape):
+            raise ValueError(f"writing {key}: {written} entries of {math.prod(shape)}")
+        self.checksums[key] = digest.hexdigest()
+
+    def _finish(self) -> None:
+        """Called once every tensor is written, before the file is synced and renamed (header rewrites)."""
+
+    def _rewrite_header(self) -> None:
+        header = self._header()
+        if len(header) != self._header_size:
+            raise AssertionError("a header rewrite must keep its length")
+        self._file.seek(8)
+        self._file.write(header)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                if len(self._written) != len(self.layout):
-                    raise ValueError(f"artifact {self.path}: {len(self.layout) - len(self._written)} tensors unwritten")
-                self.meta.fingerprint = self._hash.hexdigest()
-                self.meta.header_sha256 = _NO_FINGERPRINT
-                self.meta.header_sha256 = hashlib.sha256(self._header()).hexdigest()
-                header = self._header()  # same length: only fixed-width hex digests changed
-                self._file.seek(8)
-                self._file.write(header)
+                if len(self.checksums) != len(self.layout):
+                    raise ValueError(f"{self.path}: {len(self.layout) - len(self.checksums)} tensors unwritten")
+                self._finish()
                 self._file.flush()
                 os.fsync(self._file.fileno())
                 self._file.close()
@@ -173,6 +201,39 @@ class ArtifactWriter:
             self._discard()
         if isinstance(exc, OSError):  # a write inside the `with` failed (full disk, I/O error)
             raise self._error(exc) from exc
+
+
+class ArtifactWriter(TensorFileWriter):
+    """A TensorFileWriter whose header carries the artifact's Meta; at the end the metadata gains the
+    per-tensor checksums, the artifact's fingerprint (a SHA-256 over the names and those checksums) and the
+    SHA-256 of the header itself, written in place (fixed-width hex digests, so the header keeps its length)."""
+
+    def __init__(self, path: str | Path, meta: Meta, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
+        if meta.kind not in KINDS:
+            raise ValueError(f"unknown artifact kind {meta.kind!r}")
+        super().__init__(path, layout)
+        self.meta = meta
+        meta.checksums = {key: _NO_FINGERPRINT for key in layout}  # placeholders of the final width
+        meta.header_sha256 = _NO_FINGERPRINT
+        meta.format = FORMAT_VERSION
+
+    def metadata(self) -> dict[str, str]:
+        return {"format": "pt", "lota": json.dumps(asdict(self.meta))}
+
+    def _finish(self) -> None:
+        self.meta.checksums = dict(self.checksums)
+        self.meta.fingerprint = tensors_fingerprint(self.checksums)
+        self.meta.header_sha256 = _NO_FINGERPRINT
+        self.meta.header_sha256 = hashlib.sha256(self._header()).hexdigest()
+        self._rewrite_header()
+
+
+def tensors_fingerprint(checksums: dict[str, str]) -> str:
+    """An artifact's fingerprint (format 2): SHA-256 over its keys and their data's SHA-256, in file order."""
+    digest = hashlib.sha256()
+    for key, checksum in checksums.items():
+        digest.update(f"{key}:{checksum};".encode())
+    return digest.hexdigest()
 
 
 def save_dense(path, meta: Meta, tensors: dict[str, torch.Tensor]) -> Path:
@@ -297,6 +358,16 @@ class Artifact:
         in flat pieces with `mapped` (what masks.top_k_mask does)."""
         return StoredTensor(self, key)
 
+    def _checked(self, key: str) -> torch.Tensor:
+        """A whole (small) stored tensor of a mask or sparse delta, its bytes checked against the checksum
+        recorded when it was written: a flipped bit in a position or a value is caught, not used."""
+        tensor = self._file.get_tensor(key)
+        expected = self.meta.checksums.get(key)
+        if expected and hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy()).hexdigest() != expected:
+            raise LotaError(f"{self.path}: tensor {key!r} does not match its checksum (a damaged copy?); "
+                            "re-create the artifact or copy it again")
+        return tensor
+
     def bits(self, name: str) -> torch.Tensor:
         """Packed bits of the positions this artifact holds for `name` (dense task vectors: nonzeros)."""
         from lota_cli.masks import pack_bits
@@ -304,23 +375,56 @@ class Artifact:
         if self.kind == "task_vector":
             return pack_bits(self._file.get_tensor(name).reshape(-1) != 0)
         if f"{name}::bits" in self.keys:
-            return self._file.get_tensor(f"{name}::bits")
+            return self._checked(f"{name}::bits")
         mask = torch.zeros(self.numel(name), dtype=torch.bool)
         mask[self.indices(name).long()] = True
         return pack_bits(mask)
 
     def indices(self, name: str) -> torch.Tensor:
-        """Sorted flat positions held for `name`."""
+        """Sorted flat positions held for `name`; stored positions must lie in the tensor and strictly
+        increase (a duplicate would add its value twice in one stage and once in another)."""
         if f"{name}::idx" in self.keys:
-            idx = self._file.get_tensor(f"{name}::idx")
+            idx = self._checked(f"{name}::idx")
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.numel(name)):
                 raise LotaError(f"{self.path}: {name}::idx holds positions outside the tensor's "
                                 f"{self.numel(name)} entries; the file is corrupt: re-create it")
+            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise LotaError(f"{self.path}: {name}::idx holds duplicate or unsorted positions; the file is "
+                                "corrupt or was not written by lota: re-create it")
             return idx
         return indices_from_bits(self.bits(name), self.numel(name))
 
     def values(self, name: str) -> torch.Tensor:
-        return self._file.get_tensor(f"{name}::values")
+        """A sparse delta's values for `name` (float32, in position order), refused if any is NaN or Inf."""
+        values = self._checked(f"{name}::values")
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            raise LotaError(f"{self.path}: tensor {name!r} holds NaN or Inf values; the run that made it "
+                            "diverged or the file is damaged: re-create it")
+        return values
+
+    def verify(self) -> int:
+        """Read every tensor's data and check it against the checksum written with it, naming the first
+        damaged tensor; returns the bytes checked. A format-1 artifact has no per-tensor checksums: its data
+        is checked against its fingerprint (one SHA-256 over every key and its data), which cannot say where."""
+        legacy, checked = hashlib.sha256(), 0
+        for key in self._entries:  # file order, the order they were written in
+            digest = hashlib.sha256() if self.meta.checksums else legacy
+            if not self.meta.checksums:
+                legacy.update(key.encode())
+            stored = self.raw(key)
+            for start in range(0, stored.numel(), VERIFY_CHUNK):
+                with stored.mapped(start, min(stored.numel(), start + VERIFY_CHUNK)) as piece:
+                    data = piece.view(torch.uint8).numpy()
+                    digest.update(data)
+                    checked += data.size
+                    del data, piece  # before the mapping closes
+            if self.meta.checksums and digest.hexdigest() != self.meta.checksums.get(key):
+                raise LotaError(f"{self.path}: tensor {key!r} does not match its checksum: its data is damaged "
+                                "(re-create the artifact or copy it again)")
+        if not self.meta.checksums and legacy.hexdigest() != self.meta.fingerprint:
+            raise LotaError(f"{self.path}: its data does not match its fingerprint, so a tensor is damaged "
+                            "(artifacts of format 1 record no per-tensor checksums to say which); re-create it")
+        return checked
 
     def dense(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor as a dense delta (masks: 1.0 at selected positions). A task vector's tensor is copied out
@@ -367,11 +471,7 @@ _TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
 
 class StoredTensor:
     """A tensor of an Artifact, not yet read. Indexing (`[:]`, `[a:b]`, rows) reads through safetensors;
-    `mapped(start, stop)` gives flat entries [start, stop) as a tensor over a private memory map of just
-    that range, unmapped again on leaving the `with`. Streaming a large tensor through `mapped` in pieces
-    therefore holds one piece at a time in the process (resident set), instead of every page of the file
-    read so far, and copies nothing: the first pass over the piece reads the page cache directly.
-    """
+    `mapped(start, stop)` gives flat entries [start, stop) over a private memory map (see mapped_range)."""
 
     def __init__(self, artifact: "Artifact", key: str):
         self._artifact, self.key = artifact, key
@@ -399,30 +499,39 @@ class StoredTensor:
     def __getitem__(self, index):
         return self._get()[index]
 
-    @contextlib.contextmanager
-    def mapped(self, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
+    def mapped(self, start: int = 0, stop: int | None = None):
         """Flat entries [start, stop) as a read-only-by-convention tensor; valid only inside the `with`."""
         stop = self.numel() if stop is None else stop
         if not 0 <= start <= stop <= self.numel():
             raise IndexError(f"{self.key}: entries [{start}, {stop}) outside its {self.numel()}")
-        begin, length = self._offset + start * self._itemsize, (stop - start) * self._itemsize
-        if length == 0:
-            yield torch.empty(0, dtype=self.dtype)
-            return
-        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        return mapped_range(self._artifact._fh, self._offset + start * self._itemsize, stop - start, self.dtype)
+
+
+@contextlib.contextmanager
+def mapped_range(file, offset: int, count: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """`count` entries of `dtype` at byte `offset` of `file` (an open binary file or a path), as a tensor over
+    a private memory map of just that range, unmapped again on leaving the `with`: streaming a large file
+    through it in pieces holds one piece in the process (resident set), not every page read so far, and
+    copies nothing (the first pass over a piece reads the page cache directly)."""
+    length = count * torch.tensor([], dtype=dtype).element_size()
+    if length == 0:
+        yield torch.empty(0, dtype=dtype)
+        return
+    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with contextlib.ExitStack() as stack:
+        fh = file if hasattr(file, "fileno") else stack.enter_context(open(file, "rb"))
         # ACCESS_COPY: a private mapping, so the buffer is writable for torch (no warning) and a write could
         # never reach the file; pages are shared with the page cache until written
-        region = mmap.mmap(self._artifact._fh.fileno(), begin - aligned + length, offset=aligned,
-                           access=mmap.ACCESS_COPY)
-        view = torch.frombuffer(region, dtype=torch.uint8, offset=begin - aligned, count=length)
+        region = mmap.mmap(fh.fileno(), offset - aligned + length, offset=aligned, access=mmap.ACCESS_COPY)
+    view = torch.frombuffer(region, dtype=torch.uint8, offset=offset - aligned, count=length)
+    try:
+        yield view.view(dtype)
+    finally:
+        del view
         try:
-            yield view.view(self.dtype)
-        finally:
-            del view
-            try:
-                region.close()
-            except BufferError:  # the caller kept a view: the mapping goes when that is freed
-                pass
+            region.close()
+        except BufferError:  # the caller kept a view: the mapping goes when that is freed
+            pass
 
 
 def _read_header(path: Path) -> tuple[dict, bytes]:

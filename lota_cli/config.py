@@ -39,6 +39,25 @@ def _positive(key: str, value: Any) -> None:
         raise LotaError(f"{key}={value} must be > 0")
 
 
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20, 1000 -> 1000: as transformers' max_shard_size reads it."""
+    if isinstance(text, int):
+        return text
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "B": 1}
+    value = str(text).strip().upper()
+    if value.isdigit():
+        return int(value)
+    for unit, factor in units.items():
+        if value.endswith(unit):
+            number = value[: -len(unit)].strip()
+            try:
+                return int(float(number) * factor)
+            except ValueError:
+                break
+    raise LotaError(f"shard_size={text!r} is not a size; write it like 5GB, 500MB or 2GiB")
+
+
 def _sparsity(key: str, value: float) -> None:
     if not 0.0 < value < 1.0:
         raise LotaError(f"{key}={value} must be strictly between 0 and 1 (0.9 keeps the largest 10% of entries)")
@@ -270,6 +289,7 @@ class MergeConfig(StageConfig):
     seed: int = opt(0, "dare's random drop")
     dtype: str = opt("float32", "of the written task vector / model")
     output_model: Optional[str] = opt(None, "write base + merged delta as a HF model directory here instead")
+    shard_size: str = opt("5GB", "output_model: largest safetensors shard (5GB, 500MB, 2GiB), as HF's max_shard_size")
 
     def __post_init__(self):
         # imported here, not at the top: merging imports torch, and the CLI imports config for every stage
@@ -285,6 +305,8 @@ class MergeConfig(StageConfig):
                 raise LotaError(f"{key}={value} only applies to method={which}, not method={self.method}; "
                                 f"drop {key} or use {instead}")
         _one_of("dtype", self.dtype, DTYPE_NAMES)
+        if parse_size(self.shard_size) <= 0:
+            raise LotaError(f"shard_size={self.shard_size} must be > 0")
         if not 0.0 < self.density <= 1.0:
             raise LotaError(f"density={self.density} must be in (0, 1]")
         if not self.inputs:

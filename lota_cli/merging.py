@@ -32,13 +32,17 @@ class MergeMethod:
     reads: tuple[str, ...]  # the MergeConfig fields fn takes as keywords
     help: str
     takes_name: bool
+    elementwise: bool  # entry by entry, zeros to zero: sparse inputs merge at their union of positions alone
 
 
 METHODS: dict[str, MergeMethod] = {}  # name -> method, in registration order (the order help lists them)
 
 
-def merge_method(name: str, *, reads: Sequence[str] = (), help: str):
+def merge_method(name: str, *, reads: Sequence[str] = (), help: str, elementwise: bool = False):
     """Register the decorated function as merge method `name`.
+
+    elementwise=True declares that each output entry depends only on the inputs' entries at that position
+    and is 0 where they all are: sparse inputs are then merged at their union of positions, never densified.
 
     `reads` must name exactly its parameters after the deltas (other than `name`): a parameter left out would
     silently keep the function's default instead of the configured value, so that is refused here.
@@ -50,7 +54,7 @@ def merge_method(name: str, *, reads: Sequence[str] = (), help: str):
         if set(params) - {"name"} != set(reads):
             raise TypeError(f"merge method {name!r}: {fn.__name__} takes {params} after the deltas, "
                             f"but declares reads={tuple(reads)}")
-        METHODS[name] = MergeMethod(fn, tuple(reads), help, "name" in params)
+        METHODS[name] = MergeMethod(fn, tuple(reads), help, "name" in params, elementwise)
         return fn
     return register
 
@@ -114,7 +118,8 @@ def top_k(delta: Tensor, density: float) -> Tensor:
     return torch.where(keep, flat, torch.zeros((), dtype=flat.dtype)).view_as(delta)
 
 
-@merge_method("sum", help="sum of the deltas (disjoint LoTA masks make this the same as applying them in turn)")
+@merge_method("sum", help="sum of the deltas (disjoint LoTA masks make this the same as applying them in turn)",
+              elementwise=True)
 def sum_deltas(deltas: Sequence[Tensor]) -> Tensor:
     """Plain sum (method `sum`; named so as not to shadow the builtin)."""
     out = deltas[0].clone()
@@ -123,7 +128,7 @@ def sum_deltas(deltas: Sequence[Tensor]) -> Tensor:
     return out
 
 
-@merge_method("task_arithmetic", reads=("weights",), help="weighted sum (Ilharco et al. 2023)")
+@merge_method("task_arithmetic", reads=("weights",), help="weighted sum (Ilharco et al. 2023)", elementwise=True)
 def task_arithmetic(deltas: Sequence[Tensor], weights: Optional[Sequence[float]] = None) -> Tensor:
     """sum_i weights[i] * deltas[i]; the global scale (lambda) is applied by `merge`."""
     weights = [1.0] * len(deltas) if weights is None else list(weights)

@@ -105,14 +105,41 @@ def fingerprint(model: nn.Module) -> str:
     (another fine-tune of the same architecture differs in the sampled values) at no noticeable cost.
     Values are hashed in bf16 so the same weights loaded in float32 or bfloat16 match.
     """
+    return fingerprint_of((name, t.shape, t.detach().reshape(-1)) for name, t in model.state_dict().items())
+
+
+def fingerprint_of(tensors) -> str:
+    """fingerprint() over (name, shape, flat tensor) in state_dict order: a flat tensor may be a view of a
+    memory-mapped file, of which only the sampled entries are read."""
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
+    for name, shape, flat in tensors:
         step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
         sample = flat[::step][:FINGERPRINT_SAMPLES].to(torch.bfloat16).view(torch.int16)
-        digest.update(f"{name}:{list(tensor.shape)}".encode())
+        digest.update(f"{name}:{list(shape)}".encode())
         digest.update(sample.cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def state_dict_sources(cfg: ModelConfig, checkpoint) -> dict[str, str] | None:
+    """For each key of the model's state_dict, in its order, the checkpoint tensor that holds it (a tied
+    weight saved once is found under the name it is saved as), from the weightless skeleton; None when the
+    checkpoint's names are not the model's (an architecture whose weights are renamed or fused on load)."""
+    model = skeleton(cfg)
+    if model is None:
+        return None
+    owner: dict[int, str] = {}  # id(parameter) -> the name the checkpoint holds it under
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in checkpoint:
+            owner.setdefault(id(param), name)
+    sources = {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in model.state_dict().items():
+        source = name if name in checkpoint else owner.get(id(params[name])) if name in params else None
+        if source is None or tuple(checkpoint.shape(source)) != tuple(tensor.shape):
+            log.info("the checkpoint has no tensor %r as the model names it", name)
+            return None
+        sources[name] = source
+    return sources
 
 
 def _matcher(cfg: ParamsConfig):
@@ -221,13 +248,13 @@ def add_delta(model: nn.Module, artifact, scale: float = 1.0) -> None:
             param.add_(artifact.dense(name, param.dtype), alpha=scale)
 
 
-def save_model(model: nn.Module, tokenizer, directory: Path) -> Path:
+def save_model(model: nn.Module, tokenizer, directory: Path, shard_size: str | int = "2GB") -> Path:
     """Write a Hugging Face model directory (sharded safetensors + tokenizer) atomically."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        model.save_pretrained(tmp, max_shard_size="2GB")
+        model.save_pretrained(tmp, max_shard_size=shard_size)
         tokenizer.save_pretrained(tmp)
         if directory.exists():
             shutil.rmtree(directory)

@@ -555,7 +555,7 @@ def test_artifact_holding_inf_is_not_written(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("lr", ["1e39", "inf"])
 def test_learning_rate_float32_cannot_hold(tiny_model, tmp_path, lr):
-    refused(lota("calibrate", *fast(tiny_model, tmp_path, **{"train.lr": lr})), "calibrate", f"train.lr=",
+    refused(lota("calibrate", *fast(tiny_model, tmp_path, **{"train.lr": lr})), "calibrate", "train.lr=",
             target=tmp_path / "task_vector.safetensors")
 
 
@@ -714,3 +714,84 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(runs):
     resumed = lota("calibrate", *run.args, "resume=true")
     assert resumed.code == 0 and 0 < resumed_from(resumed.stderr) < STEPS, resumed.stderr[-3000:]
     assert_bitwise_equal(out / "task_vector.safetensors", runs["cal_a"])
+
+
+# --------------------------------------------------------------------------- damaged tensor data
+
+def _stored_entry(path: Path, key: str) -> tuple[int, dict]:
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    return 8 + n, json.loads(data[8:8 + n])[key]
+
+
+def test_info_verify_names_the_tensor_whose_data_has_a_flipped_bit(runs, tmp_path):
+    path = tmp_path / "tv.safetensors"
+    shutil.copy(runs["cal_a"], path)
+    result = lota("info", "--verify", path)
+    assert result.code == 0 and "match their checksums" in result.stderr, result.stderr
+    name = Artifact(path).names[5]
+    start, entry = _stored_entry(path, name)
+    middle = start + (entry["data_offsets"][0] + entry["data_offsets"][1]) // 2
+    path.write_bytes(_flip(path.read_bytes(), middle, 0x10))  # one bit of one value: the header is intact
+    assert lota("info", path).code == 0  # without --verify only the header is checked
+    refused(lota("info", "--verify", path), "info", f"{path}: tensor {name!r} does not match its checksum")
+
+
+def _delta_readers(runs, tiny_model, tmp_path, path: Path) -> dict:
+    """Every stage that reads a sparse delta, given `path`, and the file each must not write."""
+    e, m, t = tmp_path / "e", tmp_path / "m", tmp_path / "t"
+    return {
+        "eval": (lota("eval", f"model.path={tiny_model}", f"tasks.gsm8k.eval_data_files={DATA['arith_test']}",
+                      f"eval.deltas=[{path}]", "eval.max_examples=2", "eval.generate=false", f"out={e}"),
+                 e / "results.json"),
+        "merge": (lota("merge", path, runs["st_b"], f"out={m}"), m / "merged.safetensors"),
+        "lotto": (lota("lotto", *fast(tiny_model, t, **{"lotto.previous": f"[{path}]"})), t / "mask.safetensors"),
+    }
+
+
+def test_sparse_delta_with_a_damaged_value_is_refused_by_every_reader(runs, tiny_model, tmp_path):
+    path = tmp_path / "delta.safetensors"
+    shutil.copy(runs["st_a"], path)
+    key = f"{Artifact(path).names[2]}::values"
+    poke(path, key, 3, math.nan)  # the data changed, its checksum did not
+    for stage, (result, target) in _delta_readers(runs, tiny_model, tmp_path, path).items():
+        refused(result, stage, f"{path}: tensor {key!r} does not match its checksum", target=target)
+
+
+def _rewritten(source: Path, path: Path, edit) -> Path:
+    """A copy of a sparse delta with edit(positions, values) applied to one tensor, written the proper way
+    (valid checksums), as another tool or a bug could write it; returns the path."""
+    artifact = Artifact(source)
+    name = artifact.names[1]
+    positions, values = {}, {}
+    for n in artifact.names:
+        idx, val = artifact.indices(n).clone(), artifact.values(n).clone()
+        if n == name:
+            edit(idx, val)
+        positions[n], values[n] = ("idx", idx), val
+    return save_sparse(path, artifact.meta, {n: artifact.shape(n) for n in artifact.names}, positions, values)
+
+
+def test_sparse_delta_with_duplicate_positions_is_refused_by_every_reader(runs, tiny_model, tmp_path):
+    def duplicate(idx, values):
+        idx[1] = idx[0]
+
+    path = _rewritten(runs["st_a"], tmp_path / "delta.safetensors", duplicate)
+    name = Artifact(path).names[1]
+    for stage, (result, target) in _delta_readers(runs, tiny_model, tmp_path, path).items():
+        refused(result, stage, f"{path}: {name}::idx holds duplicate or unsorted positions", target=target)
+
+
+def test_sparse_delta_holding_nan_is_refused_by_every_reader(runs, tiny_model, tmp_path, monkeypatch):
+    import lota_cli.artifacts as artifacts
+
+    def nan(idx, values):
+        values[4] = math.nan
+
+    # the writer refuses NaN; an older lota's or another tool's would not
+    monkeypatch.setattr(artifacts.torch, "isfinite", lambda t: torch.ones_like(t, dtype=torch.bool))
+    path = _rewritten(runs["st_a"], tmp_path / "delta.safetensors", nan)
+    monkeypatch.undo()
+    name = Artifact(path).names[1]
+    for stage, (result, target) in _delta_readers(runs, tiny_model, tmp_path, path).items():
+        refused(result, stage, f"{path}: tensor {name!r} holds NaN or Inf values", target=target)

@@ -81,7 +81,7 @@ def test_lotto_chain_of_three_tasks_has_disjoint_masks(pipeline, tiny_model, dat
     root = pipeline["root"]
     b = lota("lotto", *tiny_overrides(tiny_model, root / "lotto_b", **{
         "task": "alpaca", "task.data_files": data["reverse_train"], "task.eval_data_files": "null",
-        f"lotto.previous": f"[{pipeline['delta']}]", "save_model": "true"}))
+        "lotto.previous": f"[{pipeline['delta']}]", "save_model": "true"}))
     delta_b, model_b = paths(b)
     assert "overlap with" in b.stderr and ": 0 entries" in b.stderr
     c = lota("lotto", *tiny_overrides(tiny_model, root / "lotto_c", **{

@@ -1,13 +1,18 @@
 """lota merge A B ...: combine task vectors / sparse deltas of one base into one task vector (or model).
 
-Streams tensor by tensor: for each tensor, read every input's dense delta, merge (lota_cli.merging), and
-write it out (or add it into the base model's weight), so peak memory is a few tensors per input rather than
-whole models. The pairwise mask overlap and sign conflicts of the inputs are counted in the same pass.
+Streams tensor by tensor: for each tensor, read every input's delta, merge (lota_cli.merging), and write it
+out, so peak memory is a few tensors per input rather than whole models. With output_model, the base's
+safetensors shards are streamed the same way (lota_cli.checkpoint): each base tensor is read in pieces, the
+merged delta added where there is one, and the result written to output shards; no model object is built.
+An elementwise method (sum, task_arithmetic) over sparse deltas adds values at their positions alone,
+never densifying. A base that cannot be streamed (a GGUF file, or weights renamed on load) is loaded as a
+model instead, as the log says. The pairwise overlap and sign conflicts of the inputs are counted on the way.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from pathlib import Path
 
@@ -15,75 +20,178 @@ import torch
 
 from lota_cli import LotaError
 from lota_cli.artifacts import Artifact, ArtifactWriter, same_layout, stage_meta
-from lota_cli.config import MergeConfig, ModelConfig
+from lota_cli.config import MergeConfig, ModelConfig, parse_size
 from lota_cli.merging import METHODS, Overlap, delta_overlap, merge
-from lota_cli.models import DTYPES, check_tensor, fingerprint, load_model, save_model
+from lota_cli.models import DTYPES
 
 log = logging.getLogger(__name__)
-
-
-def _base_model(inputs: list[Artifact], dtype: str):
-    """The base model the inputs were made from, as recorded in their metadata, checked by fingerprint."""
-    recorded = next((a.meta.config["model"] for a in inputs if isinstance(a.meta.config.get("model"), dict)), None)
-    if recorded is None:
-        raise LotaError(f"none of {[str(a.path) for a in inputs]} records the model it was made from (a merge's "
-                        "own output does not); merge to a task vector instead and apply it with `lota eval`")
-    # merge in the output dtype; gradient checkpointing would change the saved config's use_cache
-    model_cfg = ModelConfig(**{**recorded, "dtype": dtype, "gradient_checkpointing": False})
-    model, tokenizer = load_model(model_cfg)
-    inputs[0].check_base(fingerprint(model), model_cfg.path)
-    return model, tokenizer
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".index.json")
 
 
 def run(cfg: MergeConfig, out: Path) -> list[Path]:
     inputs = [Artifact(p, kinds=("task_vector", "sparse_delta")) for p in cfg.inputs]
     same_layout(inputs)
     first = inputs[0]
-    names = first.names
     params = {key: getattr(cfg, key) for key in METHODS[cfg.method].reads}  # what this method is given
     log.info("merging %d inputs (%s) over %d tensors with method=%s%s", len(inputs),
-             ", ".join(a.path.name for a in inputs), len(names), cfg.method,
+             ", ".join(a.path.name for a in inputs), len(first.names), cfg.method,
              "".join(f" {key}={value}" for key, value in params.items()))
-
-    pairs = list(itertools.combinations(range(len(inputs)), 2))
-    stats = {pair: Overlap() for pair in pairs}
-    dtype = DTYPES[cfg.dtype]
-
-    def merged_tensors():
-        """(name, merged delta in float32) for each tensor, counting overlaps on the way."""
-        for name in names:
-            deltas = [a.dense(name) for a in inputs]
-            for i, delta in enumerate(deltas):
-                if not torch.isfinite(delta).all():
-                    raise LotaError(f"{inputs[i].path}: tensor {name!r} holds NaN or Inf values; the run that "
-                                    "made it diverged, so redo it (lower train.lr)")
-            for i, j in pairs:
-                stats[i, j] += delta_overlap(deltas[i], deltas[j])
-            yield name, merge(cfg.method, deltas, name=name, scale=cfg.scale, **params)
-
+    merger = _Merger(cfg, inputs, params)
     if cfg.output_model:
-        model, tokenizer = _base_model(inputs, cfg.dtype)
-        with torch.no_grad():
-            for name, delta in merged_tensors():
-                param = check_tensor(model, name, first.shape(name), str(first.path))
-                param.copy_((param.float() + delta).to(param.dtype))  # add in float32, round once
-        _log_overlaps(inputs, stats)
-        return [save_model(model, tokenizer, Path(cfg.output_model))]
+        path = _into_model(cfg, inputs, merger)
+        merger.log_overlaps()
+        return [path]
 
+    dtype = DTYPES[cfg.dtype]
     meta = stage_meta("task_vector", "merge", cfg, first.meta.base_model, first.meta.base_fingerprint,
                       parents=[a.meta.fingerprint for a in inputs])
-    meta.shapes = {n: list(first.shape(n)) for n in names}
+    meta.shapes = {n: list(first.shape(n)) for n in first.names}
     path = out / "merged.safetensors"
-    with ArtifactWriter(path, meta, {n: (dtype, first.shape(n)) for n in names}) as writer:
-        for name, delta in merged_tensors():
-            writer.write(name, delta.to(dtype))
-    _log_overlaps(inputs, stats)
+    with ArtifactWriter(path, meta, {n: (dtype, first.shape(n)) for n in first.names}) as writer:
+        for name in first.names:
+            writer.write(name, merger.dense(name).to(dtype))
+    merger.log_overlaps()
     return [path]
 
 
-def _log_overlaps(inputs: list[Artifact], stats: dict[tuple[int, int], Overlap]) -> None:
-    for (i, j), s in stats.items():
-        jaccard = "n/a" if s.jaccard is None else f"{s.jaccard:.4f}"
-        conflicts = "n/a" if s.sign_conflicts is None else f"{s.sign_conflicts:.2%}"
-        log.info("%s vs %s: Jaccard %s (%d shared of %d), sign conflicts on shared entries %s",
-                 inputs[i].path.name, inputs[j].path.name, jaccard, s.shared, s.union, conflicts)
+class _Merger:
+    """One tensor's merged delta from every input, counting the inputs' pairwise overlaps on the way."""
+
+    def __init__(self, cfg: MergeConfig, inputs: list[Artifact], params: dict):
+        self.cfg, self.inputs, self.params = cfg, inputs, params
+        self.pairs = list(itertools.combinations(range(len(inputs)), 2))
+        self.stats = {pair: Overlap() for pair in self.pairs}
+        # sparse inputs of an elementwise method merge at the union of their positions
+        self.sparse = METHODS[cfg.method].elementwise and all(a.kind == "sparse_delta" for a in inputs)
+
+    def _merged(self, name: str, deltas: list[torch.Tensor]) -> torch.Tensor:
+        for i, j in self.pairs:
+            self.stats[i, j] += delta_overlap(deltas[i], deltas[j])
+        return merge(self.cfg.method, deltas, name=name, scale=self.cfg.scale, **self.params)
+
+    def dense(self, name: str) -> torch.Tensor:
+        """The merged delta of `name` as a dense float32 tensor."""
+        deltas = [a.dense(name) for a in self.inputs]
+        for artifact, delta in zip(self.inputs, deltas):
+            if not torch.isfinite(delta).all():
+                raise LotaError(f"{artifact.path}: tensor {name!r} holds NaN or Inf values; the run that made it "
+                                "diverged, so redo it (lower train.lr)")
+        return self._merged(name, deltas)
+
+    def at_positions(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sorted flat positions, merged float32 values there) of `name`, for `sparse` mergers: each input's
+        values are laid over the union of positions (zeros elsewhere), which an elementwise method merges
+        exactly as it would the dense tensors."""
+        positions = [a.indices(name).long() for a in self.inputs]
+        union = torch.unique(torch.cat(positions))
+        deltas = []
+        for artifact, where in zip(self.inputs, positions):
+            compact = torch.zeros(union.numel(), dtype=torch.float32)
+            compact[torch.searchsorted(union, where)] = artifact.values(name).float()
+            deltas.append(compact)
+        return union, self._merged(name, deltas)
+
+    def log_overlaps(self) -> None:
+        for (i, j), s in self.stats.items():
+            jaccard = "n/a" if s.jaccard is None else f"{s.jaccard:.4f}"
+            conflicts = "n/a" if s.sign_conflicts is None else f"{s.sign_conflicts:.2%}"
+            log.info("%s vs %s: Jaccard %s (%d shared of %d), sign conflicts on shared entries %s",
+                     self.inputs[i].path.name, self.inputs[j].path.name, jaccard, s.shared, s.union, conflicts)
+
+
+def _recorded_model(inputs: list[Artifact], dtype: str) -> ModelConfig:
+    """The base model the inputs were made from, as recorded in their metadata, in the output dtype."""
+    recorded = next((a.meta.config["model"] for a in inputs if isinstance(a.meta.config.get("model"), dict)), None)
+    if recorded is None:
+        raise LotaError(f"none of {[str(a.path) for a in inputs]} records the model it was made from (a merge's "
+                        "own output does not); merge to a task vector instead and apply it with `lota eval`")
+    # gradient checkpointing would change the saved config's use_cache
+    return ModelConfig(**{**recorded, "dtype": dtype, "gradient_checkpointing": False})
+
+
+def _into_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger) -> Path:
+    """Write base + merged delta as a model directory at cfg.output_model, streaming the base's shards."""
+    from lota_cli.checkpoint import Checkpoint, ShardedWriter, local_directory
+    from lota_cli.models import fingerprint_of, state_dict_sources
+
+    model_cfg = _recorded_model(inputs, cfg.dtype)
+    directory, why_not = local_directory(model_cfg)
+    checkpoint = Checkpoint(directory) if directory is not None else None
+    sources = state_dict_sources(model_cfg, checkpoint) if checkpoint is not None else None
+    if sources is None:
+        log.info("the base %s cannot be streamed (%s): loading it as a model", model_cfg.path,
+                 why_not or "its checkpoint names are not the model's parameter names")
+        return _through_model(cfg, inputs, merger, model_cfg)
+
+    first = inputs[0]
+    first.check_base(fingerprint_of(_mapped(checkpoint, sources)), model_cfg.path)
+    delta_of = {}  # checkpoint tensor -> the delta tensor added to it
+    for name in first.names:
+        if name not in sources:
+            raise LotaError(f"{first.path} has tensor {name!r}, which this model does not have; it was made for "
+                            "another architecture: use artifacts made from this base model")
+        if sources[name] in delta_of:
+            raise LotaError(f"{first.path} has deltas for both {delta_of[sources[name]]!r} and {name!r}, which are "
+                            "one tied weight of this model; merge them into one first")
+        delta_of[sources[name]] = name
+    dtype = DTYPES[cfg.dtype]
+    log.info("streaming %s (%d tensors) into %s", directory, len(checkpoint.names), cfg.output_model)
+    layout = {name: (dtype, checkpoint.shape(name)) for name in checkpoint.names}
+    with ShardedWriter(cfg.output_model, layout, parse_size(cfg.shard_size)) as writer:
+        for name in checkpoint.names:
+            pieces = ((start, piece.to(dtype)) for start, piece in checkpoint.pieces(name))
+            if name in delta_of and merger.sparse:
+                pieces = _add_at(pieces, *merger.at_positions(delta_of[name]))
+            elif name in delta_of:
+                pieces = _add_dense(pieces, merger.dense(delta_of[name]).reshape(-1))
+            writer.write_pieces(name, (piece for _, piece in pieces))
+        writer.copy_files(directory, skip={p.name for p in directory.iterdir() if p.name.endswith(WEIGHT_FILES)})
+        _set_dtype(writer.tmp / "config.json", cfg.dtype)
+    return Path(cfg.output_model)
+
+
+def _mapped(checkpoint, sources: dict[str, str]):
+    """(state_dict name, shape, flat memory-mapped tensor) for fingerprint_of, one mapping open at a time."""
+    for name, source in sources.items():
+        with checkpoint.mapped(source) as flat:
+            yield name, checkpoint.shape(source), flat
+
+
+def _add_at(pieces, positions: torch.Tensor, values: torch.Tensor):
+    """Base pieces with float32 `values` added at flat `positions`, rounded once to the pieces' dtype: the same
+    arithmetic, entry by entry, as adding the dense delta (whose other entries are 0)."""
+    for start, piece in pieces:
+        lo, hi = torch.searchsorted(positions, torch.tensor([start, start + piece.numel()])).tolist()
+        local = positions[lo:hi] - start
+        piece[local] = (piece[local].float() + values[lo:hi]).to(piece.dtype)
+        yield start, piece
+
+
+def _add_dense(pieces, delta: torch.Tensor):
+    for start, piece in pieces:
+        yield start, (piece.float() + delta[start:start + piece.numel()]).to(piece.dtype)
+
+
+def _set_dtype(config: Path, dtype: str) -> None:
+    """The copied config.json names the dtype the weights are now stored in."""
+    if not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    data["dtype"] = dtype
+    if "torch_dtype" in data:
+        data["torch_dtype"] = dtype
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _through_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger, model_cfg: ModelConfig) -> Path:
+    """The base loaded as a model (GGUF, renamed weights), the merged deltas added, the model saved."""
+    from lota_cli.models import check_tensor, fingerprint, load_model, save_model
+
+    model, tokenizer = load_model(model_cfg)
+    first = inputs[0]
+    first.check_base(fingerprint(model), model_cfg.path)
+    with torch.no_grad():
+        for name in first.names:
+            param = check_tensor(model, name, first.shape(name), str(first.path))
+            param.copy_((param.float() + merger.dense(name).view(param.shape)).to(param.dtype))  # round once
+    return save_model(model, tokenizer, Path(cfg.output_model), cfg.shard_size)

@@ -1,0 +1,201 @@
+"""A Hugging Face safetensors checkpoint read and written tensor by tensor, never as a model object.
+
+`Checkpoint` opens a model directory's `model.safetensors` or the shards `model.safetensors.index.json`
+names, and refuses at once (one line, before anything is written) a missing shard, a shard that is
+truncated or not safetensors, or an index naming a tensor its shard does not hold. Tensor data is then read
+in flat pieces through a small private memory map of just that range (artifacts.mapped_range), so streaming
+a 16 GB model keeps one piece resident, not every page read so far. `ShardedWriter` writes tensors into
+output shards of at most `shard_size` bytes plus the index, as `save_pretrained` lays them out, into a
+temporary directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from lota_cli import LotaError
+from lota_cli.artifacts import _TORCH_DTYPES, TensorFileWriter, _read_header, mapped_range
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+PIECE = 1 << 24  # entries per piece when a tensor is streamed
+
+
+class Checkpoint:
+    """The tensors of a local model directory's safetensors checkpoint: names in file order, shape, dtype,
+    and their data in pieces."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        files = self._shard_files()
+        self._where: dict[str, tuple[Path, dict, int]] = {}  # name -> (shard, header entry, data start)
+        for shard, names in files.items():
+            if not shard.is_file():
+                raise LotaError(f"{self.directory / INDEX} names shard {shard.name}, which is missing; copy the "
+                                "model again (all of its shards)")
+            header, raw = _read_header(shard)
+            entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((v["data_offsets"][1] for v in entries.values()), default=0)
+            if 8 + len(raw) + end != shard.stat().st_size:
+                raise LotaError(f"{shard} is truncated or damaged: its header promises {8 + len(raw) + end:,} bytes, "
+                                f"the file has {shard.stat().st_size:,}; copy the model again")
+            for name in names if names is not None else entries:
+                if name not in entries:
+                    raise LotaError(f"{self.directory / INDEX} puts tensor {name!r} in {shard.name}, which does not "
+                                    "hold it; the index and the shards are of different models: copy the model again")
+                if entries[name]["dtype"] not in _SUPPORTED:
+                    raise LotaError(f"{shard}: tensor {name!r} is stored as {entries[name]['dtype']}, which lota "
+                                    "does not stream; give a model stored in float32, bfloat16 or float16")
+                self._where[name] = (shard, entries[name], 8 + len(raw))
+
+    def _shard_files(self) -> dict[Path, list[str] | None]:
+        """shard -> the tensor names the index puts there (None: a single file, all of its tensors)."""
+        index = self.directory / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise LotaError(f"{index} is not a safetensors index (no weight_map); copy the model again") from None
+            files: dict[Path, list[str]] = {}
+            for name, shard in weight_map.items():
+                files.setdefault(self.directory / shard, []).append(name)
+            return files
+        if (self.directory / SINGLE).is_file():
+            return {self.directory / SINGLE: None}
+        raise LotaError(f"{self.directory} holds neither {SINGLE} nor {INDEX}; give a model saved as safetensors")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][1]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _TORCH_DTYPES[self._where[name][1]["dtype"]]
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.shape(name))
+
+    def mapped(self, name: str, start: int = 0, stop: int | None = None):
+        """Flat entries [start, stop) of `name` over a private memory map (valid inside the `with`)."""
+        shard, entry, data_start = self._where[name]
+        stop = self.numel(name) if stop is None else stop
+        size = torch.tensor([], dtype=self.dtype(name)).element_size()
+        return mapped_range(shard, data_start + entry["data_offsets"][0] + start * size, stop - start,
+                            self.dtype(name))
+
+    def pieces(self, name: str, piece: int = PIECE) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, a copy of flat entries [start, start + piece)) over the tensor; each refused if it holds
+        NaN or Inf, as loading the model would be."""
+        n = self.numel(name)
+        for start in range(0, n, piece):
+            with self.mapped(name, start, min(n, start + piece)) as view:
+                chunk = view.clone()
+                del view
+            if not bool(torch.isfinite(chunk).all()):
+                raise LotaError(f"model {str(self.directory)!r}: weight {name!r} holds NaN or Inf values; the model "
+                                "files are damaged or the model diverged: use an intact copy")
+            yield start, chunk
+
+
+_SUPPORTED = {"F32", "BF16", "F16"}
+
+
+class ShardedWriter:
+    """Writes a model's tensors, in a given order, as safetensors shards of at most `shard_size` bytes (a
+    tensor larger than that gets a shard of its own), plus `model.safetensors.index.json` when there is more
+    than one, into a temporary directory beside `directory`; `commit` renames it into place.
+
+    layout: name -> (dtype, shape), in the order the tensors will be written.
+    """
+
+    def __init__(self, directory: str | Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], shard_size: int):
+        self.directory = Path(directory)
+        self.groups: list[dict] = [{}]
+        filled = 0
+        for name, (dtype, shape) in layout.items():
+            size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+            if self.groups[-1] and filled + size > shard_size:
+                self.groups.append({})
+                filled = 0
+            self.groups[-1][name] = (dtype, shape)
+            filled += size
+        count = len(self.groups)
+        self.files = [SINGLE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+                                                  for i in range(count)]
+        self.total_size = sum(math.prod(s) * torch.tensor([], dtype=d).element_size() for d, s in layout.values())
+
+    def __enter__(self) -> "ShardedWriter":
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", dir=self.directory.parent))
+        self._shards = iter(zip(self.files, self.groups))
+        self._writer = None
+        self._left: list[str] = []
+        return self
+
+    def write_pieces(self, name: str, pieces) -> None:
+        if not self._left:  # the next shard
+            if self._writer is not None:
+                self._writer.__exit__(None, None, None)
+            file, group = next(self._shards)
+            self._writer = TensorFileWriter(self.tmp / file, group).__enter__()
+            self._left = list(group)
+        if name != self._left[0]:
+            raise ValueError(f"writing {name} out of order (expected {self._left[0]})")
+        self._writer.write_pieces(name, pieces)
+        self._left.pop(0)
+
+    def copy_files(self, source: Path, skip: set[str]) -> None:
+        """Copy the files of `source` other than `skip` (config, tokenizer, generation config, ...)."""
+        for path in sorted(source.iterdir()):
+            if path.is_file() and path.name not in skip and not path.name.startswith("."):
+                shutil.copy2(path, self.tmp / path.name)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self._writer is not None:
+                self._writer.__exit__(exc_type, exc, tb)
+            if exc_type is None:
+                if self._left or next(self._shards, None) is not None:
+                    raise ValueError(f"{self.directory}: tensors left unwritten")
+                if len(self.files) > 1:
+                    weight_map = {name: file for file, group in zip(self.files, self.groups) for name in group}
+                    (self.tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total_size},
+                                                              "weight_map": weight_map}, indent=2) + "\n")
+                if self.directory.exists():
+                    shutil.rmtree(self.directory)
+                os.replace(self.tmp, self.directory)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def local_directory(cfg) -> tuple[Path | None, str]:
+    """The local directory holding model `cfg`'s safetensors (a hub id: its snapshot in the HF cache, fetched
+    when online), or (None, why it cannot be streamed)."""
+    if cfg.gguf_file:
+        return None, "a GGUF file is dequantized on load"
+    path = Path(cfg.path).expanduser()
+    if path.is_dir():
+        if not (path / SINGLE).is_file() and not (path / INDEX).is_file():
+            return None, "it has no safetensors checkpoint"
+        return path, ""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(cfg.path, revision=cfg.revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])), ""
+    except Exception as err:  # offline without a cached copy, a missing repo: the model path says what is wrong
+        return None, f"no local copy of {cfg.path} ({type(err).__name__})"

@@ -1,0 +1,171 @@
+"""lota merge ... output_model=: the base's safetensors shards streamed tensor by tensor (no model object),
+checked against the loaded-model path it replaces, on sharded, single-file and tied-embedding bases, and
+its refusals of damaged checkpoints."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lota_cli import checkpoint as checkpoint_module
+from lota_cli.config import MergeConfig, ModelConfig, ParamsConfig
+from lota_cli.stages import merge as merge_stage
+from lota_cli.testing import lota
+from test_merge import disjoint_deltas, write_dense, write_sparse
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def make_base(directory: Path, tied: bool, shard_size: str | None) -> Path:
+    """A 2-layer Llama (the conftest tokenizer), saved sharded (shard_size) or as one file."""
+    from conftest import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory, **({"max_shard_size": shard_size} if shard_size else {}))
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", params=["sharded", "single", "tied"])
+def base(request, tmp_path_factory):
+    """(model directory, model config dict, fingerprint, selected shapes) of a bf16 base."""
+    from lota_cli.models import fingerprint, load_model, select_params
+
+    directory = make_base(tmp_path_factory.mktemp("base") / request.param, tied=request.param == "tied",
+                          shard_size="60KB" if request.param == "sharded" else None)
+    if request.param == "sharded":
+        assert (directory / "model.safetensors.index.json").is_file()
+    model_cfg = ModelConfig(path=str(directory), dtype="bfloat16")
+    model, _ = load_model(model_cfg)
+    shapes = {n: tuple(model.get_parameter(n).shape) for n in select_params(model, ParamsConfig())}
+    return directory, asdict(model_cfg), fingerprint(model), shapes
+
+
+def _merge(tmp_path, inputs, streamed: bool, monkeypatch, **options) -> Path:
+    target = tmp_path / ("streamed" if streamed else "loaded")
+    with monkeypatch.context() as patch:
+        if not streamed:  # today's path: the base loaded as a model, deltas added, saved
+            patch.setattr(checkpoint_module, "local_directory", lambda cfg: (None, "test"))
+        else:  # and never that path when streaming
+            patch.setattr(merge_stage, "_through_model", lambda *args: pytest.fail("the base was loaded"))
+        merge_stage.run(MergeConfig(inputs=[str(p) for p in inputs], out=str(tmp_path), output_model=str(target),
+                                    **options), tmp_path / "run")
+    return target
+
+
+@pytest.mark.parametrize("method,dense_b,dtype", [("sum", False, "float32"), ("task_arithmetic", False, "bfloat16"),
+                                                  ("ties", True, "bfloat16")])
+def test_streamed_merge_equals_the_loaded_model_path(tmp_path, base, monkeypatch, method, dense_b, dtype):
+    directory, model_cfg, fp, shapes = base
+    da, db = disjoint_deltas(shapes, seed=2, density=0.2)
+    db = {n: d + 1e-3 * (torch.arange(d.numel()).view(d.shape) % 3 == 0) for n, d in db.items()}  # overlaps a
+    a = write_sparse(tmp_path / "a.safetensors", da, fp, model_cfg)
+    b = (write_dense if dense_b else write_sparse)(tmp_path / "b.safetensors", db, fp, model_cfg)
+    options = {"method": method, "dtype": dtype, "shard_size": "50KB"}
+    if method == "task_arithmetic":
+        options["weights"] = [0.7, 1.3]
+    streamed = _merge(tmp_path, [a, b], True, monkeypatch, **options)
+    loaded = _merge(tmp_path, [a, b], False, monkeypatch, **options)
+
+    ours, theirs = saved_tensors(streamed), saved_tensors(loaded)
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype == getattr(torch, dtype), name
+        assert torch.equal(ours[name], tensor), name
+    changed = [n for n in shapes if not torch.equal(ours[n].float(), saved_tensors(directory)[n].float())]
+    assert changed == list(shapes)  # every selected tensor got its delta
+    index = json.loads((streamed / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(ours) and len(set(index["weight_map"].values())) > 1
+    assert json.loads((streamed / "config.json").read_text())["dtype"] == dtype
+    assert (streamed / "tokenizer.json").is_file()
+
+
+def test_streamed_model_loads_and_runs(tmp_path, base, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, model_cfg, fp, shapes = base
+    da, _ = disjoint_deltas(shapes, seed=4)
+    a = write_sparse(tmp_path / "a.safetensors", da, fp, model_cfg)
+    streamed = _merge(tmp_path, [a], True, monkeypatch, dtype="bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(streamed)
+    tokenizer = AutoTokenizer.from_pretrained(streamed)
+    assert model.dtype == torch.bfloat16
+    logits = model(**tokenizer("1 + 2 =", return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
+    if base[0].name == "tied":
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def _damage(directory: Path, how: str) -> None:
+    index = directory / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    shard = directory / sorted(set(weight_map.values()))[-1]
+    if how == "missing shard":
+        shard.unlink()
+    elif how == "index names a missing tensor":
+        weight_map["model.layers.9.mlp.up_proj.weight"] = shard.name
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:  # truncated
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size - 100)
+
+
+@pytest.mark.parametrize("how", ["missing shard", "index names a missing tensor", "truncated shard"])
+def test_damaged_base_checkpoint_is_one_line_and_writes_nothing(tmp_path, tmp_path_factory, how):
+    directory = make_base(tmp_path / "base", tied=False, shard_size="60KB")
+    model_cfg = asdict(ModelConfig(path=str(directory)))
+    from lota_cli.models import fingerprint, load_model
+
+    fp = fingerprint(load_model(ModelConfig(path=str(directory)))[0])
+    name = "model.layers.0.mlp.up_proj.weight"
+    a = write_sparse(tmp_path / "a.safetensors", {name: torch.eye(128, 64)[:, :64] * 0.01}, fp, model_cfg)
+    _damage(directory, how)
+    target = tmp_path / "merged"
+    result = lota("merge", a, f"output_model={target}", f"out={tmp_path / 'run'}", check=False, cwd=ROOT, timeout=120)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and errors[0].startswith("lota merge: error:"), result.stderr
+    assert {"missing shard": "missing", "index names a missing tensor": "does not hold it",
+            "truncated shard": "truncated"}[how] in errors[0]
+    assert result.stdout == "" and not target.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
+
+
+def test_nan_in_the_base_is_refused_naming_the_weight(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory = make_base(tmp_path / "base", tied=False, shard_size=None)
+    tensors = load_file(directory / "model.safetensors")
+    from lota_cli.models import fingerprint, load_model
+
+    fp = fingerprint(load_model(ModelConfig(path=str(directory)))[0])
+    name = "model.embed_tokens.weight"
+    tensors[name].view(-1)[1] = float("nan")  # an entry the base fingerprint does not sample
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    a = write_sparse(tmp_path / "a.safetensors", {"model.layers.0.mlp.up_proj.weight": torch.ones(128, 64) * 0.01},
+                     fp, asdict(ModelConfig(path=str(directory))))
+    target = tmp_path / "merged"
+    result = lota("merge", a, f"output_model={target}", f"out={tmp_path / 'run'}", check=False, cwd=ROOT, timeout=120)
+    assert result.returncode == 1 and not target.exists()
+    assert result.stderr.strip().splitlines()[-1:] == [
+        f"lota merge: error: model {str(directory)!r}: weight {name!r} holds NaN or Inf values; the model files are "
+        "damaged or the model diverged: use an intact copy"]
