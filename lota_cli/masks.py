@@ -5,20 +5,23 @@ task vector in RAM. Here selection streams the tensors in fixed-size flat pieces
 reused buffers, so the memory it adds is the output bits (1 bit per entry) plus a few MiB, whatever the size
 of the model, and each piece is read once per pass straight from the page cache (StoredTensor.mapped):
 
-  1. A sample of random rows of every tensor estimates how many entries lie above any value, with a
-     standard error that allows for rows being alike (cluster sampling); this brackets the k-th largest
-     |value| between lo and hi, Z standard errors either side.
+  1. A sample of random blocks of 64 consecutive entries of every tensor (at least 1M entries or 1/1024 of
+     them, and 32 blocks of each tensor) estimates how many entries lie above any value, with a standard
+     error that allows for neighbouring entries being alike (cluster sampling); this brackets the k-th
+     largest |value| between lo and hi, Z standard errors either side. Small blocks from many rows keep the
+     bracket narrow also when layers and rows differ in scale by orders of magnitude (a task vector after a
+     step or two of calibration), so one pass suffices there too.
   2. One pass: entries > hi are surely selected (kept as packed bits), entries in the band [lo, hi] are
      candidates (position and value kept: a small fraction of the entries); every value is also checked
      to be finite. The candidates are then resolved exactly (np.partition finds the threshold among them).
-  3. Only when the band holds too many entries does the pass count them in a 65536-bin histogram of their
-     float bits instead, which narrows the band for one more pass (rarely two); a bracket that missed
-     restarts from the full range of values. So the usual cost is one pass, and three the worst.
+  3. Only when the band holds too many entries (candidate_budget) does the pass count them in a 65536-bin
+     histogram of their float bits instead, which narrows the band for one more pass (rarely two); a
+     bracket that missed restarts from the full range of values. So the usual cost is one pass.
 
 Either way exactly k entries are chosen; ties at the threshold go to the entry that comes first (tensor
-order, then row-major position), so the result is deterministic and does not depend on the sample.
-The per-piece work is numpy's, single-threaded, which on pieces this size beats handing each operation to
-torch's thread pool (and is far steadier when other jobs share the cores).
+order, then row-major position), so the result is deterministic and depends neither on the sample nor on
+the number of threads. The per-piece work is numpy's (SIMD, the GIL released), and the tensors of a pass
+are scanned on torch's intra-op thread count of threads (OMP_NUM_THREADS), each in buffers of its own.
 
 A source is a mapping from tensor name to a torch tensor, a safetensors slice, or an Artifact's StoredTensor
 (artifacts.Artifact.raw), which streams from the page cache without copying (see StoredTensor.mapped).
@@ -28,6 +31,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -37,11 +42,12 @@ from lota_cli import LotaError
 
 EXCLUDED = -1.0  # |delta| is never negative, so excluded entries can never be selected
 CHUNK = 1 << 20  # entries per piece of the streaming pass: 4 MiB of float32, small enough to stay in cache
-SAMPLE_SIZE = 1 << 20  # values the sample aims at (more where every tensor gets MIN_SAMPLE_BLOCKS rows)
-MIN_SAMPLE_BLOCKS = 8  # rows sampled from every tensor at least (all of them when it has fewer)
-BLOCK_MAX = 8192  # sampling unit: one row, or a piece of this many entries of a longer row / 1-D tensor
+SAMPLE_SIZE = 1 << 20  # values the sample aims at, at least (1/1024 of the entries when that is more)
+MIN_SAMPLE_BLOCKS = 32  # blocks sampled from every tensor at least (all of them when it has fewer)
+BLOCK = 64  # sampling unit: consecutive entries (a quarter page of float32: many rows sampled for its cost)
 Z = 6.0  # bracket half-width, in standard errors of the estimated count above a value
 CANDIDATE_BUDGET = 0.02  # keep at most this fraction of all entries as candidates; beyond it, histogram
+CANDIDATE_CAP = 1 << 26  # and at most this many (8 bytes each: 512 MiB) whatever the model's size
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -89,19 +95,34 @@ def _shape(x) -> tuple[int, ...]:
 
 
 class _Stream:
-    """|value| of a source's tensors as flat float32, piece by piece, in buffers reused throughout.
+    """|value| of a source's tensors as flat float32, piece by piece, in buffers reused by each thread.
 
-    The per-piece work is numpy's (single-threaded SIMD): on pieces this size, handing each operation to a
-    thread pool costs more than it saves, badly so on a busy machine. Excluded entries read as EXCLUDED; a
-    NaN or Inf anywhere is refused, naming the tensor.
+    The per-piece work is numpy's (SIMD, the GIL released), so tensors can be scanned on several threads
+    at once (`threads`, torch's intra-op thread count: OMP_NUM_THREADS=1 keeps one). Excluded entries read
+    as EXCLUDED; a NaN or Inf anywhere is refused, naming the tensor.
     """
 
     def __init__(self, source: Mapping, excluded: Mapping[str, torch.Tensor] | None):
         self.source, self.excluded = source, excluded or {}
         self.numel = {n: math.prod(_shape(source[n])) for n in source}
-        size = min(CHUNK, max(self.numel.values(), default=1))
-        self.mag = np.empty(size, dtype=np.float32)
-        self.flags = np.empty(size, dtype=np.bool_), np.empty(size, dtype=np.bool_)
+        self._size = min(CHUNK, max(self.numel.values(), default=1))
+        self._local = threading.local()
+        self.threads = max(1, min(torch.get_num_threads(), len(self.numel)))
+
+    def buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This thread's (|values|, flags, flags) buffers of CHUNK entries."""
+        local = self._local
+        if not hasattr(local, "mag"):
+            local.mag = np.empty(self._size, dtype=np.float32)
+            local.flags = np.empty(self._size, dtype=np.bool_), np.empty(self._size, dtype=np.bool_)
+        return local.mag, *local.flags
+
+    def map(self, fn, names: list[str]) -> list:
+        """[fn(name) for name in names], on `threads` threads, in order."""
+        if self.threads == 1:
+            return [fn(name) for name in names]
+        with ThreadPoolExecutor(self.threads) as pool:
+            return list(pool.map(fn, names))
 
     @staticmethod
     def _abs(piece: torch.Tensor, out: np.ndarray) -> None:
@@ -122,6 +143,17 @@ class _Stream:
             return None
         return (x if isinstance(x, torch.Tensor) else x[:]).detach().reshape(-1).cpu()
 
+    def _finite(self, name: str, out: np.ndarray) -> None:
+        top = out.max() if out.size else 0.0
+        if not math.isfinite(top):  # max propagates NaN, and is Inf if any entry is
+            raise LotaError(f"tensor {name!r} holds NaN or Inf values; the run that made it diverged, so redo it "
+                            "(lower train.lr, or enable train.max_grad_norm)")
+
+    def _exclude(self, name: str, positions: np.ndarray, out: np.ndarray) -> None:
+        if name in self.excluded:
+            bits = self.excluded[name].numpy()
+            out[((bits[positions >> 3] >> (positions & 7)) & 1).astype(np.bool_)] = EXCLUDED
+
     def read_into(self, name: str, start: int, stop: int, flat: torch.Tensor | None, out: np.ndarray) -> np.ndarray:
         """|values| of entries [start, stop) of `name` into `out` (float32, stop - start long)."""
         if flat is not None:
@@ -130,52 +162,72 @@ class _Stream:
             with self.source[name].mapped(start, stop) as piece:  # copy-free: the abs reads the page cache
                 self._abs(piece, out)
                 del piece  # before the mapping closes
-        top = out.max()
-        if not math.isfinite(top):  # max propagates NaN, and is Inf if any entry is
-            raise LotaError(f"tensor {name!r} holds NaN or Inf values; the run that made it diverged, so redo it "
-                            "(lower train.lr, or enable train.max_grad_norm)")
+        self._finite(name, out)
         if name in self.excluded:  # (start need not be a multiple of 8: sampled rows)
             bits = self.excluded[name].numpy()[start // 8:(start + out.size + 7) // 8]
             skip = start % 8
             out[np.unpackbits(bits, count=skip + out.size, bitorder="little")[skip:].view(np.bool_)] = EXCLUDED
         return out
 
+    def gather(self, name: str, starts: np.ndarray, block: int) -> np.ndarray:
+        """|values| of the blocks of `block` entries at `starts`, as a (blocks, block) matrix; entries past
+        the tensor's end read as EXCLUDED. One mapping of the tensor: only the sampled pages are read."""
+        n = self.numel[name]
+        positions = starts[:, None] + np.arange(block)
+        inside = positions < n
+        positions = np.minimum(positions, n - 1).reshape(-1)
+        out = np.empty(positions.size, dtype=np.float32)
+        flat = self._flat(name)
+        index = torch.from_numpy(positions)
+        if flat is not None:
+            self._abs(flat[index], out)
+        else:
+            with self.source[name].mapped() as whole:
+                self._abs(whole[index], out)
+                del whole
+        self._finite(name, out)
+        self._exclude(name, positions, out)
+        out = out.reshape(-1, block)
+        out[~inside] = EXCLUDED
+        return out
+
     def chunks(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
         """(start, |values| of entries [start, start + CHUNK)) over the tensor; each array is valid until the
-        next step."""
+        next step, in this thread's buffer."""
         n, flat = self.numel[name], self._flat(name)
+        mag = self.buffers()[0]
         for start in range(0, n, CHUNK):
             stop = min(n, start + CHUNK)
-            yield start, self.read_into(name, start, stop, flat, self.mag[:stop - start])
+            yield start, self.read_into(name, start, stop, flat, mag[:stop - start])
 
 
 # --------------------------------------------------------------------------- selection
 
 def _bracket(stream: _Stream, names: list[str], k: int, total: int, seed: int = 0) -> tuple[float, float]:
-    """(lo, hi): values with, by a random-row estimate, fewer than k entries above hi and more than k at or
+    """(lo, hi): values with, by a random-block estimate, fewer than k entries above hi and more than k at or
     above lo, each Z standard errors away from k. Exact when the sample covers every entry."""
     gen = torch.Generator().manual_seed(seed)
-    fraction = min(1.0, SAMPLE_SIZE / max(total, 1))
-    strata = []  # (block matrix of sampled values, blocks in the tensor, blocks sampled, entries per value)
+    fraction = min(1.0, max(SAMPLE_SIZE, total >> 10) / max(total, 1))
+    plans = []  # (name, blocks in the tensor, sorted starts of the sampled blocks or None for all of it)
     for name in names:
-        n, shape = stream.numel[name], _shape(stream.source[name])
+        n = stream.numel[name]
         if n == 0:
             continue
-        row = math.prod(shape[1:]) if len(shape) >= 2 else n
-        block = max(1, min(row, BLOCK_MAX))
+        block = min(n, BLOCK)
         blocks = math.ceil(n / block)
         take = min(blocks, max(MIN_SAMPLE_BLOCKS, math.ceil(fraction * blocks)))
-        if take == blocks:  # small tensor: all of it, and no sampling error
+        picks = None if take == blocks else torch.randperm(blocks, generator=gen)[:take].sort().values.numpy()
+        plans.append((name, blocks, picks))
+
+    def sample(plan):
+        name, blocks, picks = plan
+        if picks is None:  # small tensor: all of it, and no sampling error
             values = np.concatenate([chunk.copy() for _, chunk in stream.chunks(name)])
-            strata.append((values.reshape(1, -1), 1, 1, 1.0))
-            continue
-        flat = stream._flat(name)
-        picks = torch.randperm(blocks, generator=gen)[:take].sort().values.tolist()
-        matrix = np.full((take, block), EXCLUDED, dtype=np.float32)
-        for i, b in enumerate(picks):
-            start, stop = b * block, min(n, (b + 1) * block)
-            stream.read_into(name, start, stop, flat, matrix[i, :stop - start])
-        strata.append((matrix, blocks, take, blocks / take))
+            return values.reshape(1, -1), 1, 1, 1.0
+        block = min(stream.numel[name], BLOCK)
+        return stream.gather(name, picks.astype(np.int64) * block, block), blocks, picks.size, blocks / picks.size
+
+    strata = stream.map(sample, plans)  # (block matrix of sampled values, blocks, blocks sampled, weight)
 
     # weighted values, largest first: key = (float bits << 32) | stratum, sorted as uint64 (fast, SIMD)
     keys = []
@@ -235,25 +287,25 @@ def _pass(stream: _Stream, names: list[str], k: int, lo: float, hi: float, budge
         in order, on the fly;
       - otherwise: a 65536-bin histogram of the band (over the float bits) narrows it for another pass.
     Returns ('done', bits), ('narrow', lo, hi, entries above hi), or ('miss',) when fewer than k entries
-    are >= lo or more than k are > hi.
+    are >= lo or more than k are > hi. Tensors are scanned on stream.threads threads, except in the
+    one-value case, whose ties go to the first entries in tensor order.
     """
-    sure_flags, band_flags = stream.flags
+    if above_known is not None and lo == hi:
+        return _pass_ties(stream, names, k, lo, above_known)
     lo_bits = _float_bits(lo)
     shift = max(0, (_float_bits(hi) - lo_bits).bit_length() - 16)
-    ties_left = k - above_known if above_known is not None and lo == hi else None
-    hist = None
-    bits, candidates = {}, []
-    n_sure = n_band = 0
+    band_total = [0]
+    lock = threading.Lock()
 
-    def histogram(values: np.ndarray) -> None:
-        nonlocal hist
-        counts = np.bincount((values.view(np.int32) - lo_bits) >> shift, minlength=1 << 16)
-        hist = counts if hist is None else hist + counts
+    def histogram(values: np.ndarray) -> np.ndarray:
+        return np.bincount((values.view(np.int32) - lo_bits) >> shift, minlength=1 << 16)
 
-    for name in names:
+    def scan(name: str):
+        """(packed bits of entries > hi, band positions, band values or None, band histogram or None)."""
+        _, sure_flags, band_flags = stream.buffers()
         n = stream.numel[name]
         packed = np.empty((n + 7) // 8, dtype=np.uint8)
-        positions, values = [], []
+        positions, values, hist = [], [], None
         for start, mag in stream.chunks(name):
             c = mag.size
             sure = np.packbits(np.greater(mag, hi, out=sure_flags[:c]), bitorder="little")
@@ -261,61 +313,87 @@ def _pass(stream: _Stream, names: list[str], k: int, lo: float, hi: float, budge
             packed[start // 8:(start + c + 7) // 8] = sure
             np.bitwise_xor(at_least, sure, out=at_least)  # lo <= |value| <= hi, as packed bits
             where = _positions(at_least)
-            n_band += where.size
             if not where.size:
                 continue
-            if ties_left is not None:  # one value: the first ties_left entries holding it
-                _set_bits(packed, where[:ties_left] + start)
-                ties_left -= min(ties_left, where.size)
-            elif hist is not None:
-                histogram(mag[where])
+            with lock:
+                band_total[0] += where.size
+                wide = band_total[0] > budget
+            if wide:  # too wide to keep: count it instead, with what this tensor kept so far
+                hist = np.zeros(1 << 16, dtype=np.int64) if hist is None else hist
+                for kept in [*values, mag[where]]:
+                    hist += histogram(kept)
+                positions, values = [], []
             else:
                 positions.append(where + start)
                 values.append(mag[where])
-                if n_band > budget:  # too wide to keep: count it instead
-                    for earlier in [v for _, v in candidates] + values:
-                        histogram(earlier)
-                    positions, values, candidates = [], [], []
-        n_sure += count_bits(packed)
-        bits[name] = packed
-        if hist is None and ties_left is None:
-            dtype = np.int32 if n < 2**31 else np.int64
-            candidates.append((np.concatenate(positions).astype(dtype) if positions else np.empty(0, dtype),
-                               np.concatenate(values) if values else np.empty(0, np.float32)))
+        dtype = np.int32 if n < 2**31 else np.int64
+        return (packed, np.concatenate(positions).astype(dtype) if positions else np.empty(0, dtype),
+                np.concatenate(values) if values else np.empty(0, np.float32), hist)
 
-    if ties_left is not None:
-        n_sure -= k - above_known - ties_left  # the ties taken were counted in with the sure entries
-        if n_sure != above_known:
-            return ("miss",)
+    scans = stream.map(scan, names)
+    bits = {name: packed for name, (packed, *_rest) in zip(names, scans)}
+    n_sure = sum(count_bits(b) for b in bits.values())
+    n_band = band_total[0]
     if n_sure > k or n_sure + n_band < k:
         return ("miss",)
     need = k - n_sure
-    if ties_left is not None or need == 0:
+    if need == 0:
         return ("done", {name: torch.from_numpy(b) for name, b in bits.items()})
-    if hist is not None:
+    if n_band > budget:  # narrow: every band entry counted in one histogram, whichever tensor kept it
+        hist = np.zeros(1 << 16, dtype=np.int64)
+        for _, _, values, part in scans:
+            hist += histogram(values) if part is None else part
         above = np.cumsum(hist[::-1])[::-1]  # above[j]: band entries in bins >= j
         j = int(np.flatnonzero(above >= need).max())
         n_above = n_sure + (int(above[j + 1]) if j + 1 < above.size else 0)
         bin_lo, bin_hi = lo_bits + (j << shift), min(_float_bits(hi), lo_bits + ((j + 1) << shift) - 1)
         as_float = np.array([bin_lo, bin_hi], dtype=np.int32).view(np.float32)
         return ("narrow", float(as_float[0]), float(as_float[1]), n_above)
-    if need:  # always, by now
-        pool = np.concatenate([v for _, v in candidates])
-        threshold = np.partition(pool, pool.size - need)[pool.size - need]  # the need-th largest
-        ties = need - int((pool > threshold).sum())
-        for name, (positions, values) in zip(names, candidates):
-            take = values > threshold
-            tied = np.flatnonzero(values == threshold)[:max(ties, 0)]
-            take[tied] = True
-            ties -= tied.size
-            _set_bits(bits[name], positions[take])
+    pool = np.concatenate([values for _, _, values, _ in scans])
+    threshold = np.partition(pool, pool.size - need)[pool.size - need]  # the need-th largest
+    ties = need - int((pool > threshold).sum())
+    for name, (_, positions, values, _) in zip(names, scans):
+        take = values > threshold
+        tied = np.flatnonzero(values == threshold)[:max(ties, 0)]
+        take[tied] = True
+        ties -= tied.size
+        _set_bits(bits[name], positions[take])
     return ("done", {name: torch.from_numpy(b) for name, b in bits.items()})
+
+
+def _pass_ties(stream: _Stream, names: list[str], k: int, value: float, above_known: int):
+    """_pass for a band of one value above which `above_known` entries lie: the entries > value and the first
+    k - above_known entries equal to it (tensor order, then row-major), taken on the fly in one thread."""
+    ties_left = k - above_known
+    bits, n_sure = {}, 0
+    _, sure_flags, band_flags = stream.buffers()
+    for name in names:
+        n = stream.numel[name]
+        packed = np.empty((n + 7) // 8, dtype=np.uint8)
+        for start, mag in stream.chunks(name):
+            c = mag.size
+            packed[start // 8:(start + c + 7) // 8] = np.packbits(np.greater(mag, value, out=sure_flags[:c]),
+                                                                 bitorder="little")
+            if ties_left:
+                where = np.flatnonzero(np.equal(mag, value, out=band_flags[:c]))[:ties_left]
+                _set_bits(packed, where + start)
+                ties_left -= where.size
+        n_sure += count_bits(packed)
+        bits[name] = packed
+    if ties_left or n_sure != k:
+        return ("miss",)
+    return ("done", {name: torch.from_numpy(b) for name, b in bits.items()})
+
+
+def candidate_budget(total: int) -> float:
+    """How many band entries a pass keeps as candidates before it counts them in a histogram instead."""
+    return max(min(CANDIDATE_BUDGET * total, CANDIDATE_CAP), 1 << 16)
 
 
 def _resolve(stream: _Stream, names: list[str], k: int, total: int, lo: float, hi: float) -> dict[str, torch.Tensor]:
     """Passes until the band around the k-th largest value is resolved: one when the bracket holds (the usual
     case), two or three when it is too wide, and a restart from the full range when it misses."""
-    budget = max(CANDIDATE_BUDGET * total, 1 << 16)
+    budget = candidate_budget(total)
     above_known = None
     for _ in range(8):  # each narrowing divides the band's range of float bits by 65536: 3 suffice
         result = _pass(stream, names, k, lo, hi, budget, above_known)

@@ -91,3 +91,62 @@ def test_encoding_picks_the_smaller_form():
 
 def test_k_is_rounded_exactly():
     assert k_for(0.9, 1000) == 100 and k_for(0.9, 15) == 2 and k_for(0.5, 3) == 2 and k_for(0.99, 10) == 0
+
+
+def _reference(source, k):
+    """Exact top-k by a stable sort of every |value| in (tensor, row-major) order: ties go to the first."""
+    values = torch.cat([t.reshape(-1).abs() for t in source.values()])
+    order = torch.sort(values, descending=True, stable=True).indices[:k]
+    chosen = torch.zeros(values.numel(), dtype=torch.bool)
+    chosen[order] = True
+    return dict(zip(source, chosen.split([t.numel() for t in source.values()])))
+
+
+def _skewed(seed=0, layers=8, integer=False):
+    """Tensors large enough to be sampled, whose scales fall by 3.5 orders of magnitude from the first to
+    the last and whose rows differ in scale, as after a step or two of calibration; `integer`: few distinct
+    values, so the threshold is a tie shared by many entries."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(layers):
+        t = torch.randn(256, 1024, generator=gen) * 10 ** (-3.5 * i / (layers - 1))
+        t *= torch.empty(256, 1, dtype=torch.float32).exponential_(1.0, generator=gen)
+        out[f"layers.{i}.w"] = (t * 1e4).round() if integer else t
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("integer", [False, True])
+def test_sampled_selection_on_layer_skewed_tensors_is_exact(monkeypatch, threads, integer):
+    source = _skewed(integer=integer)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    total = sum(t.numel() for t in source.values())
+    for k in (total // 10, total // 100):
+        masks = top_k_mask(source, k)
+        for name, want in _reference(source, k).items():
+            assert torch.equal(unpack_bits(masks[name], want.numel()), want), name
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_band_too_wide_for_the_budget_narrows_and_stays_exact(monkeypatch, threads):
+    """With a tiny candidate budget every selection goes through the histogram narrowing, and with integer
+    values through the one-value tie pass as well: still exactly the reference."""
+    from lota_cli import masks as masks_module
+
+    passes = []
+    original = masks_module._pass
+
+    def counted(*args, **kwargs):
+        result = original(*args, **kwargs)
+        passes.append(result[0])
+        return result
+
+    monkeypatch.setattr(masks_module, "_pass", counted)
+    monkeypatch.setattr(masks_module, "candidate_budget", lambda total: 100)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    source = _skewed(seed=1, layers=8, integer=True)
+    k = sum(t.numel() for t in source.values()) // 10
+    masks = top_k_mask(source, k)
+    assert "narrow" in passes and passes[-1] == "done"
+    for name, want in _reference(source, k).items():
+        assert torch.equal(unpack_bits(masks[name], want.numel()), want), name
