@@ -73,9 +73,15 @@ class Meta:
 
 
 def library_versions() -> dict[str, str]:
-    import transformers
+    """Versions recorded in artifacts; transformers' read from its metadata, not imported (a second of
+    start-up for the stages that never use it)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"lota": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        transformers = version("transformers")
+    except PackageNotFoundError:
+        transformers = "none"
+    return {"lota": __version__, "torch": torch.__version__, "transformers": transformers}
 
 
 def stage_meta(kind: str, stage: str, cfg, base_model: str, base_fingerprint: str, parents: list[str] = (),

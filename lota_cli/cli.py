@@ -238,8 +238,9 @@ def exclusive(out: Path | None, stage: str):
 
 
 def _end_processes(succeeded: bool) -> None:
-    if "torch.distributed" in sys.modules:  # only stages that trained imported it
-        from lota_cli.engines import shutdown
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        from lota_cli.engines import shutdown  # only stages that trained started a process group
 
         shutdown(succeeded)
 
@@ -264,8 +265,6 @@ def run_stage(stage: str, args: list[str]) -> None:
         if "--help" in args or "-h" in args:
             print(stage_help(stage, [a for a in args if a not in ("--help", "-h")]))
             return
-        module = importlib.import_module(f"lota_cli.stages.{spec.module}")
-
         def task(dict_cfg) -> None:
             _Debug.value = _Debug.value or bool(dict_cfg.get("debug", False))
             with reported(stage):  # the schemas' checks (__post_init__) run here
@@ -278,6 +277,8 @@ def run_stage(stage: str, args: list[str]) -> None:
                 try:
                     if isinstance(cfg, TrainStageConfig) and _launch_if_needed(cfg, stage, out, raw_out):
                         return
+                    # imported only now: composing, --cfg and --help never load torch
+                    module = importlib.import_module(f"lota_cli.stages.{spec.module}")
                     with contextlib.redirect_stdout(sys.stderr):  # libraries that print (DeepSpeed logs there)
                         written = module.run(cfg, out)
                     succeeded = True

@@ -125,3 +125,59 @@ def test_a_mask_that_does_not_fit_is_refused_before_the_model_loads(tiny_model, 
     assert failed.returncode == 1 and last.startswith("lota sparse-train: error: ") and says in last, failed.stderr
     assert "training examples" not in failed.stderr and "Loading weights" not in failed.stderr  # never loaded
     assert not (tmp_path / "st" / "sparse_delta.safetensors").exists()
+
+
+HEAVY = ("transformers", "datasets", "accelerate", "peft", "deepspeed")
+IMPORTS = """
+import sys
+from lota_cli import cli
+
+def run(*args):
+    try:
+        cli.main(list(args))
+    except SystemExit as exit_:
+        assert not exit_.code, (args, exit_.code)
+
+{calls}
+print(sorted(m for m in {heavy!r} if m in sys.modules), "torch" in sys.modules)
+"""
+
+
+def _imports(calls: str, cwd) -> tuple[list[str], bool]:
+    import subprocess
+    import sys
+
+    from lota_cli.testing import OFFLINE_ENV
+
+    code = IMPORTS.format(calls=calls, heavy=HEAVY)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=OFFLINE_ENV, cwd=cwd,
+                            timeout=120, check=True)
+    heavy, torch = result.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    return eval(heavy), torch == "True"
+
+
+def test_composing_any_stage_imports_no_torch(tmp_path):
+    calls = "\n".join(f"run({stage!r}, '--cfg', 'job', 'out={tmp_path}')" for stage in HYDRA_STAGES)
+    assert _imports(calls, tmp_path) == ([], False)
+
+
+def test_artifact_stages_import_no_model_or_data_library(tmp_path):
+    """extract, overlap, merge (to a task vector) and info work with safetensors, numpy and torch alone: no
+    second of transformers or datasets before their first work."""
+    import torch
+
+    from lota_cli.artifacts import save_dense, stage_meta
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    for tag in "ab":
+        save_dense(tmp_path / f"{tag}.safetensors", stage_meta("task_vector", "test", {}, "base", "f" * 64),
+                   {name: torch.randn(16, 8)})
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    calls = "\n".join([
+        f"run('extract', 'extract.task_vector={a}', 'out={tmp_path / 'e'}')",
+        f"run('overlap', '{a}', '{b}', 'out={tmp_path / 'o'}')",
+        f"run('merge', '{a}', '{b}', 'out={tmp_path / 'm'}')",
+        f"run('info', '--verify', '{tmp_path / 'e' / 'mask.safetensors'}')",
+    ])
+    heavy, _ = _imports(calls, tmp_path)
+    assert heavy == []
