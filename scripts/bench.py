@@ -10,6 +10,8 @@ Parts (each measurement runs in a fresh child process, so peak RSS is that call'
   eval       tokens/s of teacher-forced NLL and batched greedy generation vs one-at-a-time generate
   memory     one step of LoTA vs FFT on a weights-dominated Llama (226M selected): peak RSS in float32 and
              bfloat16, bytes saved for backward, and lota sparse-train vs a forward-only lota eval
+  scale      (not in the default parts: ~45 GB of disk, minutes) merge into and extract from a random bf16
+             Llama of 8B shape (scale.shape=3b|1b for smaller disks) vs cp of its shards and a plain pass
 
 Figures are ratios of runs made in the same invocation (alternated where noise matters); absolute times
 are context only. The table is printed and written as JSON to {out}/bench.json.
@@ -44,11 +46,13 @@ DEFAULTS = {
               "rounds": 2},
     "merge": {"methods": ["sum", "ties"], "density": 0.2, "mergekit": True, "rounds": 1},
     "eval": {"prompts": 16, "new_tokens": 32, "batch": 16},
+    "mergekit_bin": None,  # a directory holding mergekit-yaml (mergekit's own venv), if not beside python
+    "scale": {"shape": "8b", "mergekit": True},
     "memory": {"dtypes": ["float32", "bfloat16"], "batch": 1, "seq": 32, "sparsity": 0.9, "cli": True,
                "cli_tokens": 160},
 }
 PARTS = {"extract": "bench_extract", "artifacts": "bench_artifacts", "train": "bench_train",
-         "merge": "bench_merge", "eval": "bench_eval", "memory": "bench_memory"}
+         "merge": "bench_merge", "eval": "bench_eval", "memory": "bench_memory", "scale": "bench_scale"}
 
 
 def machine(threads) -> dict:

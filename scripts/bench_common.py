@@ -159,5 +159,13 @@ def median(values) -> float:
     return statistics.median(values)
 
 
+def find_mergekit(cfg) -> str | None:
+    """mergekit-yaml beside this interpreter, in cfg.mergekit_bin (mergekit's own venv), or on PATH."""
+    import shutil
+
+    where = [str(Path(sys.executable).parent), *([str(cfg.mergekit_bin)] if cfg.mergekit_bin else [])]
+    return shutil.which("mergekit-yaml", path=os.pathsep.join(where)) or shutil.which("mergekit-yaml")
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import json
 
-from bench_common import Figure, in_child, log, median
+from bench_common import Figure, find_mergekit, in_child, log, median
 
 
 def prepare(base: str, work: str, sparsity: float) -> dict:
@@ -109,7 +109,7 @@ def run(cfg) -> list[Figure]:
 
     c = cfg.merge
     base = smollm2_dir(cfg)
-    mergekit = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent)) if c.mergekit else None
+    mergekit = find_mergekit(cfg) if c.mergekit else None
     root = Path(tempfile.mkdtemp(prefix="lota-bench-merge-", dir=cfg.tmp))
     figures = []
     try:
