@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lota_cli import LotaError
-from lota_cli.artifacts import Artifact, ArtifactWriter, same_layout, stage_meta
+from lota_cli.artifacts import Artifact, ArtifactWriter, open_artifact, same_layout, stage_meta
 from lota_cli.config import MergeConfig, ModelConfig
 from lota_cli.merging import METHODS, Overlap, delta_overlap, merge
 from lota_cli.models import DTYPES, check_tensor, fingerprint, load_model, save_model
@@ -36,7 +36,7 @@ def _base_model(inputs: list[Artifact], dtype: str):
 
 
 def run(cfg: MergeConfig, out: Path) -> list[Path]:
-    inputs = [Artifact(p, kinds=("task_vector", "sparse_delta")) for p in cfg.inputs]
+    inputs = [open_artifact(p, kinds=("task_vector", "sparse_delta")) for p in cfg.inputs]
     same_layout(inputs)
     first = inputs[0]
     names = first.names
