@@ -463,8 +463,9 @@ class Artifact:
         return held / max(total, 1)
 
     def check_base(self, fingerprint: str, base_model: str) -> None:
-        """Refuse an artifact made from another base model."""
-        if self.meta.base_fingerprint != fingerprint:
+        """Refuse an artifact made from another base model. A PEFT adapter not made by lota records no base
+        fingerprint (""): its tensor names and shapes are what is checked against the base (peft_io)."""
+        if self.meta.base_fingerprint and fingerprint and self.meta.base_fingerprint != fingerprint:
             raise LotaError(
                 f"{self.path} was made from base {self.meta.base_model!r} (fingerprint "
                 f"{self.meta.base_fingerprint[:12]}), but the base here is {base_model!r} (fingerprint "
@@ -604,6 +605,16 @@ def _check_complete(path: Path, header: dict, n: int) -> None:
         what = "truncated" if size < 8 + n + end else "corrupt (it has bytes past its data)"
         raise LotaError(f"{path} is {what}: header promises {8 + n + end:,} bytes, file has "
                         f"{size:,}; re-create it or copy it again")
+
+
+def open_artifact(path: str | Path, kinds: tuple[str, ...] = KINDS) -> Artifact:
+    """What the stages read wherever they take artifacts: an artifact file, or a PEFT sparse adapter (its
+    directory or its adapter_model.safetensors) converted on read into a sparse delta (lota_cli.peft_io)."""
+    from lota_cli import peft_io
+
+    if peft_io.is_adapter(path):
+        return peft_io.read_adapter(Path(path), kinds)
+    return Artifact(path, kinds)
 
 
 def same_layout(artifacts: list[Artifact]) -> None:

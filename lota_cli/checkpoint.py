@@ -11,11 +11,10 @@ temporary directory that is renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -139,8 +138,10 @@ class ShardedWriter:
         self.total_size = sum(math.prod(s) * torch.tensor([], dtype=d).element_size() for d, s in layout.values())
 
     def __enter__(self) -> "ShardedWriter":
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", dir=self.directory.parent))
+        from lota_cli.models import atomic_directory
+
+        self._directory = contextlib.ExitStack()
+        self.tmp = self._directory.enter_context(atomic_directory(self.directory))
         self._shards = iter(zip(self.files, self.groups))
         self._writer = None
         self._left: list[str] = []
@@ -175,11 +176,10 @@ class ShardedWriter:
                     weight_map = {name: file for file, group in zip(self.files, self.groups) for name in group}
                     (self.tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total_size},
                                                               "weight_map": weight_map}, indent=2) + "\n")
-                if self.directory.exists():
-                    shutil.rmtree(self.directory)
-                os.replace(self.tmp, self.directory)
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        except BaseException as err:
+            self._directory.__exit__(type(err), err, err.__traceback__)  # the directory is discarded
+            raise
+        self._directory.__exit__(exc_type, exc, tb)  # renamed into place only if all went well
 
 
 def local_directory(cfg) -> tuple[Path | None, str]:

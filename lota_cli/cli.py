@@ -47,6 +47,9 @@ STAGES = {
                    "out/merged.safetensors, or a model directory at output_model", positional=True),
     "overlap": Stage("overlap", "pairwise mask overlap, Jaccard index and sign agreement of artifacts",
                      "out/overlap.json (tables on stderr)", positional=True),
+    "export": Stage("export", "sparse deltas as PEFT adapters (Super-Tuning), or base + deltas as a model",
+                    "out/peft (adapter_config.json, adapter_model.safetensors; several inputs: out/peft/NAME/), "
+                    "or out/model with format=model", positional=True),
     "eval": Stage("eval", "NLL, exact match and ROUGE-L of a base, base + deltas, or a saved model",
                   "out/results.json (tables on stderr)"),
     "info": Stage("info", "describe an artifact: kind, base, density per layer, bytes per parameter",

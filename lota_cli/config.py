@@ -8,6 +8,7 @@ Every key carries a one-line meaning (`opt(..., help)`), which `lota <stage> --h
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -320,6 +321,37 @@ class OverlapConfig(StageConfig):
     inputs: List[str] = opt(MISSING, "masks, sparse deltas or task vectors (nonzeros) of one base")
 
 
+ADAPTER_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"  # an adapter's name: its directory under out/peft
+
+
+@dataclass
+class ExportConfig(StageConfig):
+    inputs: List[str] = opt(MISSING, "sparse deltas of one base, a LoTTO chain in its order (positional on the "
+                                     "command line)")
+    format: str = opt("peft", "peft: PEFT Super-Tuning adapters in out/peft; model: base + the deltas as a HF "
+                              "model directory out/model")
+    names: Optional[List[str]] = opt(None, "format=peft: one adapter name per input, each written to "
+                                           "out/peft/NAME (default, for several inputs: their tasks' names)")
+    dtype: str = opt("float32", "format=model: dtype of the written model")
+
+    def __post_init__(self):
+        _one_of("format", self.format, ("peft", "model"))
+        _one_of("dtype", self.dtype, DTYPE_NAMES)
+        if not self.inputs:
+            raise LotaError("export needs at least one input: lota export sparse_delta.safetensors ... out=DIR")
+        if self.format == "model" and self.names is not None:
+            raise LotaError("names only applies to format=peft (the adapters' names); drop names")
+        if self.format == "peft" and self.dtype != "float32":
+            raise LotaError("dtype only applies to format=model (PEFT stores float32 values); drop dtype")
+        if self.names is not None:
+            if len(self.names) != len(self.inputs):
+                raise LotaError(f"names has {len(self.names)} values for {len(self.inputs)} inputs")
+            bad = [n for n in self.names if not re.fullmatch(ADAPTER_NAME, str(n))]
+            if bad or len(set(self.names)) != len(self.names):
+                raise LotaError(f"names={list(self.names)}: give distinct names of letters, digits, '_', '.' and "
+                                "'-' (each is a directory)")
+
+
 @dataclass
 class EvalOptions:
     tasks: Optional[List[str]] = opt(None, "names of the tasks to evaluate; default: the chosen task= (or a "
@@ -363,7 +395,8 @@ class EvalConfig(StageConfig):
 
 # stage config name (conf/<name>.yaml) -> its schema, registered as <name>_schema
 SCHEMAS = {"calibrate": CalibrateConfig, "extract": ExtractConfig, "sparse_train": SparseTrainConfig,
-           "lotto": LottoConfig, "merge": MergeConfig, "overlap": OverlapConfig, "eval": EvalConfig}
+           "lotto": LottoConfig, "merge": MergeConfig, "overlap": OverlapConfig, "eval": EvalConfig,
+           "export": ExportConfig}
 
 
 def register_schemas() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -9,6 +10,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -248,17 +250,25 @@ def add_delta(model: nn.Module, artifact, scale: float = 1.0) -> None:
             param.add_(artifact.dense(name, param.dtype), alpha=scale)
 
 
-def save_model(model: nn.Module, tokenizer, directory: Path, shard_size: str | int = "2GB") -> Path:
-    """Write a Hugging Face model directory (sharded safetensors + tokenizer) atomically."""
+@contextlib.contextmanager
+def atomic_directory(directory: Path) -> Iterator[Path]:
+    """A temporary directory beside `directory` to fill, renamed into its place (replacing an older one) only
+    when the block completes: a failed or killed write never leaves a partial directory there."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        model.save_pretrained(tmp, max_shard_size=shard_size)
-        tokenizer.save_pretrained(tmp)
+        yield tmp
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+
+
+def save_model(model: nn.Module, tokenizer, directory: Path, shard_size: str | int = "2GB") -> Path:
+    """Write a Hugging Face model directory (sharded safetensors + tokenizer) atomically."""
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp, max_shard_size=shard_size)
+        tokenizer.save_pretrained(tmp)
+    return Path(directory)

@@ -70,7 +70,7 @@ def test_installed_lota_is_the_wheel_and_composes_every_stage(installed):
                            cwd=installed["cwd"]).stdout.strip()
     assert Path(where).is_relative_to(installed["site"])
     assert run(installed, "--version").stdout.strip() == f"lota {__version__}"
-    for stage in ("calibrate", "extract", "sparse-train", "lotto", "merge", "overlap", "eval"):
+    for stage in ("calibrate", "extract", "sparse-train", "lotto", "merge", "overlap", "export", "eval"):
         composed = run(installed, stage, "--cfg", "job")
         assert composed.returncode == 0 and "out:" in composed.stdout, composed.stderr
     helped = run(installed, "merge", "--help")  # every stage's help: test_cli.py, on the checkout

@@ -17,7 +17,7 @@ import torch
 from rich.table import Table
 
 from lota_cli import LotaError
-from lota_cli.artifacts import Artifact
+from lota_cli.artifacts import open_artifact
 from lota_cli.config import EvalConfig, TaskConfig
 from lota_cli.data import encode, load_rows, render
 from lota_cli.evaluation import extract_number, generate, nll, rouge_l, same_answer
@@ -31,7 +31,7 @@ LOWER_IS_BETTER = {"nll", "ppl"}
 def run(cfg: EvalConfig, out: Path) -> list[Path]:
     opts = cfg.eval
     baseline = _read_results(opts.compare_to) if opts.compare_to else None
-    deltas = [Artifact(p, kinds=("task_vector", "sparse_delta")) for p in opts.deltas]
+    deltas = [open_artifact(p, kinds=("task_vector", "sparse_delta")) for p in opts.deltas]
     scales = list(opts.scales) or [1.0] * len(deltas)
 
     # a saved directory keeps the dtype and trust settings of model.*, not its hub revision or GGUF file

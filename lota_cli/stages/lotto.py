@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lota_cli import LotaError, sparse
-from lota_cli.artifacts import Artifact, save_sparse, stage_meta
+from lota_cli.artifacts import Artifact, open_artifact, save_sparse, stage_meta
 from lota_cli.config import LottoConfig
 from lota_cli.loop import train
 from lota_cli.masks import count_bits, encode_positions, k_for, pack_bits, top_k_mask, unpack_bits
@@ -51,7 +51,7 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
     if not cfg.lotto.previous:
         raise LotaError("lotto.previous is empty: give the earlier adapters, e.g. lotto.previous=[a.safetensors]; "
                         "for a first task use calibrate, extract and sparse-train")
-    previous = [Artifact(p, kinds=("sparse_delta",)) for p in cfg.lotto.previous]
+    previous = [open_artifact(p, kinds=("sparse_delta",)) for p in cfg.lotto.previous]
     run = setup(cfg, out, check=lambda model: select_params(model, cfg.params))
     engine, main = run.engine, run.is_main
     model = run.model

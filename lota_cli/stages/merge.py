@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lota_cli import LotaError
-from lota_cli.artifacts import Artifact, ArtifactWriter, same_layout, stage_meta
+from lota_cli.artifacts import Artifact, ArtifactWriter, open_artifact, same_layout, stage_meta
 from lota_cli.config import MergeConfig, ModelConfig, parse_size
 from lota_cli.merging import METHODS, Overlap, delta_overlap, merge
 from lota_cli.models import DTYPES
@@ -29,7 +29,7 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack
 
 
 def run(cfg: MergeConfig, out: Path) -> list[Path]:
-    inputs = [Artifact(p, kinds=("task_vector", "sparse_delta")) for p in cfg.inputs]
+    inputs = [open_artifact(p, kinds=("task_vector", "sparse_delta")) for p in cfg.inputs]
     same_layout(inputs)
     first = inputs[0]
     params = {key: getattr(cfg, key) for key in METHODS[cfg.method].reads}  # what this method is given

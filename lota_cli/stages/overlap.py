@@ -19,7 +19,7 @@ import torch
 from rich.table import Table
 
 from lota_cli import LotaError
-from lota_cli.artifacts import Artifact
+from lota_cli.artifacts import Artifact, open_artifact
 from lota_cli.config import OverlapConfig
 from lota_cli.masks import layer_of, unpack_bits
 from lota_cli.merging import Overlap, overlap
@@ -57,7 +57,7 @@ def _names_and_shapes(inputs: list[Artifact]) -> dict[str, tuple[int, ...]]:
 
 
 def run(cfg: OverlapConfig, out: Path) -> list[Path]:
-    inputs = [Artifact(p) for p in cfg.inputs]
+    inputs = [open_artifact(p) for p in cfg.inputs]
     if len(inputs) < 2:
         raise LotaError(f"overlap compares artifacts pairwise and got {len(inputs)}; give two or more")
     for other in inputs[1:]:
