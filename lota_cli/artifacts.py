@@ -103,14 +103,16 @@ class TensorFileWriter:
     front, so the header is written first and each tensor's bytes follow as they come (whole, or in pieces
     with write_pieces: a tensor larger than memory never has to be held). The data goes to a temporary file
     beside `path`, renamed into place only when complete, so a killed process never leaves a truncated file.
-    Each tensor's bytes are hashed (SHA-256) as they are written: `checksums` holds them at the end.
+    Each tensor's bytes are hashed (SHA-256) as they are written, `checksums` holding them at the end, and
+    refused if they hold NaN or Inf; checked=False skips both (a model's shards, checked by their writer).
 
     with TensorFileWriter(path, layout) as w:
         for key, tensor in ...: w.write(key, tensor)
     """
 
-    def __init__(self, path: str | Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
-        self.path, self.layout = Path(path), layout
+    def __init__(self, path: str | Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 checked: bool = True):
+        self.path, self.layout, self.checked = Path(path), layout, checked
         self._keys = list(layout)
         self.checksums: dict[str, str] = {}
 
@@ -169,17 +171,18 @@ class TensorFileWriter:
         for piece in pieces:
             if piece.dtype != dtype:
                 raise ValueError(f"writing {key}: a {piece.dtype} piece into a {dtype} tensor")
-            if piece.is_floating_point() and not bool(torch.isfinite(piece).all()):
+            if self.checked and piece.is_floating_point() and not bool(torch.isfinite(piece).all()):
                 raise LotaError(f"refusing to write {self.path}: tensor {key!r} holds NaN or Inf values (the run "
                                 f"diverged, or {str(dtype).removeprefix('torch.')} cannot hold them); lower the "
                                 "learning rate or write float32")
             data = piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-            digest.update(data)
+            if self.checked:
+                digest.update(data)
             self._file.write(data)
             written += piece.numel()
         if written != math.prod(shape):
             raise ValueError(f"writing {key}: {written} entries of {math.prod(shape)}")
-        self.checksums[key] = digest.hexdigest()
+        self.checksums[key] = digest.hexdigest() if self.checked else ""
 
     def _finish(self) -> None:
         """Called once every tensor is written, before the file is synced and renamed (header rewrites)."""

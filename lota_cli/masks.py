@@ -265,10 +265,12 @@ def _set_bits(bits: np.ndarray, positions: np.ndarray) -> None:
     np.bitwise_or.at(bits, positions >> 3, (np.int64(1) << (positions & 7)).astype(np.uint8))
 
 
-def _positions(packed: np.ndarray) -> np.ndarray:
-    """Sorted positions of the set bits of a packed (little bit order) array: only its nonzero bytes are
-    unpacked, so this is cheap when few are set."""
+def set_positions(packed: np.ndarray) -> np.ndarray:
+    """Sorted positions of the set bits of a packed (little bit order) array: when few bytes hold one, only
+    those are unpacked; when many do, unpacking them all is cheaper."""
     nonzero = np.flatnonzero(packed)
+    if nonzero.size > packed.size // 4:
+        return np.flatnonzero(np.unpackbits(packed, bitorder="little"))
     if not nonzero.size:
         return nonzero
     rows, cols = np.nonzero(np.unpackbits(packed[nonzero, None], axis=1, bitorder="little"))
@@ -312,7 +314,7 @@ def _pass(stream: _Stream, names: list[str], k: int, lo: float, hi: float, budge
             at_least = np.packbits(np.greater_equal(mag, lo, out=band_flags[:c]), bitorder="little")
             packed[start // 8:(start + c + 7) // 8] = sure
             np.bitwise_xor(at_least, sure, out=at_least)  # lo <= |value| <= hi, as packed bits
-            where = _positions(at_least)
+            where = set_positions(at_least)
             if not where.size:
                 continue
             with lock:

@@ -14,13 +14,16 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lota_cli import LotaError
 from lota_cli.artifacts import Artifact, ArtifactWriter, open_artifact, same_layout, stage_meta
 from lota_cli.config import MergeConfig, ModelConfig, parse_size
+from lota_cli.masks import set_positions
 from lota_cli.merging import METHODS, Overlap, delta_overlap, merge
 from lota_cli.models import DTYPES
 
@@ -81,15 +84,23 @@ class _Merger:
     def at_positions(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted flat positions, merged float32 values there) of `name`, for `sparse` mergers: each input's
         values are laid over the union of positions (zeros elsewhere), which an elementwise method merges
-        exactly as it would the dense tensors."""
-        positions = [a.indices(name).long() for a in self.inputs]
-        union = torch.unique(torch.cat(positions))
+        exactly as it would the dense tensors. The union is the OR of the inputs' packed bits."""
+        bits = [a.bits(name).numpy() for a in self.inputs]
+        union = np.bitwise_or.reduce(bits) if len(bits) > 1 else bits[0]
+        positions = set_positions(union)
+        byte, bit = positions >> 3, (positions & 7).astype(np.uint8)
         deltas = []
-        for artifact, where in zip(self.inputs, positions):
-            compact = torch.zeros(union.numel(), dtype=torch.float32)
-            compact[torch.searchsorted(union, where)] = artifact.values(name).float()
+        for artifact, held in zip(self.inputs, bits):
+            # values follow the set bits in row-major order, which is their order among the union's
+            mine = torch.from_numpy(((held[byte] >> bit) & 1).astype(np.bool_))
+            values = artifact.values(name)
+            if int(mine.sum()) != values.numel():
+                raise LotaError(f"{artifact.path}: {name}::values has {values.numel()} entries for "
+                                f"{int(mine.sum())} positions; the file is corrupt: re-create it")
+            compact = torch.zeros(positions.size, dtype=torch.float32)
+            compact[mine] = values.float()
             deltas.append(compact)
-        return union, self._merged(name, deltas)
+        return torch.from_numpy(positions.astype(np.int64)), self._merged(name, deltas)
 
     def log_overlaps(self) -> None:
         for (i, j), s in self.stats.items():
@@ -139,7 +150,7 @@ def _into_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger) -> Pa
     layout = {name: (dtype, checkpoint.shape(name)) for name in checkpoint.names}
     with ShardedWriter(cfg.output_model, layout, parse_size(cfg.shard_size)) as writer:
         for name in checkpoint.names:
-            pieces = ((start, piece.to(dtype)) for start, piece in checkpoint.pieces(name))
+            pieces = ((start, piece.to(dtype)) for start, piece in checkpoint.pieces(name))  # in place if same
             if name in delta_of and merger.sparse:
                 pieces = _add_at(pieces, *merger.at_positions(delta_of[name]))
             elif name in delta_of:
@@ -163,13 +174,23 @@ def _add_at(pieces, positions: torch.Tensor, values: torch.Tensor):
     for start, piece in pieces:
         lo, hi = torch.searchsorted(positions, torch.tensor([start, start + piece.numel()])).tolist()
         local = positions[lo:hi] - start
-        piece[local] = (piece[local].float() + values[lo:hi]).to(piece.dtype)
+        added = (piece[local].float() + values[lo:hi]).to(piece.dtype)
+        _check_finite(added, "the merged weight")
+        piece[local] = added
         yield start, piece
 
 
 def _add_dense(pieces, delta: torch.Tensor):
     for start, piece in pieces:
-        yield start, (piece.float() + delta[start:start + piece.numel()]).to(piece.dtype)
+        added = (piece.float() + delta[start:start + piece.numel()]).to(piece.dtype)
+        _check_finite(added, "the merged weight")
+        yield start, added
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if tensor.numel() and not all(map(math.isfinite, torch.aminmax(tensor))):
+        raise LotaError(f"{what} overflows {str(tensor.dtype).removeprefix('torch.')} (Inf); merge in float32 "
+                        "(dtype=float32) or lower scale=")
 
 
 def _set_dtype(config: Path, dtype: str) -> None:
