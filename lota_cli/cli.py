@@ -238,7 +238,12 @@ def exclusive(out: Path | None, stage: str):
 
 
 def _end_processes(succeeded: bool) -> None:
-    if "torch.distributed" in sys.modules:  # only stages that trained imported it
+    """Finish this process's trackers (train.log_with) and its part in a multi-process run."""
+    if "lota_cli.metrics" in sys.modules:  # the training loop's
+        from lota_cli.metrics import finish_trackers
+
+        finish_trackers()
+    if "torch.distributed" in sys.modules:  # only stages that trained (or ran lm_eval) imported it
         from lota_cli.engines import shutdown
 
         shutdown(succeeded)
@@ -282,7 +287,8 @@ def run_stage(stage: str, args: list[str]) -> None:
                         written = module.run(cfg, out)
                     succeeded = True
                 finally:
-                    _end_processes(succeeded)
+                    with contextlib.redirect_stdout(sys.stderr):  # W&B prints as its run finishes
+                        _end_processes(succeeded)
             for path in written:
                 print(path, flush=True)
 

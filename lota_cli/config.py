@@ -7,6 +7,7 @@ Every key carries a one-line meaning (`opt(..., help)`), which `lota <stage> --h
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -156,6 +157,11 @@ class TrainConfig:
         _one_of("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         if self.log_with is not None:
             _one_of("train.log_with", self.log_with, ("tensorboard", "wandb"))
+            # accelerate leaves out a tracker whose package is missing, with no word: the run would log nothing
+            packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[self.log_with]
+            if all(importlib.util.find_spec(p) is None for p in packages):
+                raise LotaError(f"train.log_with={self.log_with}: the {packages[0]} package is not installed; "
+                                f"pip install {packages[0]}, or drop train.log_with")
 
 
 @dataclass
