@@ -77,10 +77,13 @@ class TaskConfig:
     holdout: int = opt(0, "rows kept out of training and used for evaluation when both read the same data")
     answer_pattern: Optional[str] = opt(r"####\s*([-\d,\.]+)",
                                         "regex whose group 1 in the reference is the checkable answer")
-    metric: str = opt("exact_match", "exact_match (needs answer_pattern) or rouge_l")
+    metric: str = opt("exact_match", "exact_match (needs answer_pattern) or rouge (ROUGE-1/2/L; rouge_l: "
+                                     "its older name)")
 
     def __post_init__(self):
-        _one_of("task.metric", self.metric, ("exact_match", "rouge_l"))
+        _one_of("task.metric", self.metric, ("exact_match", "rouge", "rouge_l"))
+        if self.metric == "rouge_l":  # the name before ROUGE-1 and -2 were reported too
+            self.metric = "rouge"
         _positive("task.max_length", self.max_length)
         _positive("task.max_examples", self.max_examples)
         if not 0.0 < self.fraction <= 1.0:
@@ -315,6 +318,8 @@ class EvalOptions:
     batch_size: int = opt(8, "sequences per forward pass")
     max_new_tokens: int = opt(256, "longest generated answer")
     generate: bool = opt(True, "false: teacher-forced NLL only")
+    rouge_stemmer: bool = opt(True, "ROUGE with the Porter stemmer (rouge-score's use_stemmer), as most "
+                                    "published ROUGE numbers")
     compare_to: Optional[str] = opt(None, "an earlier eval's results.json: report the change per task")
 
     def __post_init__(self):

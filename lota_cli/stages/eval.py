@@ -1,4 +1,4 @@
-"""lota eval: answer NLL / perplexity, and exact match or ROUGE-L of greedy answers, per task.
+"""lota eval: answer NLL / perplexity, and exact match or ROUGE-1/2/L of greedy answers, per task.
 
 The model is a base (model.*) or a saved model directory (eval.model_dir), with eval.deltas added in place
 (each checked against the base's fingerprint first). eval.compare_to=<earlier results.json> reports the
@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from dataclasses import replace
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -20,7 +21,8 @@ from lota_cli import LotaError
 from lota_cli.artifacts import Artifact
 from lota_cli.config import EvalConfig, TaskConfig
 from lota_cli.data import encode, load_rows, render
-from lota_cli.evaluation import extract_number, generate, nll, rouge_l, same_answer
+from lota_cli.evaluation import (EXACT_MATCH_RULE, ROUGE_TYPES, extract_number, generate, nll, rouge,
+                                 same_answer)
 from lota_cli.models import add_delta, fingerprint, load_model
 from lota_cli.progress import stderr
 
@@ -53,7 +55,8 @@ def run(cfg: EvalConfig, out: Path) -> list[Path]:
         "model": model_cfg.path,
         "deltas": [{"path": str(a.path), "scale": s} for a, s in zip(deltas, scales)],
         "settings": {"max_examples": opts.max_examples, "max_new_tokens": opts.max_new_tokens,
-                     "generate": opts.generate},
+                     "generate": opts.generate, "rouge_stemmer": opts.rouge_stemmer},
+        "metric_definitions": {name: _definitions(cfg.tasks[name], cfg) for name in tasks},
         "tasks": tasks,
     }
     if baseline is not None:
@@ -67,7 +70,7 @@ def run(cfg: EvalConfig, out: Path) -> list[Path]:
 
 
 def _evaluate(model, tokenizer, task: TaskConfig, cfg: EvalConfig) -> dict:
-    """One task's metrics: nll and ppl always; exact_match or rouge_l of greedy answers when generating."""
+    """One task's metrics: nll and ppl always; exact_match or rouge1/rouge2/rougeL when generating."""
     opts = cfg.eval
     started = time.perf_counter()
     rows = load_rows(task, "eval")[:opts.max_examples]
@@ -83,10 +86,21 @@ def _evaluate(model, tokenizer, task: TaskConfig, cfg: EvalConfig) -> dict:
         if task.metric == "exact_match":
             metrics["exact_match"] = _exact_match(task, answers, references)
         else:
-            metrics["rouge_l"] = sum(map(rouge_l, answers, references)) / len(answers)
+            metrics.update(rouge(answers, references, opts.rouge_stemmer))
     metrics["n"] = len(examples)
     log.info("task %s done in %.1f s", task.name, time.perf_counter() - started)
     return metrics
+
+
+def _definitions(task: TaskConfig, cfg: EvalConfig) -> dict[str, str]:
+    """How each score of generated answers was computed, as results.json's metric_definitions.<task> has it."""
+    if not cfg.eval.generate:
+        return {}
+    if task.metric == "exact_match":
+        return {"exact_match": f"{EXACT_MATCH_RULE} ({task.answer_pattern})"}
+    stemmer = "on" if cfg.eval.rouge_stemmer else "off"
+    return {kind: f"{kind} F1 by rouge-score {version('rouge-score')}, Porter stemmer {stemmer}"
+            for kind in ROUGE_TYPES}
 
 
 def _exact_match(task: TaskConfig, answers: list[str], references: list[str]) -> float:
