@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -308,21 +309,63 @@ class OverlapConfig(StageConfig):
 
 
 @dataclass
+class LmEvalOptions:
+    """lm-evaluation-harness settings (eval.backend=lm_eval); lota_cli/lm_eval_backend.py runs them."""
+
+    tasks: List[str] = opt(factory=list, help="lm_eval task, group or tag names, or task YAML paths")
+    include_path: Optional[str] = opt(None, "a directory of your own lm_eval task YAMLs (searched recursively)")
+    builtin_tasks: bool = opt(True, "index lm_eval's own ~14,000 tasks too (about 10 s); false: only "
+                                    "include_path's")
+    num_fewshot: Optional[int] = opt(None, "few-shot examples per prompt; null: each task's own default")
+    limit: Optional[float] = opt(None, "examples per task (below 1: a fraction); null: all, as published "
+                                       "numbers are")
+    batch_size: Any = opt(None, "sequences per forward pass, or auto (the largest that fits); null: "
+                                "eval.batch_size")
+
+    def __post_init__(self):
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise LotaError(f"eval.lm_eval.num_fewshot={self.num_fewshot} must be >= 0")
+        _positive("eval.lm_eval.limit", self.limit)
+        if self.limit is not None and self.limit >= 1:
+            if self.limit != int(self.limit):
+                raise LotaError(f"eval.lm_eval.limit={self.limit}: give a whole number of examples, or a "
+                                "fraction below 1")
+            self.limit = int(self.limit)
+        size = self.batch_size
+        number = isinstance(size, int) and not isinstance(size, bool) and size > 0
+        if size is not None and not number and not (isinstance(size, str) and re.fullmatch(r"auto(:\d+)?", size)):
+            raise LotaError(f"eval.lm_eval.batch_size={size!r}: give a number > 0, auto, or auto:N")
+
+
+@dataclass
 class EvalOptions:
+    backend: str = opt("lota", "lota: lota's own metrics on eval.tasks; lm_eval: lm-evaluation-harness on "
+                               "eval.lm_eval.tasks")
     tasks: Optional[List[str]] = opt(None, "names of the tasks to evaluate; default: the chosen task= (or a "
                                            "preset's), else gsm8k")
     deltas: List[str] = opt(factory=list, help="task vectors / sparse deltas added to the base")
     scales: List[float] = opt(factory=list, help="one per delta (default 1)")
     model_dir: Optional[str] = opt(None, "evaluate a saved model directory instead of model + deltas")
-    max_examples: Optional[int] = opt(200, "examples per task")
+    max_examples: Optional[int] = opt(200, "examples per task (lm_eval: eval.lm_eval.limit)")
     batch_size: int = opt(8, "sequences per forward pass")
     max_new_tokens: int = opt(256, "longest generated answer")
     generate: bool = opt(True, "false: teacher-forced NLL only")
     rouge_stemmer: bool = opt(True, "ROUGE with the Porter stemmer (rouge-score's use_stemmer), as most "
                                     "published ROUGE numbers")
     compare_to: Optional[str] = opt(None, "an earlier eval's results.json: report the change per task")
+    lm_eval: LmEvalOptions = field(default_factory=LmEvalOptions)
 
     def __post_init__(self):
+        _one_of("eval.backend", self.backend, ("lota", "lm_eval"))
+        if self.backend == "lm_eval" and not self.lm_eval.tasks:
+            raise LotaError("eval.backend=lm_eval needs eval.lm_eval.tasks=[NAME,...] (`lm-eval ls tasks` lists "
+                            "lm_eval's own)")
+        if self.backend == "lm_eval" and self.tasks is not None:
+            raise LotaError(f"eval.tasks={self.tasks} names lota's own tasks, which eval.backend=lm_eval does not "
+                            "run; give lm_eval's as eval.lm_eval.tasks")
+        if self.backend != "lm_eval" and self.lm_eval != LmEvalOptions():
+            raise LotaError("eval.lm_eval.* only applies to eval.backend=lm_eval; add eval.backend=lm_eval or "
+                            "drop them")
         _positive("eval.max_examples", self.max_examples)
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.max_new_tokens", self.max_new_tokens)
@@ -343,6 +386,8 @@ class EvalConfig(StageConfig):
     def __post_init__(self):
         if self.task is not None:
             self.tasks[self.task.name] = self.task
+        if self.eval.backend != "lota":  # eval.tasks are lota's own; lm_eval's are eval.lm_eval.tasks
+            return
         if self.eval.tasks is None:
             self.eval.tasks = [self.task.name if self.task is not None else "gsm8k"]
         unknown = [t for t in self.eval.tasks if t not in self.tasks]

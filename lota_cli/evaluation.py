@@ -10,6 +10,7 @@ import logging
 import math
 import re
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -82,6 +83,17 @@ def rouge(predictions: list[str], references: list[str], use_stemmer: bool = Tru
         for kind, score in scorer.score(reference, prediction).items():  # (target, prediction)
             totals[kind] += score.fmeasure
     return {kind: total / len(predictions) for kind, total in totals.items()}
+
+
+@dataclass
+class Scores:
+    """An evaluation backend's answer to the eval stage: per task its numbers and "n" (examples scored), per
+    task and number whether higher is better (what the forgetting table colours by), and what results.json
+    records at its top level about how the numbers were made."""
+
+    tasks: dict[str, dict[str, float]]
+    higher_is_better: dict[str, dict[str, bool]]
+    about: dict
 
 
 # --------------------------------------------------------------------------- model passes

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALPACA, DATA, GSM8K_TEST, GSM8K_TRAIN, needs_shared_data
+from conftest import ALPACA, DATA, GSM8K_TEST, GSM8K_TRAIN, make_task_vector, needs_shared_data
 from lota_cli import LotaError
 from lota_cli.evaluation import extract_number, generate, nll, rouge, same_answer
 from lota_cli.testing import lota
@@ -161,19 +161,6 @@ def test_generation_stops_at_eos(tiny):
 
 # --------------------------------------------------------------------------- the stage
 
-def _task_vector(tiny_model: Path, path: Path, base_fingerprint: str | None = None) -> Path:
-    """A small dense delta on one MLP tensor of the tiny model, recorded against its base fingerprint."""
-    from lota_cli.artifacts import save_dense, stage_meta
-    from lota_cli.config import ModelConfig
-    from lota_cli.models import fingerprint, load_model
-
-    model, _ = load_model(ModelConfig(path=str(tiny_model)))
-    name = "model.layers.0.mlp.down_proj.weight"
-    delta = 0.5 * torch.randn(model.get_parameter(name).shape, generator=torch.Generator().manual_seed(0))
-    meta = stage_meta("task_vector", "calibrate", {}, str(tiny_model), base_fingerprint or fingerprint(model))
-    return save_dense(path, meta, {name: delta})
-
-
 def _eval_config(tiny_model: Path, out: Path, **options):
     from lota_cli.config import EvalConfig, EvalOptions, ModelConfig, TaskConfig
 
@@ -203,10 +190,10 @@ def test_cli_eval_then_compare_with_a_delta(tiny_model, tmp_path, data):
     rules = before["metric_definitions"]
     assert "last number" in rules["gsm8k"]["exact_match"] and "flexible-extract" in rules["gsm8k"]["exact_match"]
     assert set(rules["alpaca"]) == {"rouge1", "rouge2", "rougeL"} and "stemmer on" in rules["alpaca"]["rougeL"]
-    assert before["settings"]["rouge_stemmer"] is True
+    assert before["backend"] == "lota" and before["settings"]["rouge_stemmer"] is True
 
     # base + a delta, compared with the base run: the change is after - before, per metric (in process: fast)
-    delta = _task_vector(tiny_model, tmp_path / "tv.safetensors")
+    delta = make_task_vector(tiny_model, tmp_path / "tv.safetensors")
     cfg = _eval_config(tiny_model, tmp_path / "after", deltas=[str(delta)], scales=[2.0],
                        compare_to=str(out / "results.json"))
     [path] = run(cfg, tmp_path / "after")
@@ -214,17 +201,18 @@ def test_cli_eval_then_compare_with_a_delta(tiny_model, tmp_path, data):
     assert after["deltas"] == [{"path": str(delta), "scale": 2.0}]
     change = after["compare"]["tasks"]["gsm8k"]
     assert after["tasks"]["gsm8k"]["nll"] != pytest.approx(gsm8k["nll"])  # the delta was added
-    for metric in ("nll", "ppl", "exact_match"):
+    for metric, higher_is_better in (("nll", False), ("ppl", False), ("exact_match", True)):
         assert change[metric]["before"] == gsm8k[metric]
         assert change[metric]["after"] == after["tasks"]["gsm8k"][metric]
         assert change[metric]["change"] == pytest.approx(change[metric]["after"] - change[metric]["before"])
+        assert change[metric]["higher_is_better"] is higher_is_better
     assert "alpaca" not in after["compare"]["tasks"]
 
 
 def test_delta_of_another_base_is_refused(tiny_model, tmp_path):
     from lota_cli.stages.eval import run
 
-    delta = _task_vector(tiny_model, tmp_path / "tv.safetensors", base_fingerprint="f" * 64)
+    delta = make_task_vector(tiny_model, tmp_path / "tv.safetensors", base_fingerprint="f" * 64)
     with pytest.raises(LotaError, match="was made from base"):
         run(_eval_config(tiny_model, tmp_path, deltas=[str(delta)]), tmp_path)
 
