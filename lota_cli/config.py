@@ -323,6 +323,9 @@ class LmEvalOptions:
                                 "eval.batch_size")
 
     def __post_init__(self):
+        if not self.builtin_tasks and not self.include_path:
+            raise LotaError("eval.lm_eval.builtin_tasks=false leaves only eval.lm_eval.include_path's tasks; set "
+                            "include_path=DIR, or drop builtin_tasks=false")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise LotaError(f"eval.lm_eval.num_fewshot={self.num_fewshot} must be >= 0")
         _positive("eval.lm_eval.limit", self.limit)

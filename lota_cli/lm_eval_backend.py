@@ -71,7 +71,7 @@ def scores(results: dict) -> Scores:
     tasks, higher, details = {}, {}, {}
     for name, values in results["results"].items():
         numeric = {k: float(v) for k, v in values.items()
-                    if "," in k and isinstance(v, numbers.Real) and not isinstance(v, bool)}
+                   if "," in k and isinstance(v, numbers.Real) and not isinstance(v, bool)}
         metrics = {k: v for k, v in numeric.items() if "_stderr," not in k}
         directions = results.get("higher_is_better", {}).get(name, {})
         tasks[name] = {**metrics, "n": _examples(results, name)}

@@ -247,6 +247,7 @@ def test_without_lm_eval_installed_the_error_names_the_extra(monkeypatch, tmp_pa
     ("lm_eval", {"tasks": ["x"], "limit": 2.5}, "eval.lm_eval.limit=2.5: give a whole number"),
     ("lm_eval", {"tasks": ["x"], "batch_size": "big"}, "eval.lm_eval.batch_size='big'"),
     ("lm_eval", {"tasks": ["x"], "num_fewshot": -1}, "eval.lm_eval.num_fewshot=-1"),
+    ("lm_eval", {"tasks": ["x"], "builtin_tasks": False}, "builtin_tasks=false leaves only eval.lm_eval.include_path"),
     ("harness", {}, "eval.backend='harness' is not valid"),
 ])
 def test_bad_lm_eval_settings_are_refused_by_the_schema(backend, lm_eval, says):
