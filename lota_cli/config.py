@@ -7,6 +7,7 @@ Every key carries a one-line meaning (`opt(..., help)`), which `lota <stage> --h
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -96,10 +97,13 @@ class TaskConfig:
     holdout: int = opt(0, "rows kept out of training and used for evaluation when both read the same data")
     answer_pattern: Optional[str] = opt(r"####\s*([-\d,\.]+)",
                                         "regex whose group 1 in the reference is the checkable answer")
-    metric: str = opt("exact_match", "exact_match (needs answer_pattern) or rouge_l")
+    metric: str = opt("exact_match", "exact_match (needs answer_pattern) or rouge (ROUGE-1/2/L; rouge_l: "
+                                     "its older name)")
 
     def __post_init__(self):
-        _one_of("task.metric", self.metric, ("exact_match", "rouge_l"))
+        _one_of("task.metric", self.metric, ("exact_match", "rouge", "rouge_l"))
+        if self.metric == "rouge_l":  # the name before ROUGE-1 and -2 were reported too
+            self.metric = "rouge"
         _positive("task.max_length", self.max_length)
         _positive("task.max_examples", self.max_examples)
         if not 0.0 < self.fraction <= 1.0:
@@ -176,6 +180,11 @@ class TrainConfig:
         _one_of("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         if self.log_with is not None:
             _one_of("train.log_with", self.log_with, ("tensorboard", "wandb"))
+            # accelerate leaves out a tracker whose package is missing, with no word: the run would log nothing
+            packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[self.log_with]
+            if all(importlib.util.find_spec(p) is None for p in packages):
+                raise LotaError(f"train.log_with={self.log_with}: the {packages[0]} package is not installed; "
+                                f"pip install {packages[0]}, or drop train.log_with")
 
 
 @dataclass
@@ -353,19 +362,66 @@ class ExportConfig(StageConfig):
 
 
 @dataclass
+class LmEvalOptions:
+    """lm-evaluation-harness settings (eval.backend=lm_eval); lota_cli/lm_eval_backend.py runs them."""
+
+    tasks: List[str] = opt(factory=list, help="lm_eval task, group or tag names, or task YAML paths")
+    include_path: Optional[str] = opt(None, "a directory of your own lm_eval task YAMLs (searched recursively)")
+    builtin_tasks: bool = opt(True, "index lm_eval's own ~14,000 tasks too (about 10 s); false: only "
+                                    "include_path's")
+    num_fewshot: Optional[int] = opt(None, "few-shot examples per prompt; null: each task's own default")
+    limit: Optional[float] = opt(None, "examples per task (below 1: a fraction); null: all, as published "
+                                       "numbers are")
+    batch_size: Any = opt(None, "sequences per forward pass, or auto (the largest that fits); null: "
+                                "eval.batch_size")
+
+    def __post_init__(self):
+        if not self.builtin_tasks and not self.include_path:
+            raise LotaError("eval.lm_eval.builtin_tasks=false leaves only eval.lm_eval.include_path's tasks; set "
+                            "include_path=DIR, or drop builtin_tasks=false")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise LotaError(f"eval.lm_eval.num_fewshot={self.num_fewshot} must be >= 0")
+        _positive("eval.lm_eval.limit", self.limit)
+        if self.limit is not None and self.limit >= 1:
+            if self.limit != int(self.limit):
+                raise LotaError(f"eval.lm_eval.limit={self.limit}: give a whole number of examples, or a "
+                                "fraction below 1")
+            self.limit = int(self.limit)
+        size = self.batch_size
+        number = isinstance(size, int) and not isinstance(size, bool) and size > 0
+        if size is not None and not number and not (isinstance(size, str) and re.fullmatch(r"auto(:\d+)?", size)):
+            raise LotaError(f"eval.lm_eval.batch_size={size!r}: give a number > 0, auto, or auto:N")
+
+
+@dataclass
 class EvalOptions:
+    backend: str = opt("lota", "lota: lota's own metrics on eval.tasks; lm_eval: lm-evaluation-harness on "
+                               "eval.lm_eval.tasks")
     tasks: Optional[List[str]] = opt(None, "names of the tasks to evaluate; default: the chosen task= (or a "
                                            "preset's), else gsm8k")
     deltas: List[str] = opt(factory=list, help="task vectors / sparse deltas added to the base")
     scales: List[float] = opt(factory=list, help="one per delta (default 1)")
     model_dir: Optional[str] = opt(None, "evaluate a saved model directory instead of model + deltas")
-    max_examples: Optional[int] = opt(200, "examples per task")
+    max_examples: Optional[int] = opt(200, "examples per task (lm_eval: eval.lm_eval.limit)")
     batch_size: int = opt(8, "sequences per forward pass")
     max_new_tokens: int = opt(256, "longest generated answer")
     generate: bool = opt(True, "false: teacher-forced NLL only")
+    rouge_stemmer: bool = opt(True, "ROUGE with the Porter stemmer (rouge-score's use_stemmer), as most "
+                                    "published ROUGE numbers")
     compare_to: Optional[str] = opt(None, "an earlier eval's results.json: report the change per task")
+    lm_eval: LmEvalOptions = field(default_factory=LmEvalOptions)
 
     def __post_init__(self):
+        _one_of("eval.backend", self.backend, ("lota", "lm_eval"))
+        if self.backend == "lm_eval" and not self.lm_eval.tasks:
+            raise LotaError("eval.backend=lm_eval needs eval.lm_eval.tasks=[NAME,...] (`lm-eval ls tasks` lists "
+                            "lm_eval's own)")
+        if self.backend == "lm_eval" and self.tasks is not None:
+            raise LotaError(f"eval.tasks={self.tasks} names lota's own tasks, which eval.backend=lm_eval does not "
+                            "run; give lm_eval's as eval.lm_eval.tasks")
+        if self.backend != "lm_eval" and self.lm_eval != LmEvalOptions():
+            raise LotaError("eval.lm_eval.* only applies to eval.backend=lm_eval; add eval.backend=lm_eval or "
+                            "drop them")
         _positive("eval.max_examples", self.max_examples)
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.max_new_tokens", self.max_new_tokens)
@@ -386,6 +442,8 @@ class EvalConfig(StageConfig):
     def __post_init__(self):
         if self.task is not None:
             self.tasks[self.task.name] = self.task
+        if self.eval.backend != "lota":  # eval.tasks are lota's own; lm_eval's are eval.lm_eval.tasks
+            return
         if self.eval.tasks is None:
             self.eval.tasks = [self.task.name if self.task is not None else "gsm8k"]
         unknown = [t for t in self.eval.tasks if t not in self.tasks]

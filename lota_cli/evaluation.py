@@ -1,4 +1,4 @@
-"""Evaluation: answer extraction and ROUGE-L, teacher-forced answer NLL, and batched greedy generation.
+"""Evaluation: answer extraction and ROUGE, teacher-forced answer NLL, and batched greedy generation.
 
 Batches are formed from length-sorted examples (less padding, so less wasted compute) and results are
 returned in the caller's order.
@@ -10,6 +10,7 @@ import logging
 import math
 import re
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,12 +38,23 @@ def extract_number(text: str, pattern: str | None = None) -> str | None:
 
     With `pattern` (task.answer_pattern, for references: GSM8K's '#### 18') its group 1; without, the last
     number in the text, since a model states its final answer after the working.
+
+    GSM8K's rule, against lm-evaluation-harness's gsm8k task (its two filters, both compared as strings after
+    dropping ',', '$' and a final '.'): lm-eval's `strict-match` takes the first '#### N' in the generation,
+    so it scores only answers in the training format; its `flexible-extract` takes the last match of
+    `(-?[$0-9.,]{2,})|(-?[0-9]+)`. lota's exact_match is flexible-extract's rule with a stricter number (one
+    with a digit: '...' is none) compared numerically ('18.0' == '18', see same_answer).
     """
     if pattern:
         match = re.search(pattern, text)
         return normalize_number(match.group(1)) if match else None
     numbers = _NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
+
+
+# how results.json names the rule exact_match used (see extract_number)
+EXACT_MATCH_RULE = ("last number in the generation (like lm-eval's flexible-extract), compared numerically with "
+                    "group 1 of task.answer_pattern in the reference")
 
 
 def same_answer(prediction: str | None, reference: str | None) -> bool:
@@ -55,27 +67,33 @@ def same_answer(prediction: str | None, reference: str | None) -> bool:
         return prediction == reference
 
 
-def _lcs_length(a: list[str], b: list[str]) -> int:
-    """Longest common subsequence length, one DP row at a time (O(len(a) * len(b)) time, O(len(b)) memory)."""
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over lowercased whitespace tokens: 2PR / (P + R), P = LCS/|pred|, R = LCS/|ref|."""
-    pred, ref = prediction.lower().split(), reference.lower().split()
-    if not pred or not ref:
-        return 0.0
-    lcs = _lcs_length(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+def rouge(predictions: list[str], references: list[str], use_stemmer: bool = True) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 ({"rouge1": ..., "rouge2": ..., "rougeL": ...}) by Google's
+    rouge-score, the package published ROUGE numbers come from: it lowercases, splits on anything but ASCII
+    letters and digits (so text in other scripts scores 0), and with `use_stemmer` Porter-stems words longer
+    than 3 letters. rougeL is the sentence-level LCS (not rougeLsum, which splits on newlines)."""
+    from rouge_score import rouge_scorer  # imports nltk, ~2 s: only when a task is scored by ROUGE
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        for kind, score in scorer.score(reference, prediction).items():  # (target, prediction)
+            totals[kind] += score.fmeasure
+    return {kind: total / len(predictions) for kind, total in totals.items()}
+
+
+@dataclass
+class Scores:
+    """An evaluation backend's answer to the eval stage: per task its numbers and "n" (examples scored), per
+    task and number whether higher is better (what the forgetting table colours by), and what results.json
+    records at its top level about how the numbers were made."""
+
+    tasks: dict[str, dict[str, float]]
+    higher_is_better: dict[str, dict[str, bool]]
+    about: dict
 
 
 # --------------------------------------------------------------------------- model passes

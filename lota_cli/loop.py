@@ -111,7 +111,7 @@ def train(model: nn.Module, trainable: dict[str, nn.Parameter], examples: list[E
     checkpoints = Checkpointer(out, depends, tcfg.keep_checkpoints, engine, trainable, optimizer, schedule)
     start, losses = checkpoints.restore(cfg.resume, steps)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics(out, acc, tcfg.log_every, steps)
+    metrics = Metrics(out, acc, tcfg.log_every, steps, phase=depends.get("phase"))  # lotto names its phases
     world, rank, params = acc.num_processes, acc.process_index, list(trainable.values())
     batches = MicroBatches(len(examples), tcfg.batch_size, tcfg.seed)
     target_tokens = [len(e.target_ids) for e in examples]

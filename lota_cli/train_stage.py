@@ -43,6 +43,7 @@ def setup(cfg: TrainStageConfig, out: Path, check: Callable[[nn.Module], None] |
 
     from lota_cli.data import encode, load_rows
     from lota_cli.engines import make_engine
+    from lota_cli.metrics import start_trackers
     from lota_cli.models import fingerprint, load_model, skeleton
 
     if check is not None and (outline := skeleton(cfg.model)) is not None:
@@ -60,7 +61,7 @@ def setup(cfg: TrainStageConfig, out: Path, check: Callable[[nn.Module], None] |
     log.info("model %s (%.1fM parameters), task %s: %d training examples", cfg.model.path,
              sum(p.numel() for p in model.parameters()) / 1e6, cfg.task.name, len(examples))
     if cfg.train.log_with:
-        engine.accelerator.init_trackers("lota", config={"out": str(out)})
+        start_trackers(engine.accelerator, cfg, out)
     return Run(engine, model, tokenizer, base, examples)
 
 

@@ -24,7 +24,7 @@ def lota(*args: str) -> list[str]:
 
 def headline_score(task_result: dict) -> tuple[str, float]:
     """A task's main score in a `lota eval` results.json: (metric, value); NLL when the task has no other."""
-    metric = next((m for m in ("exact_match", "rouge_l") if m in task_result), "nll")
+    metric = next((m for m in ("exact_match", "rougeL") if m in task_result), "nll")
     return metric, task_result[metric]
 
 

@@ -225,7 +225,7 @@ def write_report(rep: Replication) -> Path:
     import matplotlib.pyplot as plt
 
     r, out, cfg = rep.results, rep.out, rep.cfg
-    shown = {"exact_match": "exact match", "rouge_l": "ROUGE-L", "nll": "NLL"}
+    shown = {"exact_match": "exact match", "rougeL": "ROUGE-L", "nll": "NLL"}
     metric = {k: shown[headline_score(r["base"][cfg[k].name])[0]] for k in ("a", "b")}
     lines = ["# lota small-scale replication", "",
              f"Model `{cfg.model}`, task A `{cfg.a.name}`, task B `{cfg.b.name}`, {cfg.steps} steps per training "

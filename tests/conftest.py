@@ -79,6 +79,22 @@ def make_tiny_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def make_task_vector(model_dir: Path, path: Path, base_fingerprint: str | None = None) -> Path:
+    """A small dense delta on one MLP tensor of the model in `model_dir`, recorded against its base fingerprint
+    (or `base_fingerprint`, to make one of another base)."""
+    import torch
+
+    from lota_cli.artifacts import save_dense, stage_meta
+    from lota_cli.config import ModelConfig
+    from lota_cli.models import fingerprint, load_model
+
+    model, _ = load_model(ModelConfig(path=str(model_dir)))
+    name = "model.layers.0.mlp.down_proj.weight"
+    delta = 0.5 * torch.randn(model.get_parameter(name).shape, generator=torch.Generator().manual_seed(0))
+    meta = stage_meta("task_vector", "calibrate", {}, str(model_dir), base_fingerprint or fingerprint(model))
+    return save_dense(path, meta, {name: delta})
+
+
 @pytest.fixture(scope="session")
 def tiny_model(data, tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

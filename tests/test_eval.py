@@ -1,4 +1,4 @@
-"""lota eval: answer extraction, ROUGE-L, answer-token NLL, batched greedy generation, and the stage end to end."""
+"""lota eval: answer extraction, ROUGE, answer-token NLL, batched greedy generation, and the stage end to end."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALPACA, DATA, GSM8K_TEST, GSM8K_TRAIN, needs_shared_data
+from conftest import ALPACA, DATA, GSM8K_TEST, GSM8K_TRAIN, make_task_vector, needs_shared_data
 from lota_cli import LotaError
-from lota_cli.evaluation import extract_number, generate, nll, rouge_l, same_answer
+from lota_cli.evaluation import extract_number, generate, nll, rouge, same_answer
 from lota_cli.testing import lota
 
 GSM8K_PATTERN = r"####\s*([-\d,\.]+)"
@@ -54,17 +54,27 @@ def test_answers_compare_numerically_when_both_parse():
     assert not same_answer("18", None)
 
 
-# --------------------------------------------------------------------------- ROUGE-L
+# --------------------------------------------------------------------------- ROUGE
 
-def test_rouge_l_by_hand():
-    # LCS "the cat on the mat" = 5 of 6 tokens on both sides: P = R = F = 5/6
-    assert rouge_l("the cat sat on the mat", "The cat is on the mat") == pytest.approx(5 / 6)
-    # lowercased [a b c] vs [c b a x]: LCS 1, P = 1/3, R = 1/4, F = 2PR/(P+R) = 2/7
-    assert rouge_l("A B C", "c b a x") == pytest.approx(2 / 7)
-    assert rouge_l("Same  words\nhere", "same words here") == 1.0
-    assert rouge_l("nothing shared", "entirely different") == 0.0
-    assert rouge_l("", "reference") == 0.0
-    assert rouge_l("prediction", "") == 0.0
+def test_rouge_is_rouge_score_f1_averaged_over_pairs():
+    # unigrams: 5 of 6 shared on both sides (F 5/6); bigrams: the-cat, on-the, the-mat of 5 (F 3/5);
+    # LCS "the cat on the mat" (F 5/6). The second pair shares nothing. Scores are means over the pairs.
+    scores = rouge(["the cat sat on the mat", "nothing shared"], ["The cat is on the mat", "entirely different"])
+    assert scores == pytest.approx({"rouge1": 5 / 12, "rouge2": 3 / 10, "rougeL": 5 / 12})
+
+
+def test_rouge_tokenizes_and_stems_as_rouge_score_does():
+    # punctuation and case are dropped; the Porter stemmer maps running/runs -> run and dogs -> dog
+    assert rouge(["Running dogs!"], ["runs, dog."]) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    assert rouge(["Running dogs!"], ["runs, dog."], use_stemmer=False) == {"rouge1": 0.0, "rouge2": 0.0,
+                                                                           "rougeL": 0.0}
+    assert rouge(["", "prediction"], ["reference", ""]) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+
+
+def test_rouge_l_is_read_as_the_older_name_of_rouge():
+    from lota_cli.config import TaskConfig
+
+    assert TaskConfig(metric="rouge_l", answer_pattern=None).metric == "rouge"
 
 
 # --------------------------------------------------------------------------- model passes on the tiny model
@@ -151,19 +161,6 @@ def test_generation_stops_at_eos(tiny):
 
 # --------------------------------------------------------------------------- the stage
 
-def _task_vector(tiny_model: Path, path: Path, base_fingerprint: str | None = None) -> Path:
-    """A small dense delta on one MLP tensor of the tiny model, recorded against its base fingerprint."""
-    from lota_cli.artifacts import save_dense, stage_meta
-    from lota_cli.config import ModelConfig
-    from lota_cli.models import fingerprint, load_model
-
-    model, _ = load_model(ModelConfig(path=str(tiny_model)))
-    name = "model.layers.0.mlp.down_proj.weight"
-    delta = 0.5 * torch.randn(model.get_parameter(name).shape, generator=torch.Generator().manual_seed(0))
-    meta = stage_meta("task_vector", "calibrate", {}, str(tiny_model), base_fingerprint or fingerprint(model))
-    return save_dense(path, meta, {name: delta})
-
-
 def _eval_config(tiny_model: Path, out: Path, **options):
     from lota_cli.config import EvalConfig, EvalOptions, ModelConfig, TaskConfig
 
@@ -185,13 +182,18 @@ def test_cli_eval_then_compare_with_a_delta(tiny_model, tmp_path, data):
     before = json.loads((out / "results.json").read_text())
     gsm8k, alpaca = before["tasks"]["gsm8k"], before["tasks"]["alpaca"]
     assert gsm8k["n"] == alpaca["n"] == 8
-    assert {"nll", "ppl", "exact_match"} <= gsm8k.keys() and "rouge_l" not in gsm8k
-    assert {"nll", "ppl", "rouge_l"} <= alpaca.keys() and "exact_match" not in alpaca
-    assert 0.0 <= gsm8k["exact_match"] <= 1.0 and 0.0 <= alpaca["rouge_l"] <= 1.0
+    assert set(gsm8k) == {"nll", "ppl", "exact_match", "n"}
+    assert set(alpaca) == {"nll", "ppl", "rouge1", "rouge2", "rougeL", "n"}
+    assert 0.0 <= gsm8k["exact_match"] <= 1.0 and 0.0 <= alpaca["rougeL"] <= alpaca["rouge1"] <= 1.0
     assert gsm8k["ppl"] == pytest.approx(math.exp(gsm8k["nll"]))
+    # which rule and which ROUGE variant each number is
+    rules = before["metric_definitions"]
+    assert "last number" in rules["gsm8k"]["exact_match"] and "flexible-extract" in rules["gsm8k"]["exact_match"]
+    assert set(rules["alpaca"]) == {"rouge1", "rouge2", "rougeL"} and "stemmer on" in rules["alpaca"]["rougeL"]
+    assert before["backend"] == "lota" and before["settings"]["rouge_stemmer"] is True
 
     # base + a delta, compared with the base run: the change is after - before, per metric (in process: fast)
-    delta = _task_vector(tiny_model, tmp_path / "tv.safetensors")
+    delta = make_task_vector(tiny_model, tmp_path / "tv.safetensors")
     cfg = _eval_config(tiny_model, tmp_path / "after", deltas=[str(delta)], scales=[2.0],
                        compare_to=str(out / "results.json"))
     [path] = run(cfg, tmp_path / "after")
@@ -199,17 +201,18 @@ def test_cli_eval_then_compare_with_a_delta(tiny_model, tmp_path, data):
     assert after["deltas"] == [{"path": str(delta), "scale": 2.0}]
     change = after["compare"]["tasks"]["gsm8k"]
     assert after["tasks"]["gsm8k"]["nll"] != pytest.approx(gsm8k["nll"])  # the delta was added
-    for metric in ("nll", "ppl", "exact_match"):
+    for metric, higher_is_better in (("nll", False), ("ppl", False), ("exact_match", True)):
         assert change[metric]["before"] == gsm8k[metric]
         assert change[metric]["after"] == after["tasks"]["gsm8k"][metric]
         assert change[metric]["change"] == pytest.approx(change[metric]["after"] - change[metric]["before"])
+        assert change[metric]["higher_is_better"] is higher_is_better
     assert "alpaca" not in after["compare"]["tasks"]
 
 
 def test_delta_of_another_base_is_refused(tiny_model, tmp_path):
     from lota_cli.stages.eval import run
 
-    delta = _task_vector(tiny_model, tmp_path / "tv.safetensors", base_fingerprint="f" * 64)
+    delta = make_task_vector(tiny_model, tmp_path / "tv.safetensors", base_fingerprint="f" * 64)
     with pytest.raises(LotaError, match="was made from base"):
         run(_eval_config(tiny_model, tmp_path, deltas=[str(delta)]), tmp_path)
 
@@ -269,4 +272,4 @@ def test_stock_tasks_fit_the_real_gsm8k_and_alpaca_files(tiny_model, tmp_path):
     [path] = run(cfg, tmp_path)
     scores = json.loads(path.read_text())["tasks"]
     assert scores["gsm8k"]["n"] == scores["alpaca"]["n"] == 4
-    assert 0.0 <= scores["gsm8k"]["exact_match"] <= 1.0 and 0.0 <= scores["alpaca"]["rouge_l"] <= 1.0
+    assert 0.0 <= scores["gsm8k"]["exact_match"] <= 1.0 and 0.0 <= scores["alpaca"]["rougeL"] <= 1.0

@@ -1,8 +1,10 @@
-"""lota eval: answer NLL / perplexity, and exact match or ROUGE-L of greedy answers, per task.
+"""lota eval: scores of a base, base + deltas or a saved model, by lota's own metrics or lm-evaluation-harness.
 
 The model is a base (model.*) or a saved model directory (eval.model_dir), with eval.deltas added in place
-(each checked against the base's fingerprint first). eval.compare_to=<earlier results.json> reports the
-change per task and metric: evaluating the base, then base + adapter on an earlier task, shows forgetting.
+(each checked against the base's fingerprint first). A backend scores it: lota's own (eval.backend=lota,
+below) or lm-evaluation-harness's tasks (eval.backend=lm_eval, lota_cli/lm_eval_backend.py); both give
+results.json's tasks.<task>.<metric>. eval.compare_to=<earlier results.json> reports the change per task and
+metric: evaluating the base, then base + adapter on an earlier task, shows forgetting.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import time
 from dataclasses import replace
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -20,17 +23,18 @@ from lota_cli import LotaError
 from lota_cli.artifacts import open_artifact
 from lota_cli.config import EvalConfig, TaskConfig
 from lota_cli.data import encode, load_rows, render
-from lota_cli.evaluation import extract_number, generate, nll, rouge_l, same_answer
+from lota_cli.evaluation import (EXACT_MATCH_RULE, ROUGE_TYPES, Scores, extract_number, generate, nll, rouge,
+                                 same_answer)
 from lota_cli.models import add_delta, fingerprint, load_model
 from lota_cli.progress import stderr
 
 log = logging.getLogger(__name__)
-LOWER_IS_BETTER = {"nll", "ppl"}
 
 
 def run(cfg: EvalConfig, out: Path) -> list[Path]:
     opts = cfg.eval
     baseline = _read_results(opts.compare_to) if opts.compare_to else None
+    backend = _backend(cfg)  # checks its own inputs (lm_eval's task names and data) before the model loads
     deltas = [open_artifact(p, kinds=("task_vector", "sparse_delta")) for p in opts.deltas]
     scales = list(opts.scales) or [1.0] * len(deltas)
 
@@ -47,17 +51,18 @@ def run(cfg: EvalConfig, out: Path) -> list[Path]:
     model.to(device).eval()
     log.info("evaluating %s%s on %s", model_cfg.path, f" + {len(deltas)} delta(s)" if deltas else "", device)
 
-    tasks = {name: _evaluate(model, tokenizer, cfg.tasks[name], cfg) for name in opts.tasks}
-    stderr.print(_results_table(tasks))
+    scores = backend.evaluate(model, tokenizer)
+    stderr.print(_results_table(scores.tasks))
     results = {
         "model": model_cfg.path,
         "deltas": [{"path": str(a.path), "scale": s} for a, s in zip(deltas, scales)],
-        "settings": {"max_examples": opts.max_examples, "max_new_tokens": opts.max_new_tokens,
-                     "generate": opts.generate},
-        "tasks": tasks,
+        "backend": opts.backend,
+        "settings": backend.settings,
+        **scores.about,
+        "tasks": scores.tasks,
     }
     if baseline is not None:
-        results["compare"] = {"to": opts.compare_to, "tasks": _compare(baseline, tasks)}
+        results["compare"] = {"to": opts.compare_to, "tasks": _compare(baseline, scores, opts.backend)}
         stderr.print(_compare_table(results["compare"]["tasks"], opts.compare_to))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -66,27 +71,63 @@ def run(cfg: EvalConfig, out: Path) -> list[Path]:
     return [path]
 
 
-def _evaluate(model, tokenizer, task: TaskConfig, cfg: EvalConfig) -> dict:
-    """One task's metrics: nll and ppl always; exact_match or rouge_l of greedy answers when generating."""
-    opts = cfg.eval
-    started = time.perf_counter()
-    rows = load_rows(task, "eval")[:opts.max_examples]
-    examples = encode(tokenizer, task, rows)
-    log.info("task %s: %d examples", task.name, len(examples))
-    pad_id = tokenizer.pad_token_id or 0
-    mean_nll, ppl = nll(model, examples, opts.batch_size, pad_id, what=f"{task.name} nll")
-    metrics = {"nll": mean_nll, "ppl": ppl}
-    if opts.generate:
-        answers = generate(model, tokenizer, examples, opts.batch_size, opts.max_new_tokens,
-                           what=f"{task.name} generate")
-        references = [render(task.target, e.row) for e in examples]
+def _backend(cfg: EvalConfig):
+    """The object that scores the model: .settings (for results.json) and .evaluate(model, tokenizer) -> Scores."""
+    if cfg.eval.backend == "lm_eval":
+        from lota_cli.lm_eval_backend import LmEvalBackend  # lm_eval is imported only when chosen
+
+        return LmEvalBackend(cfg.eval)
+    return LotaBackend(cfg)
+
+
+class LotaBackend:
+    """lota's own scores per task of eval.tasks: answer NLL and perplexity always; with generation exact match
+    (tasks with a checkable answer, GSM8K's rule: evaluation.extract_number) or ROUGE-1/2/L (rouge-score)."""
+
+    LOWER_IS_BETTER = {"nll", "ppl"}
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg, opts = cfg, cfg.eval
+        self.settings = {"max_examples": opts.max_examples, "max_new_tokens": opts.max_new_tokens,
+                         "generate": opts.generate, "rouge_stemmer": opts.rouge_stemmer}
+
+    def evaluate(self, model, tokenizer) -> Scores:
+        tasks = {name: self._task(model, tokenizer, self.cfg.tasks[name]) for name in self.cfg.eval.tasks}
+        higher = {name: {m: m not in self.LOWER_IS_BETTER for m in t if m != "n"} for name, t in tasks.items()}
+        definitions = {name: self._definitions(self.cfg.tasks[name]) for name in tasks}
+        return Scores(tasks, higher, {"metric_definitions": definitions})
+
+    def _task(self, model, tokenizer, task: TaskConfig) -> dict:
+        """One task's metrics: nll and ppl always; exact_match or rouge1/rouge2/rougeL when generating."""
+        opts = self.cfg.eval
+        started = time.perf_counter()
+        rows = load_rows(task, "eval")[:opts.max_examples]
+        examples = encode(tokenizer, task, rows)
+        log.info("task %s: %d examples", task.name, len(examples))
+        pad_id = tokenizer.pad_token_id or 0
+        mean_nll, ppl = nll(model, examples, opts.batch_size, pad_id, what=f"{task.name} nll")
+        metrics = {"nll": mean_nll, "ppl": ppl}
+        if opts.generate:
+            answers = generate(model, tokenizer, examples, opts.batch_size, opts.max_new_tokens,
+                               what=f"{task.name} generate")
+            references = [render(task.target, e.row) for e in examples]
+            if task.metric == "exact_match":
+                metrics["exact_match"] = _exact_match(task, answers, references)
+            else:
+                metrics.update(rouge(answers, references, opts.rouge_stemmer))
+        metrics["n"] = len(examples)
+        log.info("task %s done in %.1f s", task.name, time.perf_counter() - started)
+        return metrics
+
+    def _definitions(self, task: TaskConfig) -> dict[str, str]:
+        """How each score of generated answers was computed, as results.json's metric_definitions.<task> has it."""
+        if not self.cfg.eval.generate:
+            return {}
         if task.metric == "exact_match":
-            metrics["exact_match"] = _exact_match(task, answers, references)
-        else:
-            metrics["rouge_l"] = sum(map(rouge_l, answers, references)) / len(answers)
-    metrics["n"] = len(examples)
-    log.info("task %s done in %.1f s", task.name, time.perf_counter() - started)
-    return metrics
+            return {"exact_match": f"{EXACT_MATCH_RULE} ({task.answer_pattern})"}
+        stemmer = "on" if self.cfg.eval.rouge_stemmer else "off"
+        return {kind: f"{kind} F1 by rouge-score {version('rouge-score')}, Porter stemmer {stemmer}"
+                for kind in ROUGE_TYPES}
 
 
 def _exact_match(task: TaskConfig, answers: list[str], references: list[str]) -> float:
@@ -120,10 +161,13 @@ def _read_results(path: str) -> dict:
     return results
 
 
-def _compare(baseline: dict, tasks: dict) -> dict:
-    """Per task and metric both runs have: before, after and change (after - before)."""
+def _compare(baseline: dict, scores: Scores, backend: str) -> dict:
+    """Per task and metric both runs have: before, after, change (after - before) and whether higher is better."""
+    if baseline.get("backend", "lota") != backend:
+        log.warning("comparing eval.backend=%s scores with an earlier run of backend %s: only the metrics both "
+                    "have are compared", backend, baseline.get("backend", "lota"))
     compared = {}
-    for name, after in tasks.items():
+    for name, after in scores.tasks.items():
         before = baseline["tasks"].get(name)
         if before is None:
             log.warning("task %s is not in the compared results (it has %s); no change reported", name,
@@ -132,7 +176,8 @@ def _compare(baseline: dict, tasks: dict) -> dict:
         if before.get("n") != after["n"]:
             log.warning("task %s: compared over %s examples before and %d now; the change mixes in sampling",
                         name, before.get("n"), after["n"])
-        compared[name] = {m: {"before": before[m], "after": v, "change": v - before[m]}
+        compared[name] = {m: {"before": before[m], "after": v, "change": v - before[m],
+                              "higher_is_better": scores.higher_is_better[name].get(m)}
                           for m, v in after.items() if m != "n" and isinstance(before.get(m), (int, float))}
     return compared
 
@@ -140,13 +185,14 @@ def _compare(baseline: dict, tasks: dict) -> dict:
 # --------------------------------------------------------------------------- tables
 
 def _results_table(tasks: dict) -> Table:
-    metrics = list(dict.fromkeys(m for t in tasks.values() for m in t if m != "n"))
+    """One row per task and metric: lm_eval's tasks have many, with long names ("exact_match,strict-match")."""
     table = Table(title="eval")
-    table.add_column("task")
-    for m in metrics + ["n"]:
-        table.add_column(m, justify="right")
-    for name, t in tasks.items():
-        table.add_row(name, *(f"{t[m]:.4f}" if m in t else "-" for m in metrics), str(t["n"]))
+    for column in ("task", "metric", "value", "n"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for name, metrics in tasks.items():
+        for m, value in metrics.items():
+            if m != "n":
+                table.add_row(name, m, f"{value:.4f}", str(metrics["n"]))
     return table
 
 
@@ -157,8 +203,8 @@ def _compare_table(compared: dict, against: str) -> Table:
         table.add_column(column, justify="left" if column in ("task", "metric") else "right")
     for name, metrics in compared.items():
         for m, c in metrics.items():
-            better = c["change"] < 0 if m in LOWER_IS_BETTER else c["change"] > 0
-            style = "" if c["change"] == 0 else "green" if better else "red"
+            better = c["change"] > 0 if c["higher_is_better"] else c["change"] < 0
+            style = "" if c["change"] == 0 or c["higher_is_better"] is None else "green" if better else "red"
             table.add_row(name, m, f"{c['before']:.4f}", f"{c['after']:.4f}",
                           f"[{style}]{c['change']:+.4f}[/]" if style else f"{c['change']:+.4f}")
     return table
