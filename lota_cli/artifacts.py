@@ -66,6 +66,9 @@ class Meta:
     fingerprint: str = _NO_FINGERPRINT
     header_sha256: str = ""  # of the whole header with this field zeroed; empty in artifacts of lota < 0.1.1
     checksums: dict[str, str] = field(default_factory=dict)  # key -> SHA-256 of its data; empty in format 1
+    # the base's weights as saved, fingerprinted in name order (models.saved_fingerprint): checkable from the
+    # base's shards alone; empty where unknown
+    base_checkpoint: str = ""
 
     @property
     def numel(self) -> int:
@@ -85,13 +88,13 @@ def library_versions() -> dict[str, str]:
 
 
 def stage_meta(kind: str, stage: str, cfg, base_model: str, base_fingerprint: str, parents: list[str] = (),
-               sparsity: float | None = None) -> Meta:
+               sparsity: float | None = None, base_checkpoint: str = "") -> Meta:
     """Metadata for an artifact a stage writes: what it is, what it came from, how to reproduce it."""
     from dataclasses import asdict, is_dataclass
 
     config = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
     seed = config.get("train", {}).get("seed", config.get("seed"))
-    return Meta(kind=kind, base_model=base_model, base_fingerprint=base_fingerprint,
+    return Meta(kind=kind, base_model=base_model, base_fingerprint=base_fingerprint, base_checkpoint=base_checkpoint,
                 stage=stage, sparsity=sparsity, seed=seed,
                 config=config, parents=list(parents), versions=library_versions())
 

@@ -27,6 +27,7 @@ class Run:
     tokenizer: object
     base_fingerprint: str
     examples: list[Example]
+    base_checkpoint: str = ""  # the base's weights as saved (models.model_saved_fingerprint)
 
     @property
     def is_main(self) -> bool:
@@ -44,7 +45,7 @@ def setup(cfg: TrainStageConfig, out: Path, check: Callable[[nn.Module], None] |
     from lota_cli.data import encode, load_rows
     from lota_cli.engines import make_engine
     from lota_cli.metrics import start_trackers
-    from lota_cli.models import fingerprint, load_model, skeleton
+    from lota_cli.models import fingerprint, load_model, model_saved_fingerprint, skeleton
 
     if check is not None and (outline := skeleton(cfg.model)) is not None:
         check(outline)
@@ -62,7 +63,7 @@ def setup(cfg: TrainStageConfig, out: Path, check: Callable[[nn.Module], None] |
              sum(p.numel() for p in model.parameters()) / 1e6, cfg.task.name, len(examples))
     if cfg.train.log_with:
         start_trackers(engine.accelerator, cfg, out)
-    return Run(engine, model, tokenizer, base, examples)
+    return Run(engine, model, tokenizer, base, examples, model_saved_fingerprint(model))
 
 
 def load_base(cfg: TrainStageConfig, engine, previous=()) -> nn.Module:

@@ -24,13 +24,13 @@ def prepare(base: str, work: str, sparsity: float) -> dict:
     from lota_cli.artifacts import Artifact, Meta, save_sparse
     from lota_cli.config import ModelConfig, ParamsConfig
     from lota_cli.masks import encode_positions, k_for, pack_bits
-    from lota_cli.models import add_delta, fingerprint, load_model, save_model, select_params
+    from lota_cli.models import add_delta, fingerprint, load_model, model_saved_fingerprint, save_model, select_params
 
     model_cfg = ModelConfig(path=base)
     model, tokenizer = load_model(model_cfg)
     names = select_params(model, ParamsConfig())
     original = {n: model.get_parameter(n).detach().clone() for n in names}
-    base_fp = fingerprint(model)
+    base_fp, saved_fp = fingerprint(model), model_saved_fingerprint(model)  # what training records
     gen = torch.Generator().manual_seed(0)
     out = {}
     for tag in ("a", "b"):
@@ -43,8 +43,8 @@ def prepare(base: str, work: str, sparsity: float) -> dict:
             positions[n] = encode_positions(pack_bits(mask), param.numel())
             values[n] = torch.randn(k, generator=gen) * 2e-3
             shapes[n] = tuple(param.shape)
-        meta = Meta(kind="sparse_delta", base_model=base, base_fingerprint=base_fp, stage="bench",
-                    sparsity=sparsity, config={"model": asdict(model_cfg)})
+        meta = Meta(kind="sparse_delta", base_model=base, base_fingerprint=base_fp, base_checkpoint=saved_fp,
+                    stage="bench", sparsity=sparsity, config={"model": asdict(model_cfg)})
         delta = save_sparse(Path(work) / f"delta_{tag}.safetensors", meta, shapes, positions, values)
         add_delta(model, Artifact(delta))
         save_model(model, tokenizer, Path(work) / f"model_{tag}")

@@ -20,9 +20,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import bench_merge
 from bench_common import GiB, Figure, find_mergekit, in_child, log
 
 SHAPES = {  # Llama 3.1 8B, Llama 3.2 3B and 1B
@@ -92,7 +92,7 @@ def make_delta(path: str, base: str, seed: int, sparsity: float) -> dict:
     from lota_cli.checkpoint import Checkpoint
     from lota_cli.config import ModelConfig, ParamsConfig
     from lota_cli.masks import pack_bits
-    from lota_cli.models import fingerprint_of, selected, state_dict_sources
+    from lota_cli.models import fingerprint_of, saved_fingerprint, selected, state_dict_sources
 
     model_cfg = ModelConfig(path=base, dtype="bfloat16")
     checkpoint = Checkpoint(base)
@@ -111,6 +111,7 @@ def make_delta(path: str, base: str, seed: int, sparsity: float) -> dict:
         layout[f"{n}::bits"] = (torch.uint8, ((checkpoint.numel(n) + 7) // 8,))
         layout[f"{n}::values"] = (torch.float32, (counts[n],))
     meta = Meta(kind="sparse_delta", base_model=base, base_fingerprint=fingerprint_of(mapped()), stage="bench",
+                base_checkpoint=saved_fingerprint(checkpoint.names, checkpoint.shape, checkpoint.mapped),
                 sparsity=sparsity, config={"model": asdict(model_cfg)},
                 shapes={n: list(checkpoint.shape(n)) for n in names})
     gen = torch.Generator().manual_seed(seed)
@@ -147,24 +148,12 @@ def make_task_vector(path: str, shape: str) -> dict:
     return {"bytes": Path(path).stat().st_size, "parameters": sum(math.prod(layout[n]) for n in names)}
 
 
-def timed(cmd: list[str]) -> dict:
-    """Run a command (a fresh process): wall time and its peak RSS."""
-    import resource
-
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-1500:]}")
-    return {"seconds": seconds, "rss_peak": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
-
-
 def models_for_mergekit(base: str, deltas: list[str], work: str) -> list[str]:
     """base + each delta as a model directory (streamed by lota merge itself), for mergekit's inputs."""
     out = []
     for i, delta in enumerate(deltas):
         target = str(Path(work) / f"model_{i}")
-        timed([sys.executable, "-m", "lota_cli", "merge", delta, "dtype=bfloat16", f"output_model={target}",
+        bench_merge.timed([sys.executable, "-m", "lota_cli", "merge", delta, "dtype=bfloat16", f"output_model={target}",
                f"out={Path(work) / 'prep'}"])
         out.append(target)
     return out
@@ -196,7 +185,7 @@ def run(cfg) -> list[Figure]:
             cmd = (["bash", "-c", f"cp -r {base} {target} && sync"] if who == "cp" else
                    [sys.executable, "-m", "lota_cli", "merge", *deltas, "method=sum", "dtype=bfloat16",
                     f"output_model={target}", f"out={root / 'run'}"])
-            runs[who] = in_child("bench_scale", "timed", timeout=3600, cmd=cmd)
+            runs[who] = in_child("bench_merge", "timed", timeout=3600, cmd=cmd)
             if who == "lota":
                 subprocess.run(["sync"], check=True)
             shutil.rmtree(target)
@@ -223,12 +212,12 @@ def run(cfg) -> list[Figure]:
         log("scale: writing a random bf16 task vector of the attention and MLP matrices")
         tv_info = in_child("bench_scale", "make_task_vector", timeout=3600, path=str(tv), shape=c.shape)
         plain = [in_child("bench_extract", "plain_pass", timeout=3600, path=str(tv))]  # warms the page cache
-        extract = in_child("bench_scale", "timed", timeout=3600,
+        extract = in_child("bench_merge", "timed", timeout=3600,
                            cmd=[sys.executable, "-m", "lota_cli", "extract", f"extract.task_vector={tv}",
                                 f"out={root / 'extract'}"])
         plain.append(in_child("bench_extract", "plain_pass", timeout=3600, path=str(tv)))
         floor = min(p["seconds"] for p in plain)
-        baseline_rss = in_child("bench_scale", "timed", timeout=600, cmd=[sys.executable, "-c", "import torch, numpy"])
+        baseline_rss = in_child("bench_merge", "timed", timeout=600, cmd=[sys.executable, "-c", "import torch, numpy"])
         log(f"scale extract: {extract['seconds']:.1f} s vs plain pass {floor:.1f} s; peak RSS "
             f"{extract['rss_peak'] / GiB:.2f} GiB")
         figures += [
@@ -250,7 +239,7 @@ def _mergekit(root: Path, base: Path, deltas: list[str], mergekit: str, ours: di
     config = work / "config.yml"
     config.write_text(json.dumps({"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "bfloat16",
                                   "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models]}))
-    theirs = in_child("bench_scale", "timed", timeout=3600,
+    theirs = in_child("bench_merge", "timed", timeout=3600,
                       cmd=[mergekit, str(config), str(work / "out"), "--lazy-unpickle", "--quiet", "--no-cuda"])
     shutil.rmtree(work)
     log(f"scale merge mergekit: {theirs['seconds']:.1f} s, peak RSS {theirs['rss_peak'] / GiB:.2f} GiB")

@@ -100,6 +100,21 @@ def tiny_model(data, tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="module")
+def tiny_base(tiny_model):
+    """(model config dict, fingerprint, {name: shape} of the selected weights, the loaded model) of the tiny
+    model, for tests that write artifacts of it by hand."""
+    from dataclasses import asdict
+
+    from lota_cli.config import ModelConfig, ParamsConfig
+    from lota_cli.models import fingerprint, load_model, select_params
+
+    model_cfg = ModelConfig(path=str(tiny_model))
+    model, _ = load_model(model_cfg)
+    shapes = {n: tuple(model.get_parameter(n).shape) for n in select_params(model, ParamsConfig())}
+    return asdict(model_cfg), fingerprint(model), shapes, model
+
+
 def tiny_overrides(model: Path, out: Path, **extra) -> list[str]:
     """Hydra overrides for a fast run of a training stage (task gsm8k, the default) on the tiny model over the
     generated GSM8K-shaped files."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 
 from lota_cli import merging
 from lota_cli.artifacts import Artifact, save_dense, save_sparse, stage_meta
-from lota_cli.config import MergeConfig, ModelConfig
+from lota_cli.config import MergeConfig
 from lota_cli.masks import encode_positions, pack_bits
 from lota_cli.stages import merge as merge_stage
 from lota_cli.testing import lota
@@ -148,15 +147,8 @@ def test_stage_ties_on_sparse_and_dense_inputs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def base(tiny_model):
-    """(model config dict, fingerprint, {name: shape} of the selected weights, the loaded model)."""
-    from lota_cli.config import ParamsConfig
-    from lota_cli.models import fingerprint, load_model, select_params
-
-    model_cfg = ModelConfig(path=str(tiny_model))
-    model, _ = load_model(model_cfg)
-    shapes = {n: tuple(model.get_parameter(n).shape) for n in select_params(model, ParamsConfig())}
-    return asdict(model_cfg), fingerprint(model), shapes, model
+def base(tiny_base):
+    return tiny_base
 
 
 def disjoint_deltas(shapes, seed=0, density=0.1):

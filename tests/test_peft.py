@@ -20,9 +20,9 @@ from conftest import DATA
 from lota_cli import LotaError
 from lota_cli.artifacts import Artifact, open_artifact, save_dense, save_sparse, stage_meta
 from lota_cli.config import (EvalConfig, EvalOptions, ExportConfig, LottoConfig, LottoOptions, MergeConfig, ModelConfig,
-                             ParamsConfig, TaskConfig)
+                             TaskConfig)
 from lota_cli.masks import encode_positions, k_for, top_k_mask, unpack_bits
-from lota_cli.models import add_delta, fingerprint, load_model, select_params
+from lota_cli.models import add_delta
 from lota_cli.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDICES, PREFIX, VALUES
 from lota_cli.stages import eval as eval_stage
 from lota_cli.stages import export as export_stage
@@ -34,12 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.arange(2, 34).view(2, 16)  # token ids of two sequences for comparing logits
 
 @pytest.fixture(scope="module")
-def base(tiny_model):
+def base(tiny_base):
     """(model config dict, fingerprint, the loaded model, {name: shape} of the selected weights)."""
-    model_cfg = ModelConfig(path=str(tiny_model))
-    model, _ = load_model(model_cfg)
-    shapes = {n: tuple(model.get_parameter(n).shape) for n in select_params(model, ParamsConfig())}
-    return asdict(model_cfg), fingerprint(model), model, shapes
+    model_cfg, fp, shapes, model = tiny_base
+    return model_cfg, fp, model, shapes
 
 
 def make_delta(path: Path, base, task: str, seed: int, dtype: torch.dtype, excluded=None) -> Path:

@@ -169,3 +169,40 @@ def test_nan_in_the_base_is_refused_naming_the_weight(tmp_path):
     assert result.stderr.strip().splitlines()[-1:] == [
         f"lota merge: error: model {str(directory)!r}: weight {name!r} holds NaN or Inf values; the model files are "
         "damaged or the model diverged: use an intact copy"]
+
+
+def test_saved_fingerprint_of_the_loaded_model_equals_the_checkpoints(base):
+    """What training records (base_checkpoint) is what the streaming merge computes from the shards alone."""
+    from lota_cli.checkpoint import Checkpoint
+    from lota_cli.models import load_model, model_saved_fingerprint, saved_fingerprint
+
+    directory, model_cfg, _, _ = base
+    checkpoint = Checkpoint(directory)
+    model, _ = load_model(ModelConfig(**model_cfg))
+    assert model_saved_fingerprint(model) == saved_fingerprint(checkpoint.names, checkpoint.shape, checkpoint.mapped)
+
+
+@pytest.mark.parametrize("recorded", ["right", "wrong"])
+def test_a_recorded_base_checkpoint_spares_the_model_skeleton(tmp_path, base, monkeypatch, recorded):
+    """With the base_checkpoint training records, the base is checked from its shards and no model code is
+    imported; a base_checkpoint that does not match falls back to the skeleton and base_fingerprint."""
+    from lota_cli import models
+    from lota_cli.artifacts import Artifact, save_sparse
+    from lota_cli.masks import encode_positions
+
+    directory, model_cfg, fp, shapes = base
+    da, _ = disjoint_deltas(shapes, seed=5)
+    a = Artifact(write_sparse(tmp_path / "a0.safetensors", da, fp, model_cfg))
+    meta = a.meta
+    meta.base_checkpoint = models.model_saved_fingerprint(models.load_model(ModelConfig(**model_cfg))[0])
+    if recorded == "wrong":
+        meta.base_checkpoint = "f" * 64
+    path = save_sparse(tmp_path / "a.safetensors", meta, {n: a.shape(n) for n in a.names},
+                       {n: encode_positions(a.bits(n), a.numel(n)) for n in a.names}, {n: a.values(n) for n in a.names})
+    skeletons = []
+    monkeypatch.setattr(models, "skeleton", lambda cfg, real=models.skeleton: skeletons.append(cfg) or real(cfg))
+    streamed = _merge(tmp_path, [path], True, monkeypatch, dtype="bfloat16")
+    assert len(skeletons) == (0 if recorded == "right" else 1)
+    loaded = _merge(tmp_path, [path], False, monkeypatch, dtype="bfloat16")
+    ours, theirs = saved_tensors(streamed), saved_tensors(loaded)
+    assert all(torch.equal(ours[n], t) for n, t in theirs.items())

@@ -46,7 +46,8 @@ def run(cfg: CalibrateConfig, out: Path) -> list[Path]:
     if main:
         dtype = DTYPES[cfg.artifact_dtype]
         delta = {n: (trained[n] - base[n].float()).to(dtype) for n in names}
-        meta = stage_meta("task_vector", "calibrate", cfg, cfg.model.path, run.base_fingerprint)
+        meta = stage_meta("task_vector", "calibrate", cfg, cfg.model.path, run.base_fingerprint,
+                          base_checkpoint=run.base_checkpoint)
         written.append(save_dense(out / "task_vector.safetensors", meta, delta))
         log.info("loss %.4f -> %.4f over %d steps", result.losses[0], result.losses[-1], result.steps)
         if cfg.save_model:

@@ -46,6 +46,7 @@ def run(cfg: ExtractConfig, out: Path) -> list[Path]:
 
     positions = {n: encode_positions(bits[n], task_vector.numel(n)) for n in names}
     meta = stage_meta("mask", "extract", cfg, task_vector.meta.base_model, task_vector.meta.base_fingerprint,
-                      parents=[task_vector.meta.fingerprint], sparsity=opts.sparsity)
+                      parents=[task_vector.meta.fingerprint], sparsity=opts.sparsity,
+                      base_checkpoint=task_vector.meta.base_checkpoint)
     shapes = {n: task_vector.shape(n) for n in names}
     return [save_sparse(out / "mask.safetensors", meta, shapes, positions)]

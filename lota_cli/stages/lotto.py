@@ -98,7 +98,8 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
             delta = {n: trained[n] - start[n].float() for n in names}
             chosen = top_k_mask(delta, k, excluded=frozen)
             meta = stage_meta("mask", "lotto", cfg, cfg.model.path, run.base_fingerprint,
-                              parents=depends["previous"], sparsity=cfg.lotto.sparsity)
+                              parents=depends["previous"], sparsity=cfg.lotto.sparsity,
+                              base_checkpoint=run.base_checkpoint)
             save_sparse(mask_path, meta, shapes, {n: encode_positions(chosen[n], numel[n]) for n in names})
         del start, trained, trainable, model
         engine.accelerator.wait_for_everyone()  # every process reads the mask the main one chose
@@ -126,7 +127,8 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
         dtype = DTYPES[cfg.artifact_dtype]
         values = {n: v.to(dtype) for n, v in trained.items()}
         meta = stage_meta("sparse_delta", "lotto", cfg, cfg.model.path, run.base_fingerprint,
-                          parents=depends["previous"], sparsity=cfg.lotto.sparsity)
+                          parents=depends["previous"], sparsity=cfg.lotto.sparsity,
+                          base_checkpoint=run.base_checkpoint)
         encoded = {n: encode_positions(new_mask[n], numel[n]) for n in names}
         written.append(save_sparse(out / "sparse_delta.safetensors", meta, shapes, encoded, values))
         log.info("loss %.4f -> %.4f over %d steps", result.losses[0], result.losses[-1], result.steps)

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def run(cfg: MergeConfig, out: Path) -> list[Path]:
 
     dtype = DTYPES[cfg.dtype]
     meta = stage_meta("task_vector", "merge", cfg, first.meta.base_model, first.meta.base_fingerprint,
-                      parents=[a.meta.fingerprint for a in inputs])
+                      parents=[a.meta.fingerprint for a in inputs], base_checkpoint=first.meta.base_checkpoint)
     meta.shapes = {n: list(first.shape(n)) for n in first.names}
     path = out / "merged.safetensors"
     with ArtifactWriter(path, meta, {n: (dtype, first.shape(n)) for n in first.names}) as writer:
@@ -123,20 +124,67 @@ def _recorded_model(inputs: list[Artifact], dtype: str) -> ModelConfig:
 def _into_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger) -> Path:
     """Write base + merged delta as a model directory at cfg.output_model, streaming the base's shards."""
     from lota_cli.checkpoint import Checkpoint, ShardedWriter, local_directory
-    from lota_cli.models import fingerprint_of, state_dict_sources
 
     model_cfg = _recorded_model(inputs, cfg.dtype)
     directory, why_not = local_directory(model_cfg)
     checkpoint = Checkpoint(directory) if directory is not None else None
-    sources = state_dict_sources(model_cfg, checkpoint) if checkpoint is not None else None
-    if sources is None:
+    delta_of = _checked_base(inputs, checkpoint, model_cfg) if checkpoint is not None else None
+    if delta_of is None:
         log.info("the base %s cannot be streamed (%s): loading it as a model", model_cfg.path,
                  why_not or "its checkpoint names are not the model's parameter names")
         return _through_model(cfg, inputs, merger, model_cfg)
 
+    dtype = DTYPES[cfg.dtype]
+    log.info("streaming %s (%d tensors) into %s", directory, len(checkpoint.names), cfg.output_model)
+    layout = {name: (dtype, checkpoint.shape(name)) for name in checkpoint.names}
+    merge_one = merger.at_positions if merger.sparse else merger.dense
+    with ThreadPoolExecutor(1) as pool, ShardedWriter(cfg.output_model, layout, parse_size(cfg.shard_size)) as writer:
+        # the next tensor's delta is merged on a second thread while this one is read, added and written
+        merged = _ahead(pool, merge_one, [delta_of[name] for name in checkpoint.names if name in delta_of])
+        for name in checkpoint.names:
+            pieces = ((start, piece.to(dtype)) for start, piece in checkpoint.pieces(name))  # in place if same
+            if name in delta_of and merger.sparse:
+                pieces = _add_at(pieces, *next(merged))
+            elif name in delta_of:
+                pieces = _add_dense(pieces, next(merged).reshape(-1))
+            writer.write_pieces(name, (piece for _, piece in pieces))
+        writer.copy_files(directory, skip={p.name for p in directory.iterdir() if p.name.endswith(WEIGHT_FILES)})
+        _set_dtype(writer.tmp / "config.json", cfg.dtype)
+    return Path(cfg.output_model)
+
+
+def _ahead(pool, fn, items: list):
+    """fn(item) for each item, in order, each computed on `pool` while the caller works on the one before:
+    one result waits at most, so memory stays at two tensors' deltas."""
+    if not items:
+        return
+    future = pool.submit(fn, items[0])
+    for item in items[1:]:
+        result, future = future.result(), pool.submit(fn, item)
+        yield result
+    yield future.result()
+
+
+def _checked_base(inputs: list[Artifact], checkpoint, model_cfg: ModelConfig) -> dict[str, str] | None:
+    """{checkpoint tensor: the delta tensor added to it}, once the checkpoint is checked to be the inputs'
+    base; None when it cannot be matched to the model's names (the caller loads the model instead).
+
+    The inputs' base_checkpoint (a fingerprint of the base's weights as saved, in name order) is checked
+    against the shards alone. Artifacts without one (or a checkpoint that saves tied weights twice) are
+    checked by base_fingerprint, in the model's state_dict order, which the weightless skeleton gives:
+    a second or more of importing the model's code."""
+    from lota_cli.models import fingerprint_of, saved_fingerprint, state_dict_sources
+
     first = inputs[0]
+    recorded = first.meta.base_checkpoint
+    if (recorded and all(name in checkpoint for name in first.names)
+            and recorded == saved_fingerprint(checkpoint.names, checkpoint.shape, checkpoint.mapped)):
+        return {name: name for name in first.names}
+    sources = state_dict_sources(model_cfg, checkpoint)
+    if sources is None:
+        return None
     first.check_base(fingerprint_of(_mapped(checkpoint, sources)), model_cfg.path)
-    delta_of = {}  # checkpoint tensor -> the delta tensor added to it
+    delta_of = {}
     for name in first.names:
         if name not in sources:
             raise LotaError(f"{first.path} has tensor {name!r}, which this model does not have; it was made for "
@@ -145,20 +193,7 @@ def _into_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger) -> Pa
             raise LotaError(f"{first.path} has deltas for both {delta_of[sources[name]]!r} and {name!r}, which are "
                             "one tied weight of this model; merge them into one first")
         delta_of[sources[name]] = name
-    dtype = DTYPES[cfg.dtype]
-    log.info("streaming %s (%d tensors) into %s", directory, len(checkpoint.names), cfg.output_model)
-    layout = {name: (dtype, checkpoint.shape(name)) for name in checkpoint.names}
-    with ShardedWriter(cfg.output_model, layout, parse_size(cfg.shard_size)) as writer:
-        for name in checkpoint.names:
-            pieces = ((start, piece.to(dtype)) for start, piece in checkpoint.pieces(name))  # in place if same
-            if name in delta_of and merger.sparse:
-                pieces = _add_at(pieces, *merger.at_positions(delta_of[name]))
-            elif name in delta_of:
-                pieces = _add_dense(pieces, merger.dense(delta_of[name]).reshape(-1))
-            writer.write_pieces(name, (piece for _, piece in pieces))
-        writer.copy_files(directory, skip={p.name for p in directory.iterdir() if p.name.endswith(WEIGHT_FILES)})
-        _set_dtype(writer.tmp / "config.json", cfg.dtype)
-    return Path(cfg.output_model)
+    return delta_of
 
 
 def _mapped(checkpoint, sources: dict[str, str]):

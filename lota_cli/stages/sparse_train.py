@@ -46,7 +46,8 @@ def run(cfg: SparseTrainConfig, out: Path) -> list[Path]:
         values = {n: v.to(dtype) for n, v in trained.items()}
         encoded = {n: encode_positions(mask.bits(n), mask.numel(n)) for n in mask.names}
         meta = stage_meta("sparse_delta", "sparse-train", cfg, cfg.model.path, run.base_fingerprint,
-                          parents=[mask.meta.fingerprint], sparsity=mask.meta.sparsity)
+                          parents=[mask.meta.fingerprint], sparsity=mask.meta.sparsity,
+                          base_checkpoint=run.base_checkpoint)
         shapes = {n: mask.shape(n) for n in mask.names}
         written.append(save_sparse(out / "sparse_delta.safetensors", meta, shapes, encoded, values))
         log.info("loss %.4f -> %.4f over %d steps", result.losses[0], result.losses[-1], result.steps)
