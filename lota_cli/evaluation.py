@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass
 
@@ -70,6 +71,16 @@ def same_answer(prediction: str | None, reference: str | None) -> bool:
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
+def _absl_keeps_the_real_stderr() -> None:
+    """rouge-score imports absl, whose log handler keeps the sys.stderr of the moment it was imported and, when
+    logging is reconfigured later (Hydra does, for every run), closes that stream unless it is the current
+    one. Where stderr is redirected (a notebook, pytest's capture, contextlib.redirect_stderr) that closes the
+    redirect's file under its owner. The process's own stderr is never closed."""
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
 def rouge(predictions: list[str], references: list[str], use_stemmer: bool = True) -> dict[str, float]:
     """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 ({"rouge1": ..., "rouge2": ..., "rougeL": ...}) by Google's
     rouge-score, the package published ROUGE numbers come from: it lowercases, splits on anything but ASCII
@@ -77,6 +88,7 @@ def rouge(predictions: list[str], references: list[str], use_stemmer: bool = Tru
     than 3 letters. rougeL is the sentence-level LCS (not rougeLsum, which splits on newlines)."""
     from rouge_score import rouge_scorer  # imports nltk, ~2 s: only when a task is scored by ROUGE
 
+    _absl_keeps_the_real_stderr()
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for prediction, reference in zip(predictions, references, strict=True):
