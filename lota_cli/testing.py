@@ -47,6 +47,31 @@ def lota(*args, check: bool = True, env: dict[str, str] | None = None, cwd: str 
     return result
 
 
+def in_process(*args, check: bool = True) -> subprocess.CompletedProcess:
+    """`lota ARGS` run in this process (lota_cli.cli.main, the function the command runs: composition, the
+    stage, the one-line errors), its stdout and stderr captured: the same as lota() less the second or more a
+    new interpreter spends importing torch and transformers. Not for what needs a process of its own
+    (signals, crashes, several processes, the environment it starts with)."""
+    import contextlib
+    import io
+
+    from lota_cli import cli
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv[:]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main([str(a) for a in args])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            sys.argv = argv
+    result = subprocess.CompletedProcess(command(*args), code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise LotaFailed(code, result.args, result.stdout, result.stderr)
+    return result
+
+
 def paths(result: subprocess.CompletedProcess) -> list[Path]:
     """The paths a stage printed: its stdout lines. Each must exist; anything else on stdout breaks the
     contract that lets stages compose in shell pipelines (`mask=$(lota extract ...)`), so it is an error."""

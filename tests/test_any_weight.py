@@ -24,7 +24,7 @@ from lota_cli.artifacts import Artifact
 from lota_cli.config import ParamsConfig
 from lota_cli.masks import unpack_bits
 from lota_cli.models import select_params, selected
-from lota_cli.testing import lota, paths
+from lota_cli.testing import in_process, lota, paths
 
 MODELS = ("qwen3_moe", "mixtral", "gpt2")
 EXPERTS = re.compile(r".*\.mlp\.experts\.(gate_up_proj|down_proj)")
@@ -392,15 +392,15 @@ def pipeline(request, data, tmp_path_factory):
     kind = request.param
     root = tmp_path_factory.mktemp(kind)
     model = save_tiny(kind, root / "base")
-    run = lambda stage, out, **extra: paths(lota(stage, *tiny_overrides(model, root / out, **extra)))
+    run = lambda stage, out, **extra: paths(in_process(stage, *tiny_overrides(model, root / out, **extra)))
     (task_vector,) = run("calibrate", "cal", **{"train.max_steps": 8})
-    (mask,) = paths(lota("extract", f"extract.task_vector={task_vector}", f"out={root / 'ext'}"))
+    (mask,) = paths(in_process("extract", f"extract.task_vector={task_vector}", f"out={root / 'ext'}"))
     delta, tuned = run("sparse-train", "st", **{"sparse_train.mask": mask, "save_model": "true",
                                                 "train.weight_decay": 0.1, "train.max_steps": 8})
     (delta_b,) = run("lotto", "lotto", **{"lotto.previous": f"[{delta}]", "train.max_steps": 3,
                                           "lotto.calibrate_steps": 3})
-    (merged,) = paths(lota("merge", delta, delta_b, "method=sum", f"out={root / 'merge'}"))
-    (results,) = paths(lota("eval", f"model.path={model}", f"tasks.gsm8k.eval_data_files={DATA['arith_test']}",
+    (merged,) = paths(in_process("merge", delta, delta_b, "method=sum", f"out={root / 'merge'}"))
+    (results,) = paths(in_process("eval", f"model.path={model}", f"tasks.gsm8k.eval_data_files={DATA['arith_test']}",
                             f"eval.deltas=[{merged}]", "eval.max_examples=4", "eval.max_new_tokens=8",
                             f"out={root / 'eval'}"))
     return dict(kind=kind, root=root, model=model, mask=mask, delta=delta, tuned=tuned, delta_b=delta_b,

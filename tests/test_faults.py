@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import ast
 import builtins
-import contextlib
 import errno
-import io
 import json
 import math
 import os
@@ -54,16 +52,8 @@ class Result:
 
 def lota(*args) -> Result:
     """Run `lota ARGS` in this process, as the console script would."""
-    out, err, argv = io.StringIO(), io.StringIO(), sys.argv[:]
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli.main([str(a) for a in args])
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-        finally:
-            sys.argv = argv
-    return Result(code, out.getvalue(), err.getvalue())
+    result = testing.in_process(*args, check=False)
+    return Result(result.returncode, result.stdout, result.stderr)
 
 
 # Sends a signal to PID as soon as a non-empty file matches PATTERN; exits 1 if PID ends first. A process of

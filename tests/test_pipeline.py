@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import tiny_overrides
 from lota_cli.artifacts import Artifact
 from lota_cli.masks import unpack_bits
-from lota_cli.testing import lota, paths
+from lota_cli.testing import in_process, lota, paths
 
 
 def model_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -79,12 +79,12 @@ def test_sparse_trained_model_differs_from_base_only_inside_the_mask(pipeline, t
 
 def test_lotto_chain_of_three_tasks_has_disjoint_masks(pipeline, tiny_model, data):
     root = pipeline["root"]
-    b = lota("lotto", *tiny_overrides(tiny_model, root / "lotto_b", **{
+    b = in_process("lotto", *tiny_overrides(tiny_model, root / "lotto_b", **{
         "task": "alpaca", "task.data_files": data["reverse_train"], "task.eval_data_files": "null",
         "lotto.previous": f"[{pipeline['delta']}]", "save_model": "true"}))
     delta_b, model_b = paths(b)
     assert "overlap with" in b.stderr and ": 0 entries" in b.stderr
-    c = lota("lotto", *tiny_overrides(tiny_model, root / "lotto_c", **{
+    c = in_process("lotto", *tiny_overrides(tiny_model, root / "lotto_c", **{
         "lotto.previous": f"[{pipeline['delta']},{delta_b}]", "lotto.sparsity": 0.8}))
     (delta_c,) = paths(c)
     chain = [Artifact(p) for p in (pipeline["delta"], delta_b, delta_c)]
@@ -101,7 +101,7 @@ def test_lotto_chain_of_three_tasks_has_disjoint_masks(pipeline, tiny_model, dat
         else:
             assert not changed.any(), name
     # capacity: 30% of the entries are taken, so 80% more cannot fit
-    full = lota("lotto", *tiny_overrides(tiny_model, root / "lotto_d", **{
+    full = in_process("lotto", *tiny_overrides(tiny_model, root / "lotto_d", **{
         "lotto.previous": f"[{pipeline['delta']},{delta_b},{delta_c}]", "lotto.sparsity": 0.2}), check=False)
     assert full.returncode == 1 and "are left after 3 earlier adapters" in full.stderr
     assert not (root / "lotto_d" / "sparse_delta.safetensors").exists()

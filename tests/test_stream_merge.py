@@ -72,8 +72,10 @@ def _merge(tmp_path, inputs, streamed: bool, monkeypatch, **options) -> Path:
     return target
 
 
-@pytest.mark.parametrize("method,dense_b,dtype", [("sum", False, "float32"), ("task_arithmetic", False, "bfloat16"),
-                                                  ("ties", True, "bfloat16")])
+@pytest.mark.parametrize("base,method,dense_b,dtype", [
+    ("sharded", "sum", False, "float32"), ("single", "sum", False, "float32"), ("tied", "sum", False, "float32"),
+    # the other methods on one base: the bases differ only in how shards are read, which sum covers
+    ("sharded", "task_arithmetic", False, "bfloat16"), ("sharded", "ties", True, "bfloat16")], indirect=["base"])
 def test_streamed_merge_equals_the_loaded_model_path(tmp_path, base, monkeypatch, method, dense_b, dtype):
     directory, model_cfg, fp, shapes = base
     da, db = disjoint_deltas(shapes, seed=2, density=0.2)
