@@ -373,7 +373,11 @@ class Artifact:
     def _checked(self, key: str) -> torch.Tensor:
         """A whole (small) stored tensor of a mask or sparse delta, its bytes checked against the checksum
         recorded when it was written: a flipped bit in a position or a value is caught, not used."""
-        tensor = self._file.get_tensor(key)
+        # read through a mapping of just this tensor, closed again: safetensors' get_tensor leaves every page
+        # read so far of its whole-file mapping resident, gigabytes over a large delta
+        with self.raw(key).mapped() as view:
+            tensor = view.clone().view(self.raw(key).shape)
+            del view
         expected = self.meta.checksums.get(key)
         if expected and hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy()).hexdigest() != expected:
             raise LotaError(f"{self.path}: tensor {key!r} does not match its checksum (a damaged copy?); "

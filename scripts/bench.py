@@ -3,7 +3,8 @@
     .venv/bin/python scripts/bench.py [key=value ...]      e.g. parts=[extract,train] extract.layers=4
 
 Parts (each measurement runs in a fresh child process, so peak RSS is that call's alone):
-  extract    exact global top-k over a >= 0.5B-parameter task vector vs one plain pass and vs concat + topk
+  extract    exact global top-k over a >= 0.5B-parameter task vector vs one plain pass and vs concat + topk,
+             on uniform, layer-skewed (scales over 3.5 orders of magnitude) and heavy-tailed values
   train      sparse-train vs calibrate (FFT) step time and training-state bytes, same model/batch/length
   artifacts  bytes per parameter of masks and sparse deltas vs a dense bf16 task vector
   merge      lota merge (sum, ties) of two SmolLM2-135M deltas vs mergekit on the equivalent models
@@ -40,7 +41,7 @@ DEFAULTS = {
     # slower and erratic; one thread measures the code rather than the neighbours
     "threads": 1,
     "extract": {"layers": 12, "hidden": 2048, "intermediate": 5632, "kv": 256, "sparsity": 0.9, "repeats": 2,
-                "naive": True},
+                "naive": True, "cases": ["uniform", "skewed", "heavy"]},
     "artifacts": {"sparsities": [0.9, 0.99]},
     "train": {"models": ["smollm2", "tiny"], "batch": 2, "seq": 64, "sparsity": 0.9, "steps": 3, "tiny_steps": 20,
               "rounds": 2},

@@ -29,8 +29,14 @@ def shapes(layers: int, hidden: int, intermediate: int, kv: int) -> dict[str, tu
 
 # --------------------------------------------------------------------------- child functions
 
-def generate(path: str, layers: int, hidden: int, intermediate: int, kv: int, seed: int = 0) -> dict:
-    """Write a random float32 task vector artifact tensor by tensor (never more than one tensor in RAM)."""
+def generate(path: str, layers: int, hidden: int, intermediate: int, kv: int, seed: int = 0,
+             case: str = "uniform") -> dict:
+    """Write a random float32 task vector artifact tensor by tensor (never more than one tensor in RAM).
+
+    case: uniform (N(0, 1e-3) everywhere); heavy (N(0, 1e-3) / U(0, 1): a ratio distribution, very heavy
+    tails); skewed (each layer's scale 10^(-3.5 * layer / (layers - 1)), so scales span 3.5 orders of
+    magnitude, and each row's scale Exp(1): as after a step or two of calibration, where the global top-10%
+    is most of the first layers and almost none of the last)."""
     import torch
 
     from lota_cli.artifacts import ArtifactWriter, Meta
@@ -41,7 +47,13 @@ def generate(path: str, layers: int, hidden: int, intermediate: int, kv: int, se
     gen = torch.Generator().manual_seed(seed)
     with ArtifactWriter(path, meta, {n: (torch.float32, s) for n, s in layout.items()}) as writer:
         for name, shape in layout.items():
-            writer.write(name, torch.empty(shape).normal_(0.0, 1e-3, generator=gen))
+            values = torch.empty(shape).normal_(0.0, 1e-3, generator=gen)
+            if case == "heavy":
+                values /= torch.empty(shape).uniform_(0.0, 1.0, generator=gen).clamp_min_(1e-6)
+            elif case == "skewed":
+                values *= 10 ** (-3.5 * int(name.split(".")[2]) / max(layers - 1, 1))
+                values *= torch.empty(shape[0], 1).exponential_(1.0, generator=gen)
+            writer.write(name, values)
     numel = sum(math.prod(s) for s in layout.values())
     return {"numel": numel, "bytes": Path(path).stat().st_size,
             "largest_bytes": max(math.prod(s) for s in layout.values()) * 4, "tensors": len(layout)}
@@ -137,15 +149,23 @@ def naive(path: str, sparsity: float, mask: str) -> dict:
 # --------------------------------------------------------------------------- orchestration
 
 def run(cfg) -> list[Figure]:
+    figures = []
+    for case in cfg.extract.cases:
+        figures += _case(cfg, case)
+    return figures
+
+
+def _case(cfg, case: str) -> list[Figure]:
     c = cfg.extract
+    part = "extract" if case == "uniform" else f"extract/{case}"
     root = Path(tempfile.mkdtemp(prefix="lota-bench-extract-", dir=cfg.tmp))
     figures = []
     try:
         path = str(root / "task_vector.safetensors")
-        log(f"extract: writing a random float32 task vector ({c.layers} layers, hidden {c.hidden}, "
+        log(f"{part}: writing a random float32 task vector ({case}; {c.layers} layers, hidden {c.hidden}, "
             f"intermediate {c.intermediate}) to {path}")
         info = in_child("bench_extract", "generate", path=path, layers=c.layers, hidden=c.hidden,
-                        intermediate=c.intermediate, kv=c.kv)
+                        intermediate=c.intermediate, kv=c.kv, case=case)
         log(f"extract: {info['numel'] / 1e9:.3f}B parameters, {info['bytes'] / GiB:.2f} GiB; warming the page cache "
             "with one unmeasured plain pass")
         in_child("bench_extract", "plain_pass", path=path)
@@ -164,29 +184,29 @@ def run(cfg) -> list[Figure]:
         allowed = info["largest_bytes"] + 0.1 * info["numel"] * 4
         scale = f"{info['numel'] / 1e9:.3f}B fp32 values, {info['tensors']} tensors, sparsity {c.sparsity}"
         figures += [
-            Figure("extract", "plain pass (read+abs+max), median", t_plain, "s", note=scale),
-            Figure("extract", "lota extract (top-k + write mask), median", t_lota, "s",
+            Figure(part, "plain pass (read+abs+max), median", t_plain, "s", note=scale),
+            Figure(part, "lota extract (top-k + write mask), median", t_lota, "s",
                    note=f"full passes over the data: {lota[-1]['passes']}"),
-            Figure("extract", "time lota / plain pass", t_lota / t_plain, "x", 2.0),
-            Figure("extract", "extra peak RSS, lota extract", rss_lota, "B", allowed,
+            Figure(part, "time lota / plain pass", t_lota / t_plain, "x", 2.0),
+            Figure(part, "extra peak RSS, lota extract", rss_lota, "B", allowed,
                    note=f"target = largest tensor ({info['largest_bytes'] / 2**20:.0f} MiB) + 10% of the task vector"),
-            Figure("extract", "extra peak RSS, plain pass", rss_plain, "B",
+            Figure(part, "extra peak RSS, plain pass", rss_plain, "B",
                    note="context: includes the file pages safetensors maps in"),
         ]
-        if c.naive:
+        if c.naive and case == "uniform":
             log("extract: naive concatenate + torch.topk (needs ~5x the task vector in RAM)")
             nv = in_child("bench_extract", "naive", path=path, sparsity=c.sparsity, mask=lota[-1]["mask"])
             same_count = nv["selected"] == nv["k"] == lota[-1]["selected"]
             valid = nv["min_selected"] >= nv["max_unselected"]
             figures += [
-                Figure("extract", "naive concat + topk", nv["seconds"], "s"),
-                Figure("extract", "extra peak RSS, naive", nv["rss_extra"], "B"),
-                Figure("extract", "time lota / naive", t_lota / nv["seconds"], "x"),
-                Figure("extract", "selected count lota == topk k", "yes" if same_count else "NO", check=same_count,
+                Figure(part, "naive concat + topk", nv["seconds"], "s"),
+                Figure(part, "extra peak RSS, naive", nv["rss_extra"], "B"),
+                Figure(part, "time lota / naive", t_lota / nv["seconds"], "x"),
+                Figure(part, "selected count lota == topk k", "yes" if same_count else "NO", check=same_count,
                        note=f"{lota[-1]['selected']:,} vs {nv['k']:,}"),
-                Figure("extract", "min selected >= max unselected", "yes" if valid else "NO", check=valid,
+                Figure(part, "min selected >= max unselected", "yes" if valid else "NO", check=valid,
                        note=f"{nv['min_selected']:.9g} >= {nv['max_unselected']:.9g}"),
-                Figure("extract", "entries differing from topk's set", nv["differ"], check=nv["differ_not_tied"] == 0,
+                Figure(part, "entries differing from topk's set", nv["differ"], check=nv["differ_not_tied"] == 0,
                        note=f"{nv['differ_not_tied']} of them not tied at the threshold {nv['threshold']:.9g} "
                             "(ties: topk's order among equal values is unspecified; lota takes the first)"),
             ]

@@ -200,7 +200,11 @@ def run(cfg) -> list[Figure]:
         ]
         mergekit = find_mergekit(cfg)
         if c.mergekit and mergekit and _free(root) > 3.3 * info["bytes"]:
-            figures += _mergekit(root, base, deltas, mergekit, runs["lota"], part)
+            try:
+                figures += _mergekit(root, base, deltas, mergekit, runs["lota"], part)
+            except RuntimeError as err:  # report lota's figures anyway
+                figures.append(Figure(part, "mergekit", "failed", note=str(err).strip().splitlines()[-1][:150]))
+                shutil.rmtree(root / "mergekit", ignore_errors=True)
         elif c.mergekit:
             figures.append(Figure(part, "mergekit", "skipped", note="mergekit-yaml not found" if not mergekit else
                                   f"needs {3.3 * info['bytes'] / GiB:.0f} GiB free for its input models and output"))

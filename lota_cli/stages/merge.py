@@ -24,7 +24,6 @@ import torch
 from lota_cli import LotaError
 from lota_cli.artifacts import Artifact, ArtifactWriter, open_artifact, same_layout, stage_meta
 from lota_cli.config import MergeConfig, ModelConfig, parse_size
-from lota_cli.masks import set_positions
 from lota_cli.merging import METHODS, Overlap, delta_overlap, merge
 from lota_cli.models import DTYPES
 
@@ -85,15 +84,15 @@ class _Merger:
     def at_positions(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted flat positions, merged float32 values there) of `name`, for `sparse` mergers: each input's
         values are laid over the union of positions (zeros elsewhere), which an elementwise method merges
-        exactly as it would the dense tensors. The union is the OR of the inputs' packed bits."""
-        bits = [a.bits(name).numpy() for a in self.inputs]
-        union = np.bitwise_or.reduce(bits) if len(bits) > 1 else bits[0]
-        positions = set_positions(union)
-        byte, bit = positions >> 3, (positions & 7).astype(np.uint8)
+        exactly as it would the dense tensors. The union is the OR of the inputs' masks."""
+        numel = self.inputs[0].numel(name)
+        held = [np.unpackbits(a.bits(name).numpy(), count=numel, bitorder="little").view(np.bool_)
+                for a in self.inputs]
+        positions = np.flatnonzero(np.logical_or.reduce(held) if len(held) > 1 else held[0])
         deltas = []
-        for artifact, held in zip(self.inputs, bits):
+        for artifact, mask in zip(self.inputs, held):
             # values follow the set bits in row-major order, which is their order among the union's
-            mine = torch.from_numpy(((held[byte] >> bit) & 1).astype(np.bool_))
+            mine = torch.from_numpy(mask[positions])
             values = artifact.values(name)
             if int(mine.sum()) != values.numel():
                 raise LotaError(f"{artifact.path}: {name}::values has {values.numel()} entries for "
@@ -101,7 +100,7 @@ class _Merger:
             compact = torch.zeros(positions.size, dtype=torch.float32)
             compact[mine] = values.float()
             deltas.append(compact)
-        return torch.from_numpy(positions.astype(np.int64)), self._merged(name, deltas)
+        return torch.from_numpy(positions), self._merged(name, deltas)  # int64 positions
 
     def log_overlaps(self) -> None:
         for (i, j), s in self.stats.items():
