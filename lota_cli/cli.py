@@ -50,7 +50,7 @@ STAGES = {
     "export": Stage("export", "sparse deltas as PEFT adapters (Super-Tuning), or base + deltas as a model",
                     "out/peft (adapter_config.json, adapter_model.safetensors; several inputs: out/peft/NAME/), "
                     "or out/model with format=model", positional=True),
-    "eval": Stage("eval", "NLL, exact match and ROUGE-L of a base, base + deltas, or a saved model",
+    "eval": Stage("eval", "NLL, exact match, ROUGE or lm-eval tasks of a base, base + deltas, or a saved model",
                   "out/results.json (tables on stderr)"),
     "info": Stage("info", "describe an artifact: kind, base, density per layer, bytes per parameter",
                   "nothing (tables on stderr; --json prints JSON on stdout)"),
