@@ -99,6 +99,14 @@ def stage_meta(kind: str, stage: str, cfg, base_model: str, base_fingerprint: st
                 config=config, parents=list(parents), versions=library_versions())
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in a floating-point tensor: one min/max pass (NaN propagates through both), no
+    temporary bool tensor of its size."""
+    if not tensor.is_floating_point() or not tensor.numel():
+        return True
+    return all(map(math.isfinite, torch.aminmax(tensor.reshape(-1))))
+
+
 # --------------------------------------------------------------------------- writing
 
 class TensorFileWriter:
@@ -174,7 +182,7 @@ class TensorFileWriter:
         for piece in pieces:
             if piece.dtype != dtype:
                 raise ValueError(f"writing {key}: a {piece.dtype} piece into a {dtype} tensor")
-            if self.checked and piece.is_floating_point() and not bool(torch.isfinite(piece).all()):
+            if self.checked and not all_finite(piece):
                 raise LotaError(f"refusing to write {self.path}: tensor {key!r} holds NaN or Inf values (the run "
                                 f"diverged, or {str(dtype).removeprefix('torch.')} cannot hold them); lower the "
                                 "learning rate or write float32")
@@ -375,8 +383,9 @@ class Artifact:
         recorded when it was written: a flipped bit in a position or a value is caught, not used."""
         # read through a mapping of just this tensor, closed again: safetensors' get_tensor leaves every page
         # read so far of its whole-file mapping resident, gigabytes over a large delta
-        with self.raw(key).mapped() as view:
-            tensor = view.clone().view(self.raw(key).shape)
+        stored = self.raw(key)
+        with stored.mapped() as view:
+            tensor = view.clone().view(stored.shape)
             del view
         expected = self.meta.checksums.get(key)
         if expected and hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy()).hexdigest() != expected:
@@ -413,10 +422,21 @@ class Artifact:
     def values(self, name: str) -> torch.Tensor:
         """A sparse delta's values for `name` (float32, in position order), refused if any is NaN or Inf."""
         values = self._checked(f"{name}::values")
-        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        if not all_finite(values):
             raise LotaError(f"{self.path}: tensor {name!r} holds NaN or Inf values; the run that made it "
                             "diverged or the file is damaged: re-create it")
         return values
+
+    def held(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sparse delta's (flat bool mask of held entries, values in row-major order of the mask), refused
+        when the counts differ."""
+        mask = unpack_bits(self.bits(name), self.numel(name))
+        values = self.values(name)
+        held = int(mask.count_nonzero())
+        if held != values.numel():
+            raise LotaError(f"{self.path}: {name}::values has {values.numel()} entries for {held} positions; the "
+                            "file is corrupt: re-create it")
+        return mask, values
 
     def verify(self) -> int:
         """Read every tensor's data and check it against the checksum written with it, naming the first
@@ -453,11 +473,8 @@ class Artifact:
         if self.kind == "mask":
             out.masked_fill_(unpack_bits(self.bits(name), self.numel(name)), 1)
         elif f"{name}::bits" in self.keys:  # values fill the set bits in row-major order: no positions needed
-            bits, values = self.bits(name), self.values(name)
-            if count_bits(bits) != values.numel():
-                raise LotaError(f"{self.path}: {name}::values has {values.numel()} entries for {count_bits(bits)} "
-                                "positions; the file is corrupt: re-create it")
-            out.masked_scatter_(unpack_bits(bits, self.numel(name)), values.to(dtype))
+            mask, values = self.held(name)
+            out.masked_scatter_(mask, values.to(dtype))
         else:
             out[self.indices(name).long()] = self.values(name).to(dtype)
         return out.view(self.shape(name))

@@ -16,16 +16,17 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 
 from lota_cli import LotaError
-from lota_cli.artifacts import _TORCH_DTYPES, TensorFileWriter, _read_header, mapped_range
+from lota_cli.artifacts import _TORCH_DTYPES, TensorFileWriter, _check_complete, _read_header, all_finite, mapped_range
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PIECE = 1 << 24  # entries per piece when a tensor is streamed
+_SUPPORTED = {"F32", "BF16", "F16"}  # the dtypes a checkpoint is streamed in
 
 
 class Checkpoint:
@@ -41,11 +42,8 @@ class Checkpoint:
                 raise LotaError(f"{self.directory / INDEX} names shard {shard.name}, which is missing; copy the "
                                 "model again (all of its shards)")
             header, raw = _read_header(shard)
+            _check_complete(shard, header, len(raw))
             entries = {k: v for k, v in header.items() if k != "__metadata__"}
-            end = max((v["data_offsets"][1] for v in entries.values()), default=0)
-            if 8 + len(raw) + end != shard.stat().st_size:
-                raise LotaError(f"{shard} is truncated or damaged: its header promises {8 + len(raw) + end:,} bytes, "
-                                f"the file has {shard.stat().st_size:,}; copy the model again")
             for name in names if names is not None else entries:
                 if name not in entries:
                     raise LotaError(f"{self.directory / INDEX} puts tensor {name!r} in {shard.name}, which does not "
@@ -92,9 +90,22 @@ class Checkpoint:
         """Flat entries [start, stop) of `name` over a private memory map (valid inside the `with`)."""
         shard, entry, data_start = self._where[name]
         stop = self.numel(name) if stop is None else stop
-        size = torch.tensor([], dtype=self.dtype(name)).element_size()
-        return mapped_range(shard, data_start + entry["data_offsets"][0] + start * size, stop - start,
-                            self.dtype(name))
+        dtype = self.dtype(name)
+        return mapped_range(shard, data_start + entry["data_offsets"][0] + start * dtype.itemsize, stop - start, dtype)
+
+    def flat_tensors(self, sources: Mapping[str, str]) -> Iterator[tuple[str, tuple[int, ...], torch.Tensor]]:
+        """(name, shape, flat memory-mapped tensor) for each name -> checkpoint tensor of `sources`, in its
+        order, one mapping open at a time: what models.fingerprint_of reads a strided sample of."""
+        for name, source in sources.items():
+            with self.mapped(source) as flat:
+                yield name, self.shape(source), flat
+
+    def saved_fingerprint(self) -> str:
+        """The fingerprint of the weights as saved (artifacts' base_checkpoint): every tensor, in name order,
+        as models.model_saved_fingerprint computes it from a loaded model."""
+        from lota_cli.models import fingerprint_of
+
+        return fingerprint_of(self.flat_tensors({name: name for name in sorted(self.names)}))
 
     def pieces(self, name: str, piece: int = PIECE) -> Iterator[tuple[int, torch.Tensor]]:
         """(start, flat entries [start, start + piece)) over the tensor, each refused if it holds NaN or Inf,
@@ -103,30 +114,27 @@ class Checkpoint:
         n = self.numel(name)
         for start in range(0, n, piece):
             with self.mapped(name, start, min(n, start + piece)) as view:
-                if view.numel() and not all(map(math.isfinite, torch.aminmax(view))):
+                if not all_finite(view):
                     raise LotaError(f"model {str(self.directory)!r}: weight {name!r} holds NaN or Inf values; the "
                                     "model files are damaged or the model diverged: use an intact copy")
                 yield start, view
                 del view
 
 
-_SUPPORTED = {"F32", "BF16", "F16"}
-
-
 class ShardedWriter:
     """Writes a model's tensors, in a given order, as safetensors shards of at most `shard_size` bytes (a
     tensor larger than that gets a shard of its own), plus `model.safetensors.index.json` when there is more
-    than one, into a temporary directory beside `directory`; `commit` renames it into place.
+    than one, into a temporary directory beside `directory`, renamed into place when the `with` ends well.
 
     layout: name -> (dtype, shape), in the order the tensors will be written.
     """
 
     def __init__(self, directory: str | Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], shard_size: int):
-        self.directory = Path(directory)
+        self.directory, self._layout = Path(directory), layout
         self.groups: list[dict] = [{}]
         filled = 0
         for name, (dtype, shape) in layout.items():
-            size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+            size = math.prod(shape) * dtype.itemsize
             if self.groups[-1] and filled + size > shard_size:
                 self.groups.append({})
                 filled = 0
@@ -135,7 +143,6 @@ class ShardedWriter:
         count = len(self.groups)
         self.files = [SINGLE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors"
                                                   for i in range(count)]
-        self.total_size = sum(math.prod(s) * torch.tensor([], dtype=d).element_size() for d, s in layout.values())
 
     def __enter__(self) -> "ShardedWriter":
         from lota_cli.models import atomic_directory
@@ -176,7 +183,8 @@ class ShardedWriter:
                     raise ValueError(f"{self.directory}: tensors left unwritten")
                 if len(self.files) > 1:
                     weight_map = {name: file for file, group in zip(self.files, self.groups) for name in group}
-                    (self.tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total_size},
+                    total = sum(math.prod(s) * d.itemsize for d, s in self._layout.values())
+                    (self.tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                               "weight_map": weight_map}, indent=2) + "\n")
         except BaseException as err:
             self._directory.__exit__(type(err), err, err.__traceback__)  # the directory is discarded

@@ -122,21 +122,10 @@ def fingerprint_of(tensors) -> str:
     return digest.hexdigest()
 
 
-def saved_fingerprint(names, shape, mapped) -> str:
-    """fingerprint_of over tensors in sorted name order, given their names, shape(name) and a context manager
-    mapped(name) -> flat tensor: computable from a checkpoint's files alone (no model code, no state_dict
-    order), which is what lets `lota merge output_model=` check its base without importing transformers."""
-    def tensors():
-        for name in sorted(names):
-            with mapped(name) as flat:
-                yield name, shape(name), flat
-
-    return fingerprint_of(tensors())
-
-
 def model_saved_fingerprint(model: nn.Module) -> str:
-    """saved_fingerprint of a loaded model as save_pretrained writes it: each tensor once (tied weights under
-    their first name in state_dict order), so that it equals the checkpoint's (artifacts' base_checkpoint)."""
+    """fingerprint_of a loaded model as save_pretrained writes it, in name order: each tensor once (tied
+    weights under their first name in state_dict order), so that it equals checkpoint.Checkpoint's
+    saved_fingerprint, which needs no model code (artifacts' base_checkpoint)."""
     tensors: dict[str, torch.Tensor] = {}
     seen = set()
     for name, tensor in model.state_dict().items():
@@ -145,8 +134,7 @@ def model_saved_fingerprint(model: nn.Module) -> str:
             continue  # a tied weight: saved once, under its first name
         seen.add(key)
         tensors[name] = tensor
-    return saved_fingerprint(tensors, lambda n: tensors[n].shape,
-                             lambda n: contextlib.nullcontext(tensors[n].detach().reshape(-1)))
+    return fingerprint_of((name, t.shape, t.detach().reshape(-1)) for name, t in sorted(tensors.items()))
 
 
 def state_dict_sources(cfg: ModelConfig, checkpoint) -> dict[str, str] | None:

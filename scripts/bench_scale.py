@@ -92,16 +92,11 @@ def make_delta(path: str, base: str, seed: int, sparsity: float) -> dict:
     from lota_cli.checkpoint import Checkpoint
     from lota_cli.config import ModelConfig, ParamsConfig
     from lota_cli.masks import pack_bits
-    from lota_cli.models import fingerprint_of, saved_fingerprint, selected, state_dict_sources
+    from lota_cli.models import fingerprint_of, selected, state_dict_sources
 
     model_cfg = ModelConfig(path=base, dtype="bfloat16")
     checkpoint = Checkpoint(base)
     sources = state_dict_sources(model_cfg, checkpoint)
-
-    def mapped():
-        for name, source in sources.items():
-            with checkpoint.mapped(source) as flat:
-                yield name, checkpoint.shape(source), flat
 
     names = selected({n: checkpoint.shape(n) for n in checkpoint.names}, ParamsConfig())
     stride = round(1 / (1 - sparsity))
@@ -110,8 +105,8 @@ def make_delta(path: str, base: str, seed: int, sparsity: float) -> dict:
     for n in names:
         layout[f"{n}::bits"] = (torch.uint8, ((checkpoint.numel(n) + 7) // 8,))
         layout[f"{n}::values"] = (torch.float32, (counts[n],))
-    meta = Meta(kind="sparse_delta", base_model=base, base_fingerprint=fingerprint_of(mapped()), stage="bench",
-                base_checkpoint=saved_fingerprint(checkpoint.names, checkpoint.shape, checkpoint.mapped),
+    meta = Meta(kind="sparse_delta", base_model=base, base_fingerprint=fingerprint_of(checkpoint.flat_tensors(sources)), stage="bench",
+                base_checkpoint=checkpoint.saved_fingerprint(),
                 sparsity=sparsity, config={"model": asdict(model_cfg)},
                 shapes={n: list(checkpoint.shape(n)) for n in names})
     gen = torch.Generator().manual_seed(seed)

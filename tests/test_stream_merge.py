@@ -176,12 +176,12 @@ def test_nan_in_the_base_is_refused_naming_the_weight(tmp_path):
 def test_saved_fingerprint_of_the_loaded_model_equals_the_checkpoints(base):
     """What training records (base_checkpoint) is what the streaming merge computes from the shards alone."""
     from lota_cli.checkpoint import Checkpoint
-    from lota_cli.models import load_model, model_saved_fingerprint, saved_fingerprint
+    from lota_cli.models import load_model, model_saved_fingerprint
 
     directory, model_cfg, _, _ = base
     checkpoint = Checkpoint(directory)
     model, _ = load_model(ModelConfig(**model_cfg))
-    assert model_saved_fingerprint(model) == saved_fingerprint(checkpoint.names, checkpoint.shape, checkpoint.mapped)
+    assert model_saved_fingerprint(model) == checkpoint.saved_fingerprint()
 
 
 @pytest.mark.parametrize("recorded", ["right", "wrong"])

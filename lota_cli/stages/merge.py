@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from lota_cli import LotaError
-from lota_cli.artifacts import Artifact, ArtifactWriter, open_artifact, same_layout, stage_meta
+from lota_cli.artifacts import Artifact, ArtifactWriter, all_finite, open_artifact, same_layout, stage_meta
 from lota_cli.config import MergeConfig, ModelConfig, parse_size
 from lota_cli.merging import METHODS, Overlap, delta_overlap, merge
 from lota_cli.models import DTYPES
@@ -75,8 +74,8 @@ class _Merger:
     def dense(self, name: str) -> torch.Tensor:
         """The merged delta of `name` as a dense float32 tensor."""
         deltas = [a.dense(name) for a in self.inputs]
-        for artifact, delta in zip(self.inputs, deltas):
-            if not torch.isfinite(delta).all():
+        for artifact, delta in zip(self.inputs, deltas):  # a sparse delta's values were checked as they were read
+            if artifact.kind == "task_vector" and not all_finite(delta):
                 raise LotaError(f"{artifact.path}: tensor {name!r} holds NaN or Inf values; the run that made it "
                                 "diverged, so redo it (lower train.lr)")
         return self._merged(name, deltas)
@@ -85,20 +84,14 @@ class _Merger:
         """(sorted flat positions, merged float32 values there) of `name`, for `sparse` mergers: each input's
         values are laid over the union of positions (zeros elsewhere), which an elementwise method merges
         exactly as it would the dense tensors. The union is the OR of the inputs' masks."""
-        numel = self.inputs[0].numel(name)
-        held = [np.unpackbits(a.bits(name).numpy(), count=numel, bitorder="little").view(np.bool_)
-                for a in self.inputs]
-        positions = np.flatnonzero(np.logical_or.reduce(held) if len(held) > 1 else held[0])
+        held = [a.held(name) for a in self.inputs]
+        masks = [mask.numpy() for mask, _ in held]
+        positions = np.flatnonzero(np.logical_or.reduce(masks) if len(masks) > 1 else masks[0])
         deltas = []
-        for artifact, mask in zip(self.inputs, held):
-            # values follow the set bits in row-major order, which is their order among the union's
-            mine = torch.from_numpy(mask[positions])
-            values = artifact.values(name)
-            if int(mine.sum()) != values.numel():
-                raise LotaError(f"{artifact.path}: {name}::values has {values.numel()} entries for "
-                                f"{int(mine.sum())} positions; the file is corrupt: re-create it")
+        for mask, (_, values) in zip(masks, held):
+            # values follow the set entries in row-major order, which is their order among the union's
             compact = torch.zeros(positions.size, dtype=torch.float32)
-            compact[mine] = values.float()
+            compact[torch.from_numpy(mask[positions])] = values.float()
             deltas.append(compact)
         return torch.from_numpy(positions), self._merged(name, deltas)  # int64 positions
 
@@ -172,17 +165,17 @@ def _checked_base(inputs: list[Artifact], checkpoint, model_cfg: ModelConfig) ->
     against the shards alone. Artifacts without one (or a checkpoint that saves tied weights twice) are
     checked by base_fingerprint, in the model's state_dict order, which the weightless skeleton gives:
     a second or more of importing the model's code."""
-    from lota_cli.models import fingerprint_of, saved_fingerprint, state_dict_sources
+    from lota_cli.models import fingerprint_of, state_dict_sources
 
     first = inputs[0]
     recorded = first.meta.base_checkpoint
     if (recorded and all(name in checkpoint for name in first.names)
-            and recorded == saved_fingerprint(checkpoint.names, checkpoint.shape, checkpoint.mapped)):
+            and recorded == checkpoint.saved_fingerprint()):
         return {name: name for name in first.names}
     sources = state_dict_sources(model_cfg, checkpoint)
     if sources is None:
         return None
-    first.check_base(fingerprint_of(_mapped(checkpoint, sources)), model_cfg.path)
+    first.check_base(fingerprint_of(checkpoint.flat_tensors(sources)), model_cfg.path)
     delta_of = {}
     for name in first.names:
         if name not in sources:
@@ -195,13 +188,6 @@ def _checked_base(inputs: list[Artifact], checkpoint, model_cfg: ModelConfig) ->
     return delta_of
 
 
-def _mapped(checkpoint, sources: dict[str, str]):
-    """(state_dict name, shape, flat memory-mapped tensor) for fingerprint_of, one mapping open at a time."""
-    for name, source in sources.items():
-        with checkpoint.mapped(source) as flat:
-            yield name, checkpoint.shape(source), flat
-
-
 def _add_at(pieces, positions: torch.Tensor, values: torch.Tensor):
     """Base pieces with float32 `values` added at flat `positions`, rounded once to the pieces' dtype: the same
     arithmetic, entry by entry, as adding the dense delta (whose other entries are 0)."""
@@ -209,7 +195,7 @@ def _add_at(pieces, positions: torch.Tensor, values: torch.Tensor):
         lo, hi = torch.searchsorted(positions, torch.tensor([start, start + piece.numel()])).tolist()
         local = positions[lo:hi] - start
         added = (piece[local].float() + values[lo:hi]).to(piece.dtype)
-        _check_finite(added, "the merged weight")
+        _check_finite(added)
         piece[local] = added
         yield start, piece
 
@@ -217,13 +203,13 @@ def _add_at(pieces, positions: torch.Tensor, values: torch.Tensor):
 def _add_dense(pieces, delta: torch.Tensor):
     for start, piece in pieces:
         added = (piece.float() + delta[start:start + piece.numel()]).to(piece.dtype)
-        _check_finite(added, "the merged weight")
+        _check_finite(added)
         yield start, added
 
 
-def _check_finite(tensor: torch.Tensor, what: str) -> None:
-    if tensor.numel() and not all(map(math.isfinite, torch.aminmax(tensor))):
-        raise LotaError(f"{what} overflows {str(tensor.dtype).removeprefix('torch.')} (Inf); merge in float32 "
+def _check_finite(tensor: torch.Tensor) -> None:
+    if not all_finite(tensor):
+        raise LotaError(f"the merged weight overflows {str(tensor.dtype).removeprefix('torch.')} (Inf); merge in float32 "
                         "(dtype=float32) or lower scale=")
 
 
