@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -99,9 +99,34 @@ class TaskConfig:
                                         "regex whose group 1 in the reference is the checkable answer")
     metric: str = opt("exact_match", "exact_match (needs answer_pattern) or rouge (ROUGE-1/2/L; rouge_l: "
                                      "its older name)")
+    format: str = opt("text", "text: task.prompt / task.target templates per row; messages: a conversation "
+                              "per row (task.messages_field), rendered by the chat template")
+    messages_field: str = opt("messages", "format=messages: the field holding the turns (ShareGPT: conversations)")
+    role_field: str = opt("role", "format=messages: a turn's role key (ShareGPT: from); human/gpt map to "
+                                  "user/assistant")
+    content_field: str = opt("content", "format=messages: a turn's text key (ShareGPT: value)")
+    system_prompt: Optional[str] = opt(None, "format=messages: a system turn put first where a conversation has none")
+    chat_template: Optional[str] = opt(None, "a Jinja chat template (or a file holding one) replacing the tokenizer's")
+    train_on: str = opt("assistant", "tokens with loss: assistant (every assistant turn, default), last (the last "
+                                     "one), all (every token); format=text: the target (or all)")
+    truncation: str = opt("turns", "longer than max_length: turns (keep the whole turns that fit; a first answer "
+                                   "too long is cut), drop (drop the example)")
+    packing: bool = opt(False, "pack examples into sequences of max_length (no attention across examples)")
+    streaming: bool = opt(False, "read the training data as it is used (data sets larger than memory); needs "
+                                 "train.max_steps")
+    shuffle_buffer: int = opt(10_000, "streaming: rows in the shuffle buffer")
+    num_proc: Optional[int] = opt(None, "processes that tokenize (default: one per 50,000 rows, up to the CPUs)")
+    weight: float = opt(1.0, "sampling weight when training on several tasks (task and tasks.*)")
+    cache: bool = opt(True, "keep encoded data between runs ($LOTA_CACHE or ~/.cache/lota/data), keyed by "
+                            "tokenizer, task settings and data")
 
     def __post_init__(self):
         _one_of("task.metric", self.metric, ("exact_match", "rouge", "rouge_l"))
+        _one_of("task.format", self.format, ("text", "messages"))
+        _one_of("task.train_on", self.train_on, ("assistant", "last", "all"))
+        _one_of("task.truncation", self.truncation, ("turns", "drop"))
+        _positive("task.num_proc", self.num_proc)
+        _positive("task.shuffle_buffer", self.shuffle_buffer)
         if self.metric == "rouge_l":  # the name before ROUGE-1 and -2 were reported too
             self.metric = "rouge"
         _positive("task.max_length", self.max_length)
@@ -220,9 +245,27 @@ class TrainStageConfig(StageConfig):
     artifact_dtype: str = opt("float32", "dtype of the written deltas")
     save_model: bool = opt(False, "also write the resulting model as a Hugging Face directory out/model")
     resume: Any = opt(False, "true: continue from the newest checkpoint in out; or a checkpoint path")
+    tasks: Dict[str, TaskConfig] = opt(factory=dict, help="more tasks to train on with task, a mixture by their "
+                                                          "weights (add one with +task@tasks.NAME=PRESET)")
 
     def __post_init__(self):
         _one_of("artifact_dtype", self.artifact_dtype, DTYPE_NAMES)
+        if self.task.name in self.tasks:
+            raise LotaError(f"tasks.{self.task.name} has the name of task.name; give one of them another name")
+        for key, task in [("task", self.task), *((f"tasks.{k}", t) for k, t in self.tasks.items())]:
+            if not (math.isfinite(task.weight) and task.weight >= 0):
+                raise LotaError(f"{key}.weight={task.weight}: a mixture weight must be a number >= 0")
+        mixed = self.mixture_tasks()
+        if sum(w for _, w in mixed) <= 0:
+            raise LotaError("the mixture is empty: the weights of task and tasks.* sum to 0; give one a weight > 0")
+        if any(t.streaming for t, _ in mixed) and not self.train.max_steps:
+            raise LotaError("task.streaming=true reads data of unknown length: set train.max_steps")
+
+    def mixture_tasks(self) -> list[tuple[TaskConfig, float]]:
+        """(task, weight) of each task trained on, those of weight 0 left out: task alone, or with tasks.*
+        (each named by its key)."""
+        mixed = [(self.task, self.task.weight)] + [(replace(t, name=k), t.weight) for k, t in self.tasks.items()]
+        return [(t, w) for t, w in mixed if w != 0 or len(mixed) == 1]
 
 
 @dataclass
@@ -451,10 +494,37 @@ class EvalConfig(StageConfig):
             raise LotaError(f"eval.tasks names {unknown}, which are not configured; known: {sorted(self.tasks)}")
 
 
+@dataclass
+class DataOptions:
+    show: int = opt(2, "rendered examples printed on stderr, the trained tokens marked")
+    preview: int = opt(200, "examples written to out/preview.jsonl, in training order")
+    stream_examples: int = opt(10_000, "task.streaming: examples read from the stream for the statistics")
+
+    def __post_init__(self):
+        if self.show < 0 or self.preview < 0:
+            raise LotaError("data.show and data.preview must be >= 0")
+        _positive("data.stream_examples", self.stream_examples)
+
+
+@dataclass
+class DataConfig(TrainStageConfig):
+    """The training stages' keys, so `lota data` takes a training command's arguments as they are; of those it
+    reads model.*, task.*, tasks.* and train.batch_size / train.seed (the batches whose padding it measures)."""
+
+    params: ParamsConfig = opt(factory=ParamsConfig, read=False)
+    optim: OptimConfig = opt(factory=OptimConfig, read=False)
+    train: TrainConfig = opt(factory=TrainConfig, read=False)
+    dist: DistConfig = opt(factory=DistConfig, read=False)
+    artifact_dtype: str = opt("float32", read=False)
+    save_model: bool = opt(False, read=False)
+    resume: Any = opt(False, read=False)
+    data: DataOptions = field(default_factory=DataOptions)
+
+
 # stage config name (conf/<name>.yaml) -> its schema, registered as <name>_schema
 SCHEMAS = {"calibrate": CalibrateConfig, "extract": ExtractConfig, "sparse_train": SparseTrainConfig,
            "lotto": LottoConfig, "merge": MergeConfig, "overlap": OverlapConfig, "eval": EvalConfig,
-           "export": ExportConfig}
+           "export": ExportConfig, "data": DataConfig}
 
 
 def register_schemas() -> None:

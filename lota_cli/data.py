@@ -1,13 +1,23 @@
-"""Task data: load rows (hub or local files), build prompt/target token ids, and batch them reproducibly."""
+"""Task data: load rows (hub or local files, or streamed), render them (prompt/target templates, or chat
+conversations through the tokenizer's chat template), tokenize in batches, cache, and batch reproducibly.
+
+Encoded examples live in flat arrays (Encoded), never as per-row Python objects: example i is
+ids[offsets[i]:offsets[i+1]], `trained` marks the tokens that carry loss, and `answer[i]` is where its final
+answer starts (what evaluation scores and generates). What the loop trains on comes from TrainData
+(training.py's batches): examples one by one, or packed several to a sequence.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import string
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from lota_cli import LotaError
 from lota_cli.config import TaskConfig
@@ -15,14 +25,13 @@ from lota_cli.config import TaskConfig
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 _LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
+         "model": "assistant", "system": "system", "tool": "tool"}
+_CHUNK = 1000  # rows rendered and tokenized together
+_CACHE_VERSION = 1  # bump when encoding changes what it produces
 
 
-@dataclass
-class Example:
-    prompt_ids: list[int]
-    target_ids: list[int]
-    row: dict  # the source row, for metrics that need the reference
-
+# --------------------------------------------------------------------------- rows
 
 def _files(data_files, key: str) -> list[str]:
     """The local data files, each checked to exist, be readable and hold something (datasets' own errors
@@ -48,30 +57,28 @@ def _first_line(err: Exception) -> str:
     return lines[0][:300] if lines else type(err).__name__
 
 
-def load_rows(task: TaskConfig, purpose: str = "train") -> list[dict]:
-    """Rows for training or evaluation: from local files when given, else from the hub dataset.
+def _source(task: TaskConfig, purpose: str):
+    """(split, data_files, config key) the rows come from; with task.holdout and no eval files, evaluation
+    reads the training data."""
+    if purpose == "train" or (task.holdout > 0 and not task.eval_data_files):
+        return task.split, task.data_files, "task.data_files"
+    return task.eval_split, task.eval_data_files, "task.eval_data_files"
 
-    With `task.holdout` > 0 and no separate eval files, evaluation reads the training data too, and its
-    last `task.holdout` rows (after the seeded shuffle) are evaluation's alone.
-    """
+
+def _load(task: TaskConfig, purpose: str, streaming: bool):
     import datasets
 
-    shared = task.holdout > 0 and not task.eval_data_files
-    if purpose == "train" or shared:
-        split, data_files, key = task.split, task.data_files, "task.data_files"
-    else:
-        split, data_files, key = task.eval_split, task.eval_data_files, "task.eval_data_files"
+    split, data_files, key = _source(task, purpose)
     try:
         if data_files:
             files = _files(data_files, key)
             kind = _LOADERS.get(Path(files[0]).suffix)
             if kind is None:
                 raise LotaError(f"{files[0]}: unsupported data file type; use one of {', '.join(_LOADERS)}")
-            ds = datasets.load_dataset(kind, data_files=files, split="train")
-        elif task.dataset:
-            ds = datasets.load_dataset(task.dataset, task.dataset_config, split=split)
-        else:
-            raise LotaError(f"task {task.name}: set task.dataset (a hub id) or task.data_files (local files)")
+            return datasets.load_dataset(kind, data_files=files, split="train", streaming=streaming)
+        if task.dataset:
+            return datasets.load_dataset(task.dataset, task.dataset_config, split=split, streaming=streaming)
+        raise LotaError(f"task {task.name}: set task.dataset (a hub id) or task.data_files (local files)")
     except LotaError:
         raise
     except Exception as err:  # datasets raises many types for unreadable or unreachable data
@@ -81,11 +88,22 @@ def load_rows(task: TaskConfig, purpose: str = "train") -> list[dict]:
                             "one example") from None
         hint = "check that the file is valid " + Path(files[0]).suffix[1:] if data_files else "check the name"
         raise LotaError(f"cannot load task {task.name} data from {where}: {_first_line(err)}; {hint}") from err
+
+
+def load_rows(task: TaskConfig, purpose: str = "train", limit: int | None = None):
+    """Rows for training or evaluation (a datasets.Dataset, memory-mapped by datasets' cache): from local
+    files when given, else from the hub data set, shuffled by task.shuffle_seed.
+
+    With `task.holdout` > 0 and no separate eval files, evaluation reads the training data too, and its
+    last `task.holdout` rows (after the seeded shuffle) are evaluation's alone. `limit`: at most that many.
+    """
+    ds = _load(task, purpose, streaming=False)
+    where = _source(task, purpose)[1] or task.dataset
     if len(ds) == 0:
-        raise LotaError(f"task {task.name}: the data set {data_files or task.dataset} has no examples; give data "
-                        "with at least one example")
+        raise LotaError(f"task {task.name}: the data set {where} has no examples; give data with at least "
+                        "one example")
     ds = ds.shuffle(seed=task.shuffle_seed)
-    if shared:
+    if task.holdout > 0 and not task.eval_data_files:
         if task.holdout >= len(ds):
             raise LotaError(f"task {task.name}: task.holdout={task.holdout} leaves no training rows of {len(ds)}")
         keep = range(len(ds) - task.holdout) if purpose == "train" else range(len(ds) - task.holdout, len(ds))
@@ -93,107 +111,394 @@ def load_rows(task: TaskConfig, purpose: str = "train") -> list[dict]:
     n = len(ds)
     if purpose == "train" and task.fraction < 1.0:  # evaluation has its own limit, eval.max_examples
         n = max(1, int(n * task.fraction))
-    if purpose == "train" and task.max_examples:
-        n = min(n, task.max_examples)
-    rows = ds.select(range(n)).to_list()
-    _check_fields(task, rows, data_files or task.dataset)
-    return rows
+    for cap in (task.max_examples if purpose == "train" else None, limit):
+        n = min(n, cap) if cap else n
+    ds = ds.select(range(n)) if n < len(ds) else ds
+    _check_fields(task, ds.column_names, where)
+    _check_targets(task, ds, where)
+    return ds
+
+
+def stream_rows(task: TaskConfig, epoch: int):
+    """The training rows as a datasets.IterableDataset (task.streaming): read as they are used, shuffled in
+    a buffer by task.shuffle_seed and the epoch."""
+    ds = _load(task, "train", streaming=True)
+    ds = ds.shuffle(seed=task.shuffle_seed, buffer_size=task.shuffle_buffer)
+    ds.set_epoch(epoch)
+    return ds
 
 
 def _fields(template: str) -> set[str]:
     return {f for _, f, _, _ in string.Formatter().parse(template) if f}
 
 
-def _check_fields(task: TaskConfig, rows: list[dict], where) -> None:
-    """Refuse data without the fields the templates use, and rows without a target (nothing to learn or
-    score); a missing prompt field in some rows renders as empty, which optional fields rely on."""
-    missing = sorted((_fields(task.prompt) | _fields(task.target)) - rows[0].keys())
+def _check_fields(task: TaskConfig, columns, where) -> None:
+    """Refuse data without the fields the task reads (what it would train on)."""
+    if task.format == "messages":
+        if task.messages_field not in columns:
+            raise LotaError(f"task {task.name}: the data {where} has no field {task.messages_field!r} "
+                            f"(task.messages_field); its fields are {sorted(columns)}: ShareGPT data needs "
+                            "task.messages_field=conversations task.role_field=from task.content_field=value")
+        return
+    missing = sorted((_fields(task.prompt) | _fields(task.target)) - set(columns))
     if missing:
         raise LotaError(f"task {task.name}: the data {where} has no field(s) {missing} used by task.prompt / "
-                        f"task.target; its fields are {sorted(rows[0])}: set task.prompt / task.target to use them")
-    for field in sorted(_fields(task.target)):
-        empty = [i for i, row in enumerate(rows) if row.get(field) is None]
-        if empty:
-            raise LotaError(f"task {task.name}: {len(empty)} row(s) of {where} lack field {field!r} used by "
-                            f"task.target, e.g. {str(rows[empty[0]])[:80]}; fix or drop those rows")
+                        f"task.target; its fields are {sorted(columns)}: set task.prompt / task.target to use them")
+
+
+def _check_targets(task: TaskConfig, ds, where) -> None:
+    """Refuse rows without a target (nothing to learn or score), from the Arrow columns' null bitmaps; a
+    missing prompt field renders as empty, which optional fields rely on."""
+    if task.format != "text":
+        return
+    for name in sorted(_fields(task.target)):
+        nulls = ds.data.column(name).is_null().to_numpy(zero_copy_only=False)
+        if ds._indices is not None:  # shuffled / selected: the rows in use
+            nulls = nulls[ds._indices.column(0).to_numpy()]
+        if nulls.any():
+            example = ds[int(nulls.argmax())]
+            raise LotaError(f"task {task.name}: {int(nulls.sum())} row(s) of {where} lack field {name!r} used by "
+                            f"task.target, e.g. {str(example)[:80]}; fix or drop those rows")
 
 
 def render(template: str, row: dict) -> str:
     return template.format_map({k: "" if v is None else v for k, v in row.items()}).strip()
 
 
-def prompt_ids(tokenizer, task: TaskConfig, row: dict) -> list[int]:
-    """The prompt's token ids, in the chat template when the tokenizer has one and the task wants it."""
-    text = render(task.prompt, row)
-    if task.use_chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-        return list(ids)
-    ids = tokenizer(text + "\n", add_special_tokens=True)["input_ids"]
-    return list(ids)
+# --------------------------------------------------------------------------- encoding
 
+@dataclass
+class Encoded:
+    """Token ids of n examples in flat arrays; `references` (evaluation only): each final answer's text."""
 
-def encode(tokenizer, task: TaskConfig, rows: list[dict]) -> list[Example]:
-    """Token ids of each row: prompt, then target + EOS, cut to task.max_length (keeping some target)."""
-    examples = []
-    for row in rows:
-        prompt = prompt_ids(tokenizer, task, row)
-        target = tokenizer(render(task.target, row), add_special_tokens=False)["input_ids"]
-        target = list(target) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-        room = task.max_length - len(prompt)
-        if room < 1:
-            continue
-        examples.append(Example(prompt, target[:room], row))
-    if not examples:
-        raise LotaError(f"task {task.name}: every prompt is longer than task.max_length={task.max_length}")
-    if len(examples) < len(rows):
-        log.warning("task %s: %d of %d examples dropped (prompt longer than task.max_length=%d)",
-                    task.name, len(rows) - len(examples), len(rows), task.max_length)
-    return examples
+    ids: np.ndarray  # int32, all examples' tokens one after another
+    trained: np.ndarray  # bool, per token: it carries loss
+    offsets: np.ndarray  # int64 [n + 1]
+    answer: np.ndarray  # int32 [n], where each example's final answer starts (relative)
+    references: list[str] | None = None
+    stats: dict = field(default_factory=dict)
 
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
 
-def collate(examples: list[Example], pad_id: int, with_targets: bool = True) -> dict[str, torch.Tensor]:
-    """Right-padded input ids, attention mask, and labels that score only the target tokens."""
-    seqs = [e.prompt_ids + (e.target_ids if with_targets else []) for e in examples]
-    width = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (e, seq) in enumerate(zip(examples, seqs)):
-        input_ids[i, :len(seq)] = torch.tensor(seq)
-        attention[i, :len(seq)] = 1
-        if with_targets:
-            labels[i, len(e.prompt_ids):len(seq)] = torch.tensor(e.target_ids)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    def tokens(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i]:self.offsets[i + 1]]
 
+    def trained_mask(self, i: int) -> np.ndarray:
+        return self.trained[self.offsets[i]:self.offsets[i + 1]]
 
-class MicroBatches:
-    """An endless, reproducible stream of micro-batches: epoch e visits the data in randperm(seed + e).
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
 
-    Micro-batch i is a pure function of i, so a resumed run continues exactly where it stopped, and each of
-    N processes takes its own contiguous share of the same global micro-batch (sharded, not duplicated).
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self._epoch, self._perm = -1, None
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return self._perm
-
-    def indices(self, i: int) -> list[int]:
-        start = i * self.batch_size
-        out = []
-        for pos in range(start, start + self.batch_size):
-            out.append(int(self._order(pos // self.n)[pos % self.n]))
-        return out
+    @property
+    def trained_counts(self) -> np.ndarray:
+        """Trained tokens per example."""
+        sums = np.concatenate([[0], np.cumsum(self.trained, dtype=np.int64)])
+        return sums[self.offsets[1:]] - sums[self.offsets[:-1]]
 
     @staticmethod
-    def shard(indices: list[int], rank: int, world: int) -> list[int]:
-        if len(indices) % world:
-            raise LotaError(f"train.batch_size={len(indices)} must be divisible by the {world} processes")
-        per = len(indices) // world
-        return indices[rank * per:(rank + 1) * per]
+    def join(parts: list["Encoded"]) -> "Encoded":
+        """One Encoded of several (a mixture's tasks), examples in order."""
+        offsets, total = [np.zeros(1, np.int64)], 0
+        for part in parts:
+            offsets.append(part.offsets[1:] + total)
+            total += int(part.offsets[-1])
+        keep = all(p.references is not None for p in parts)
+        references = [r for p in parts for r in p.references] if keep else None
+        return Encoded(np.concatenate([p.ids for p in parts]), np.concatenate([p.trained for p in parts]),
+                       np.concatenate(offsets), np.concatenate([p.answer for p in parts]), references)
+
+
+@dataclass
+class Example:
+    """One evaluation example: the prompt (with any earlier turns) and the final answer's tokens."""
+
+    prompt_ids: list[int]
+    target_ids: list[int]
+
+
+def eval_examples(encoded: Encoded) -> list[Example]:
+    out = []
+    for i in range(len(encoded)):
+        tokens, answer = encoded.tokens(i), int(encoded.answer[i])
+        out.append(Example(tokens[:answer].tolist(), tokens[answer:].tolist()))
+    return out
+
+
+def chat_template(tokenizer, task: TaskConfig) -> str | None:
+    """The template conversations are rendered with: task.chat_template (the template or a file holding it),
+    else the tokenizer's."""
+    given = task.chat_template
+    if given and "{" not in given:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise LotaError(f"task.chat_template={given}: no such file; give a Jinja template or a file holding one")
+        return path.read_text()
+    return given or getattr(tokenizer, "chat_template", None)
+
+
+class _Encoder:
+    """Renders and tokenizes chunks of rows for one task; counts what truncation did."""
+
+    def __init__(self, tokenizer, task: TaskConfig, purpose: str, rows=None):
+        self.tok, self.task, self.purpose = tokenizer, task, purpose
+        # to name a bad row by its place in the data, not in the shuffled order
+        self.where = _source(task, purpose)[1] or task.dataset
+        self.original = rows._indices.column(0).to_numpy() if getattr(rows, "_indices", None) is not None else None
+        self.template = chat_template(tokenizer, task) if (task.format == "messages" or task.use_chat_template) else None
+        if task.format == "messages" and not self.template:
+            raise LotaError(f"task {task.name}: task.format=messages renders conversations with a chat template, "
+                            "and the tokenizer has none; set task.chat_template=FILE.jinja (or the template text)")
+        if task.format == "messages" and not getattr(tokenizer, "is_fast", False):
+            raise LotaError(f"task {task.name}: task.format=messages needs a fast tokenizer (token offsets); "
+                            f"{type(tokenizer).__name__} is not")
+        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.special = set(tokenizer.all_special_ids)
+        self.row = 0  # the chunk's first row, to name a bad one
+
+    def _row(self, i: int) -> str:
+        position = self.row + i
+        index = int(self.original[position]) if self.original is not None else position
+        return f"task {self.task.name}: row {index} of {self.where}"
+
+    def _chat(self, conversations: list[list[dict]], generation_prompt: bool) -> list[str]:
+        return self.tok.apply_chat_template(conversations, chat_template=self.template, tokenize=False,
+                                            add_generation_prompt=generation_prompt)
+
+    def encode(self, rows: dict[str, list]) -> list[tuple | None]:
+        """Per row: (ids, trained, answer start, reference, what truncation did: "" | "truncated" |
+        "turns_dropped"), or None when it is dropped."""
+        n = len(next(iter(rows.values()))) if rows else 0
+        if self.row == 0:  # streamed rows are first seen here
+            _check_fields(self.task, rows.keys(), self.where)
+        out = self._messages(rows, n) if self.task.format == "messages" else self._text(rows, n)
+        self.row += n
+        return out
+
+    def _text(self, rows: dict[str, list], n: int):
+        task, tok = self.task, self.tok
+        records = [{k: v[i] for k, v in rows.items()} for i in range(n)]
+        targets = [render(task.target, r) for r in records]
+        for i, r in enumerate(records):  # (load_rows checked its rows; streamed ones are checked here)
+            if any(r.get(f) is None for f in _fields(task.target)):
+                raise LotaError(f"{self._row(i)} lacks a field used by task.target ({task.target!r}): "
+                                f"{str(r)[:80]}; fix or drop that row")
+        prompts = [render(task.prompt, r) for r in records]
+        if self.template:
+            texts = self._chat([[{"role": "user", "content": p}] for p in prompts], True)
+            prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids = tok([p + "\n" for p in prompts], add_special_tokens=True)["input_ids"]
+        target_ids = tok(targets, add_special_tokens=False)["input_ids"]
+        out = []
+        for prompt, target, reference in zip(prompt_ids, target_ids, targets):
+            target = list(target) + self.eos
+            room = task.max_length - len(prompt)
+            if room < 1 or (task.truncation == "drop" and len(target) > room):
+                out.append(None)
+                continue
+            ids = list(prompt) + target[:room]
+            trained = [task.train_on == "all"] * len(prompt) + [True] * min(room, len(target))
+            out.append((ids, trained, len(prompt), reference, "truncated" if len(target) > room else ""))
+        return out
+
+    def _turns(self, value, i: int) -> list[dict]:
+        """A row's conversation as [{"role", "content"}] with roles mapped, task.system_prompt first if set."""
+        task, where = self.task, self._row(i)
+        if not isinstance(value, list) or not value:
+            raise LotaError(f"{where}: {task.messages_field!r} is {type(value).__name__} {str(value)[:60]!r}, not "
+                            "a list of turns; fix that row")
+        turns = []
+        for turn in value:
+            if not isinstance(turn, dict) or task.role_field not in turn or task.content_field not in turn:
+                raise LotaError(f"{where}: turn {str(turn)[:80]!r} lacks {task.role_field!r} / "
+                                f"{task.content_field!r} (task.role_field / task.content_field)")
+            role = ROLES.get(str(turn[task.role_field]).lower())
+            if role is None:
+                raise LotaError(f"{where}: unknown role {turn[task.role_field]!r}; known: {', '.join(ROLES)}")
+            turns.append({"role": role, "content": "" if turn[task.content_field] is None
+                          else str(turn[task.content_field])})
+        if not any(t["role"] == "assistant" for t in turns):
+            raise LotaError(f"{where}: the conversation has no assistant turn, so nothing to train on; drop it")
+        if task.system_prompt and turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": task.system_prompt})
+        return turns
+
+    def _messages(self, rows: dict[str, list], n: int):
+        """Render each whole conversation once, find each assistant turn's content in the text (each turn
+        starts where the conversation before it, with the generation prompt, renders to), and train the tokens
+        of those contents and the end-of-turn token after each."""
+        task = self.task
+        conversations = [self._turns(v, i) for i, v in enumerate(rows[task.messages_field])]
+        texts = self._chat(conversations, False)
+        spans_per_row = []
+        for i, (turns, text) in enumerate(zip(conversations, texts)):
+            assistant = [k for k, t in enumerate(turns) if t["role"] == "assistant"]
+            prefixes = self._chat([turns[:k] for k in assistant], True)
+            spans = []
+            for k, prefix in zip(assistant, prefixes):
+                if not text.startswith(prefix):
+                    raise LotaError(f"{self._row(i)}: the chat template renders the conversation differently "
+                                    "from its beginning (it rewrites earlier turns), so assistant turns cannot be "
+                                    "located; give another task.chat_template")
+                content = turns[k]["content"]
+                start = text.find(content, len(prefix)) if content else len(prefix)
+                if start < 0:
+                    raise LotaError(f"{self._row(i)}: the chat template changes an assistant turn's text (it "
+                                    "is not in the rendered conversation); give another task.chat_template")
+                spans.append((len(prefix), start, start + len(content)))
+            spans_per_row.append(spans)
+        encoded = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [self._fit(ids, offsets, spans, turns)
+                for ids, offsets, spans, turns in zip(encoded["input_ids"], encoded["offset_mapping"],
+                                                      spans_per_row, conversations)]
+
+    def _fit(self, ids, offsets, spans, turns):
+        """Trained tokens of one conversation and the whole turns of it that fit task.max_length."""
+        task = self.task
+        starts = np.array([s for s, _ in offsets])
+        ends = np.array([e for _, e in offsets])
+        turns_tokens = []  # per assistant turn: (first content token, end (exclusive) incl. the end-of-turn token)
+        for _, c0, c1 in spans:
+            first = int(np.searchsorted(ends, c0, side="right"))  # first token ending after the content starts
+            last = int(np.searchsorted(starts, c1, side="left"))  # first token starting at or after its end
+            if last < len(ids) and ids[last] in self.special:
+                last += 1
+            turns_tokens.append((first, last))
+        contents = [t["content"] for t in turns if t["role"] == "assistant"]
+        fits = [k for k, (_, end) in enumerate(turns_tokens) if end <= task.max_length]
+        if fits:
+            keep, length = fits[-1], turns_tokens[fits[-1]][1]
+            note = "turns_dropped" if keep < len(turns_tokens) - 1 else ""
+            if task.truncation == "drop" and note:
+                return None
+        elif task.truncation == "turns" and turns_tokens[0][0] < task.max_length:
+            keep, length, note = 0, task.max_length, "truncated"  # the first answer alone is too long: cut it
+        else:
+            return None
+        trained = [task.train_on == "all"] * length
+        chosen = range(keep + 1) if task.train_on == "assistant" else [keep] if task.train_on == "last" else []
+        for k in chosen:
+            first, end = turns_tokens[k]
+            trained[first:min(end, length)] = [True] * (min(end, length) - first)
+        return list(ids[:length]), trained, turns_tokens[keep][0], contents[keep], note
+
+
+def _tokenizer_key(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    digest = hashlib.sha256(text.encode())
+    digest.update(json.dumps([type(tokenizer).__name__, tokenizer.eos_token_id, tokenizer.all_special_ids,
+                              getattr(tokenizer, "chat_template", None)]).encode())
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where encoded data sets are kept between runs: $LOTA_CACHE, else $XDG_CACHE_HOME/lota or ~/.cache/lota."""
+    root = os.environ.get("LOTA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lota"
+    return Path(root) / "data"
+
+
+def _cache_key(tokenizer, task: TaskConfig, purpose: str, rows) -> str:
+    """Keyed by what the encoding depends on: the tokenizer, the task's settings and the rows (datasets'
+    fingerprint, which follows the files' contents and the shuffle/select applied)."""
+    settings = {k: v for k, v in asdict(task).items() if k not in ("name", "metric", "answer_pattern", "packing",
+                                                                    "streaming", "num_proc", "cache")}
+    payload = json.dumps([_CACHE_VERSION, _tokenizer_key(tokenizer), settings, purpose, rows._fingerprint],
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def _num_proc(task: TaskConfig, n: int) -> int:
+    """task.num_proc, or one process per 50,000 rows up to the CPU count."""
+    if task.num_proc:
+        return task.num_proc
+    return max(1, min(os.cpu_count() or 1, n // 50_000))
+
+
+def counts(results: list) -> dict[str, int]:
+    """What truncation did to encoded rows (an _Encoder's results)."""
+    notes = [r[4] if r is not None else "dropped" for r in results]
+    return {"rows": len(results), "examples": sum(r is not None for r in results), "dropped": notes.count("dropped"),
+            "truncated": notes.count("truncated"), "turns_dropped": notes.count("turns_dropped")}
+
+
+def _arrays(results: list, keep_references: bool) -> Encoded:
+    """One chunk's results as an Encoded (so no per-row Python objects outlive their chunk)."""
+    kept = [r for r in results if r is not None]
+    lengths = [len(r[0]) for r in kept]
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+    flat = [t for r in kept for t in r[0]]
+    mask = [m for r in kept for m in r[1]]
+    return Encoded(np.asarray(flat, np.int32), np.asarray(mask, bool), offsets,
+                   np.asarray([r[2] for r in kept], np.int32), [r[3] for r in kept] if keep_references else None,
+                   counts(results))
+
+
+def _chunks(encoder: _Encoder, rows, procs: int):
+    """The rows' results chunk by chunk: here, or in datasets' worker processes (each encoding contiguous
+    chunks into an Arrow column, read back a chunk at a time)."""
+    if procs <= 1:
+        for start in range(0, len(rows), _CHUNK):
+            yield encoder.encode(rows[start:start + _CHUNK])
+        return
+
+    def columns(batch, indices):
+        encoder.row = indices[0]
+        return {"_item": [json.dumps(g) if g is not None else "" for g in encoder.encode(batch)]}
+
+    mapped = rows.map(columns, batched=True, with_indices=True, batch_size=_CHUNK, num_proc=procs,
+                      remove_columns=rows.column_names, load_from_cache_file=False,
+                      desc=f"encoding {encoder.task.name}")
+    for start in range(0, len(mapped), _CHUNK):
+        yield [json.loads(s) if s else None for s in mapped[start:start + _CHUNK]["_item"]]
+
+
+def _encode_rows(tokenizer, task: TaskConfig, rows, purpose: str) -> Encoded:
+    encoder = _Encoder(tokenizer, task, purpose, rows)
+    keep = purpose == "eval"  # evaluation scores generations against the references
+    parts = [_arrays(results, keep) for results in _chunks(encoder, rows, _num_proc(task, len(rows)))]
+    encoded = Encoded.join(parts)
+    encoded.stats = {k: sum(p.stats[k] for p in parts) for k in parts[0].stats}
+    if not len(encoded):
+        raise LotaError(f"task {task.name}: no example fits task.max_length={task.max_length} "
+                        "(every prompt is longer); raise it")
+    return encoded
+
+
+def encode(tokenizer, task: TaskConfig, rows, purpose: str = "train") -> Encoded:
+    """Token ids of the rows (load_rows's), from the cache when the same tokenizer, task settings and rows
+    were encoded before (task.cache); drops and truncations are logged."""
+    path = cache_dir() / f"{_cache_key(tokenizer, task, purpose, rows)}.npz" if task.cache else None
+    if path is not None and path.is_file():
+        with np.load(path) as arrays:
+            extra = json.loads(str(arrays["extra"]))
+            encoded = Encoded(arrays["ids"], arrays["trained"], arrays["offsets"], arrays["answer"],
+                              extra["references"], extra["stats"])
+        log.info("task %s: %d examples from the cache %s", task.name, len(encoded), path)
+    else:
+        encoded = _encode_rows(tokenizer, task, rows, purpose)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.partial.npz")
+            np.savez(partial, ids=encoded.ids, trained=encoded.trained, offsets=encoded.offsets,
+                     answer=encoded.answer,
+                     extra=np.array(json.dumps({"references": encoded.references, "stats": encoded.stats})))
+            os.replace(partial, path)
+    report(task, encoded.stats)
+    return encoded
+
+
+def report(task: TaskConfig, stats: dict) -> None:
+    """Say what truncation did (a warning: it changes what trains)."""
+    if stats.get("dropped"):
+        log.warning("task %s: %d of %d examples dropped (longer than task.max_length=%d with "
+                    "task.truncation=%s)", task.name, stats["dropped"], stats["rows"], task.max_length,
+                    task.truncation)
+    if stats.get("truncated"):
+        log.warning("task %s: %d examples' answers cut to fit task.max_length=%d", task.name, stats["truncated"],
+                    task.max_length)
+    if stats.get("turns_dropped"):
+        log.warning("task %s: %d conversations lost their last turns to fit task.max_length=%d (whole turns "
+                    "kept)", task.name, stats["turns_dropped"], task.max_length)

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from lota_cli import LotaError
-from lota_cli.data import Example, collate
+from lota_cli.batches import collate
+from lota_cli.data import Example
 from lota_cli.loop import token_nll_sum
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,9 @@ def nll(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int 
     meter = _Meter(what, len(batches))
     total, answer_tokens = 0.0, 0
     for ids in batches:
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in ids], pad_id).items()}
+        items = [[(examples[i].prompt_ids + examples[i].target_ids,
+                   [False] * len(examples[i].prompt_ids) + [True] * len(examples[i].target_ids))] for i in ids]
+        batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
         total += token_nll_sum(model, batch).item()
         answer_tokens += sum(len(examples[i].target_ids) for i in ids)
         meter.update(len(ids), sum(lengths[i] for i in ids))

@@ -29,15 +29,19 @@ from torch import nn
 from lota_cli import LotaError
 from lota_cli.checkpoints import Checkpointer, latest
 from lota_cli.config import OptimConfig, TrainConfig, TrainStageConfig
-from lota_cli.data import IGNORE, Example, MicroBatches, collate
+from lota_cli.batches import MicroBatches, collate, targets
+from lota_cli.data import IGNORE
 from lota_cli.metrics import Metrics
 from lota_cli.progress import progress_bar
 
 
-def optimizer_steps(cfg: TrainConfig, n_examples: int) -> int:
+def optimizer_steps(cfg: TrainConfig, n_items: int | None) -> int:
+    """train.max_steps, or the steps of train.epochs passes over the items (examples, or packed sequences)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * n_examples / (cfg.batch_size * cfg.grad_accum)))
+    if n_items is None:
+        raise LotaError("streamed data has no length to count epochs in: set train.max_steps")
+    return max(1, math.ceil(cfg.epochs * n_items / (cfg.batch_size * cfg.grad_accum)))
 
 
 def make_optimizer(params: list[nn.Parameter], train: TrainConfig, optim: OptimConfig) -> torch.optim.Optimizer:
@@ -62,8 +66,10 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int
 
 
 def token_nll_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over target tokens of -log p(token | prefix), in float32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Sum over target tokens of -log p(token | prefix), in float32. A packed batch has position ids and no
+    attention mask (transformers then keeps attention within each example)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
                            ignore_index=IGNORE, reduction="sum")
 
@@ -94,16 +100,16 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean target-token NLL per optimizer step
 
 
-def train(model: nn.Module, trainable: dict[str, nn.Parameter], examples: list[Example], pad_id: int,
+def train(model: nn.Module, trainable: dict[str, nn.Parameter], data, pad_id: int,
           cfg: TrainStageConfig, out: Path, engine, depends: dict,
           after_step: Callable[[], None] | None = None) -> TrainResult:
-    """Train `trainable` on `examples`; everything else in `model` must already be frozen.
+    """Train `trainable` on `data` (batches.Fixed or Streamed); everything else in `model` must already be frozen.
 
     `depends` names the inputs the run is tied to (fingerprints); a checkpoint from other inputs is refused.
     `after_step` runs after every optimizer step (LoTTO uses it to restore frozen entries).
     """
     tcfg, acc = cfg.train, engine.accelerator
-    steps = optimizer_steps(tcfg, len(examples))
+    steps = optimizer_steps(tcfg, data.n)
     model, optimizer = engine.prepare(model, make_optimizer(list(trainable.values()), tcfg, cfg.optim))
     # Made on the prepared optimizer (DeepSpeed may replace it) and stepped once per optimizer step by this
     # loop: accelerate's wrapper would step it once per process.
@@ -113,17 +119,19 @@ def train(model: nn.Module, trainable: dict[str, nn.Parameter], examples: list[E
     out.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(out, acc, tcfg.log_every, steps, phase=depends.get("phase"))  # lotto names its phases
     world, rank, params = acc.num_processes, acc.process_index, list(trainable.values())
-    batches = MicroBatches(len(examples), tcfg.batch_size, tcfg.seed)
-    target_tokens = [len(e.target_ids) for e in examples]
 
     model.train()
     with StopRequest() as stop, progress_bar(steps, start, acc.is_main_process) as bar:
         for step in range(start, steps):
             t0, tokens, loss_sum = time.perf_counter(), 0, 0.0
-            micro = [batches.indices(step * tcfg.grad_accum + j) for j in range(tcfg.grad_accum)]
-            global_targets = sum(target_tokens[i] for ids in micro for i in ids)
-            for ids in micro:
-                batch = collate([examples[i] for i in MicroBatches.shard(ids, rank, world)], pad_id)
+            micro = [data.micro_batch(step * tcfg.grad_accum + j) for j in range(tcfg.grad_accum)]
+            global_targets = sum(targets(item) for items in micro for item in items)
+            if global_targets == 0:
+                raise LotaError(f"step {step + 1}'s batch has no token to train on (check task.train_on and the "
+                                "data's answers)")
+            for items in micro:
+                mine = MicroBatches.shard(items, rank, world)
+                batch = collate(mine, pad_id, data.packed)
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 # accumulate(): gradients are synchronized (DDP's all-reduce; DeepSpeed's reduce, clip and
                 # optimizer step, inside backward) on the last micro-step of the step only. accelerate and
@@ -133,7 +141,7 @@ def train(model: nn.Module, trainable: dict[str, nn.Parameter], examples: list[E
                     nll = token_nll_sum(model, batch)
                     acc.backward(nll * (world * tcfg.grad_accum / global_targets))
                 loss_sum += nll.item()
-                tokens += int(batch["attention_mask"].sum())
+                tokens += sum(len(ids) for item in mine for ids, _ in item)
             grad_norm = engine.clip_grad_norm(params, tcfg.max_grad_norm)
             # one all-reduce for the loss and for a stop request that reached only some processes
             totals = acc.reduce(torch.tensor([loss_sum, float(stop.signal is not None)], dtype=torch.float64,

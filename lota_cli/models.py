@@ -34,19 +34,22 @@ def _source(cfg: ModelConfig) -> tuple[str, dict]:
     return cfg.path, {"gguf_file": cfg.gguf_file}
 
 
-def load_model(cfg: ModelConfig):
-    """(model, tokenizer) from a hub id or local directory (or GGUF file), in cfg.dtype, on the CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _checked_source(cfg: ModelConfig) -> tuple[str, dict]:
+    """Where from_pretrained looks and its keywords, a local path checked to be a directory."""
     path, gguf = _source(cfg)
     if _looks_local(path) and not Path(path).is_dir():
         what = "not a directory" if Path(path).exists() else "no such directory"
         raise LotaError(f"model.path={path}: {what}; give a local model directory or a hub id")
-    common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **gguf)
+    return path, dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **gguf)
+
+
+@contextlib.contextmanager
+def _loading(cfg: ModelConfig):
+    """transformers' loading errors (OSError, ValueError, safetensors' and tokenizers' own for damaged files)
+    as one line naming the model."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], **common)
-        tokenizer = AutoTokenizer.from_pretrained(path, **common)
-    except Exception as err:  # OSError, ValueError, safetensors' and tokenizers' own errors for damaged files
+        yield
+    except Exception as err:
         text = str(err)
         if "trust_remote_code" in text:
             raise LotaError(f"model {cfg.path!r} runs its own Python code (auto_map in its config.json), which lota "
@@ -55,13 +58,33 @@ def load_model(cfg: ModelConfig):
         first = next((line for line in text.splitlines() if line.strip()), type(err).__name__)
         raise LotaError(f"cannot load model {cfg.path!r}{' / ' + cfg.gguf_file if cfg.gguf_file else ''}: "
                         f"{first[:300]} (give a complete local model directory or a reachable hub id)") from err
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer alone (what `lota data` needs), with a pad token (its EOS where it has none)."""
+    from transformers import AutoTokenizer
+
+    path, common = _checked_source(cfg)
+    with _loading(cfg):
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig):
+    """(model, tokenizer) from a hub id or local directory (or GGUF file), in cfg.dtype, on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    path, common = _checked_source(cfg)
+    with _loading(cfg):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], **common)
+    tokenizer = load_tokenizer(cfg)
     _check_finite(model, cfg.path)
-    if gguf:  # dequantized on load: drop the quantizer so the model trains and saves as plain weights
+    if cfg.gguf_file:  # dequantized on load: drop the quantizer so the model trains and saves as plain weights
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

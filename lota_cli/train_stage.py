@@ -13,7 +13,6 @@ from torch import nn
 
 from lota_cli import sparse
 from lota_cli.config import TrainStageConfig
-from lota_cli.data import Example
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +25,7 @@ class Run:
     model: nn.Module
     tokenizer: object
     base_fingerprint: str
-    examples: list[Example]
+    data: object  # batches.Fixed or batches.Streamed: what the loop trains on
     base_checkpoint: str = ""  # the base's weights as saved (models.model_saved_fingerprint)
 
     @property
@@ -35,14 +34,14 @@ class Run:
 
 
 def setup(cfg: TrainStageConfig, out: Path, check: Callable[[nn.Module], None] | None = None) -> Run:
-    """Engine, seeded RNG, model + tokenizer, base fingerprint and encoded training examples.
+    """Engine, seeded RNG, model + tokenizer, base fingerprint and the training data (batches.train_data).
 
     `check(model)` refuses inputs that do not fit the model (a mask's names and shapes, a selection lota
     cannot train) on the model's weightless skeleton, before anything loads or is written; the stage checks
     the loaded model again (which is all there is where no skeleton can be built)."""
     from accelerate.utils import set_seed
 
-    from lota_cli.data import encode, load_rows
+    from lota_cli.batches import train_data
     from lota_cli.engines import make_engine
     from lota_cli.metrics import start_trackers
     from lota_cli.models import fingerprint, load_model, model_saved_fingerprint, skeleton
@@ -57,13 +56,13 @@ def setup(cfg: TrainStageConfig, out: Path, check: Callable[[nn.Module], None] |
     with engine.loading():
         model, tokenizer = load_model(cfg.model)
     base = fingerprint(model)
-    rows = load_rows(cfg.task, "train")
-    examples = encode(tokenizer, cfg.task, rows)
-    log.info("model %s (%.1fM parameters), task %s: %d training examples", cfg.model.path,
-             sum(p.numel() for p in model.parameters()) / 1e6, cfg.task.name, len(examples))
+    data = train_data(tokenizer, cfg)
+    what = "streamed" if data.n is None else f"{data.n} training {'sequences' if data.packed else 'examples'}"
+    log.info("model %s (%.1fM parameters), task %s: %s", cfg.model.path,
+             sum(p.numel() for p in model.parameters()) / 1e6, cfg.task.name, what)
     if cfg.train.log_with:
         start_trackers(engine.accelerator, cfg, out)
-    return Run(engine, model, tokenizer, base, examples, model_saved_fingerprint(model))
+    return Run(engine, model, tokenizer, base, data, model_saved_fingerprint(model))
 
 
 def load_base(cfg: TrainStageConfig, engine, previous=()) -> nn.Module:

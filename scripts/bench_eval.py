@@ -27,14 +27,16 @@ def speeds(smollm2: str, prompts: int, new_tokens: int, batch: int) -> dict:
     import torch
 
     from lota_cli.config import ModelConfig, TaskConfig
-    from lota_cli.data import encode
+    from datasets import Dataset
+
+    from lota_cli.data import encode, eval_examples
     from lota_cli.evaluation import generate, nll, stop_ids
     from lota_cli.models import load_model
 
     model, tokenizer = load_model(ModelConfig(path=smollm2))
     model.eval()
-    task = TaskConfig(name="gsm8k", dataset=None, prompt="{question}", target="{answer}")
-    examples = encode(tokenizer, task, _rows(prompts))
+    task = TaskConfig(name="gsm8k", dataset=None, prompt="{question}", target="{answer}", cache=False)
+    examples = eval_examples(encode(tokenizer, task, Dataset.from_list(_rows(prompts)), "eval"))
     stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
 

@@ -91,7 +91,7 @@ def tiny(tiny_model):
 def _examples(tokenizer, pairs):
     from lota_cli.data import Example
 
-    return [Example(tokenizer(p)["input_ids"], tokenizer(t, add_special_tokens=False)["input_ids"], {})
+    return [Example(tokenizer(p)["input_ids"], tokenizer(t, add_special_tokens=False)["input_ids"])
             for p, t in pairs]
 
 

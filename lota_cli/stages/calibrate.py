@@ -36,7 +36,7 @@ def run(cfg: CalibrateConfig, out: Path) -> list[Path]:
         for p in trainable.values():
             p.requires_grad_(False)
         model, fitted = lora.attach(model, names, cfg.lora)
-    result = train(model, fitted, run.examples, run.tokenizer.pad_token_id, cfg, out, run.engine,
+    result = train(model, fitted, run.data, run.tokenizer.pad_token_id, cfg, out, run.engine,
                    depends={"stage": "calibrate", "method": cfg.method, "base": run.base_fingerprint})
     if cfg.method == "lora":
         model = lora.merge(run.engine.accelerator.unwrap_model(model))

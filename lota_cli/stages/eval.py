@@ -22,7 +22,7 @@ from rich.table import Table
 from lota_cli import LotaError
 from lota_cli.artifacts import open_artifact
 from lota_cli.config import EvalConfig, TaskConfig
-from lota_cli.data import encode, load_rows, render
+from lota_cli.data import encode, eval_examples, load_rows
 from lota_cli.evaluation import (EXACT_MATCH_RULE, ROUGE_TYPES, Scores, extract_number, generate, nll, rouge,
                                  same_answer)
 from lota_cli.models import add_delta, fingerprint, load_model
@@ -101,8 +101,8 @@ class LotaBackend:
         """One task's metrics: nll and ppl always; exact_match or rouge1/rouge2/rougeL when generating."""
         opts = self.cfg.eval
         started = time.perf_counter()
-        rows = load_rows(task, "eval")[:opts.max_examples]
-        examples = encode(tokenizer, task, rows)
+        encoded = encode(tokenizer, task, load_rows(task, "eval", opts.max_examples), "eval")
+        examples, references = eval_examples(encoded), encoded.references
         log.info("task %s: %d examples", task.name, len(examples))
         pad_id = tokenizer.pad_token_id or 0
         mean_nll, ppl = nll(model, examples, opts.batch_size, pad_id, what=f"{task.name} nll")
@@ -110,7 +110,6 @@ class LotaBackend:
         if opts.generate:
             answers = generate(model, tokenizer, examples, opts.batch_size, opts.max_new_tokens,
                                what=f"{task.name} generate")
-            references = [render(task.target, e.row) for e in examples]
             if task.metric == "exact_match":
                 metrics["exact_match"] = _exact_match(task, answers, references)
             else:

@@ -91,7 +91,7 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
 
         steps = cfg.lotto.calibrate_steps or cfg.train.max_steps
         phase1 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
-        train(model, trainable, run.examples, run.tokenizer.pad_token_id, phase1, out / "calibrate",
+        train(model, trainable, run.data, run.tokenizer.pad_token_id, phase1, out / "calibrate",
               engine, depends={"phase": "calibrate", **depends}, after_step=restore_frozen)
         trained = engine.trained_values(trainable)
         if main:
@@ -118,7 +118,7 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
     # Phase 2: sparse-train the new mask from base + earlier deltas.
     positions = {n: unpack_bits(new_mask[n], numel[n]).nonzero().reshape(-1).int() for n in names}
     trainable = sparse.attach(model, positions)
-    result = train(model, trainable, run.examples, run.tokenizer.pad_token_id, cfg, out / "sparse-train",
+    result = train(model, trainable, run.data, run.tokenizer.pad_token_id, cfg, out / "sparse-train",
                    engine, depends={"phase": "sparse-train", **depends})
     trained = engine.trained_values(trainable)
 

@@ -36,7 +36,7 @@ def run(cfg: SparseTrainConfig, out: Path) -> list[Path]:
     log.info("sparse training %d entries in %d tensors (density %.4f)",
              sum(p.numel() for p in trainable.values()), len(trainable), mask.density())
 
-    result = train(run.model, trainable, run.examples, run.tokenizer.pad_token_id, cfg, out, run.engine,
+    result = train(run.model, trainable, run.data, run.tokenizer.pad_token_id, cfg, out, run.engine,
                    depends={"stage": "sparse_train", "base": run.base_fingerprint, "mask": mask.meta.fingerprint})
     trained = run.engine.trained_values(trainable)
 
