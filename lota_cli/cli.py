@@ -50,6 +50,8 @@ STAGES = {
     "export": Stage("export", "sparse deltas as PEFT adapters (Super-Tuning), or base + deltas as a model",
                     "out/peft (adapter_config.json, adapter_model.safetensors; several inputs: out/peft/NAME/), "
                     "or out/model with format=model", positional=True),
+    "data": Stage("data", "show and measure the training data a training stage would compose (same arguments)",
+                  "out/stats.json, out/preview.jsonl (examples with their trained tokens; data.show=N on stderr)"),
     "eval": Stage("eval", "NLL, exact match, ROUGE or lm-eval tasks of a base, base + deltas, or a saved model",
                   "out/results.json (tables on stderr)"),
     "info": Stage("info", "describe an artifact: kind, base, density per layer, bytes per parameter",
