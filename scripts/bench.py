@@ -11,6 +11,8 @@ Parts (each measurement runs in a fresh child process, so peak RSS is that call'
   eval       tokens/s of teacher-forced NLL and batched greedy generation vs one-at-a-time generate
   memory     one step of LoTA vs FFT on a weights-dominated Llama (226M selected): peak RSS in float32 and
              bfloat16, bytes saved for backward, and lota sparse-train vs a forward-only lota eval
+  data       encoding 5,000 Alpaca rows batched (first run) and from the cache (second) vs one row at a time;
+             packed vs unpacked real tokens/s of SmolLM2 forward + backward
   scale      (not in the default parts: ~45 GB of disk, minutes) merge into and extract from a random bf16
              Llama of 8B shape (scale.shape=3b|1b for smaller disks) vs cp of its shards and a plain pass
 
@@ -34,7 +36,7 @@ from bench_common import THREADS, Figure, child_main, fmt, log  # noqa: E402
 
 DEFAULTS = {
     "out": "runs/bench",
-    "parts": ["extract", "artifacts", "train", "merge", "eval", "memory"],
+    "parts": ["extract", "artifacts", "train", "merge", "eval", "memory", "data"],
     "tmp": None,  # where the large temporary files go (default: the system temp dir)
     # torch intra-op threads in every measured process (null: torch's default, one per core). 1 by default:
     # on a shared 2-core machine the second OpenMP thread waits on other jobs and makes torch ops 5-20x
@@ -49,11 +51,13 @@ DEFAULTS = {
     "eval": {"prompts": 16, "new_tokens": 32, "batch": 16},
     "mergekit_bin": None,  # a directory holding mergekit-yaml (mergekit's own venv), if not beside python
     "scale": {"shape": "8b", "mergekit": True},
+    "data": {"encode_rounds": 3, "batch": 8, "rounds": 6},
     "memory": {"dtypes": ["float32", "bfloat16"], "batch": 1, "seq": 32, "sparsity": 0.9, "cli": True,
                "cli_tokens": 160},
 }
 PARTS = {"extract": "bench_extract", "artifacts": "bench_artifacts", "train": "bench_train",
-         "merge": "bench_merge", "eval": "bench_eval", "memory": "bench_memory", "scale": "bench_scale"}
+         "merge": "bench_merge", "eval": "bench_eval", "memory": "bench_memory", "scale": "bench_scale",
+         "data": "bench_data"}
 
 
 def machine(threads) -> dict:

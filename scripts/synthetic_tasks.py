@@ -50,6 +50,35 @@ def reverse(rng: random.Random) -> dict:
             "output": " ".join(reversed(words))}
 
 
+def conversation(math: dict, instruction: dict, rng: random.Random, layout: str = "openai") -> dict:
+    """A multi-turn chat built from a GSM8K-shaped row (question / answer) and an Alpaca-shaped one
+    (instruction / input / output): maybe a system prompt, the math exchange, then a follow-up (the final
+    number alone, or the instruction). layout: openai ({"messages": [{"role", "content"}]}) or sharegpt
+    ({"conversations": [{"from", "value"}]})."""
+    turns = [("system", "You are a careful tutor. Show your working.")] if rng.random() < 0.5 else []
+    turns += [("user", math["question"]), ("assistant", math["answer"])]
+    if rng.random() < 0.5:
+        final = math["answer"].rsplit("####", 1)[-1].strip()
+        turns += [("user", "State only the final number."), ("assistant", final)]
+    else:
+        ask = instruction["instruction"] + (f"\n\n{instruction['input']}" if instruction.get("input") else "")
+        turns += [("user", f"Thanks. Another request: {ask}"), ("assistant", instruction["output"])]
+    if layout == "sharegpt":
+        names = {"system": "system", "user": "human", "assistant": "gpt"}
+        return {"conversations": [{"from": names[r], "value": c} for r, c in turns]}
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+def write_conversations(path: Path, math: list[dict], instructions: list[dict], n: int, layout: str,
+                        seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            row = conversation(math[i % len(math)], instructions[i % len(instructions)], rng, layout)
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
 def write(out: Path, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> dict[str, Path]:
     """Write both tasks' train and test files; returns {'arith_train': path, ...}."""
     out.mkdir(parents=True, exist_ok=True)
