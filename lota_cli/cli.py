@@ -37,7 +37,7 @@ class Stage:
 STAGES = {
     "calibrate": Stage("calibrate", "dense fine-tuning for a short while; the task vector is w_ft - w_base",
                        "out/task_vector.safetensors (and out/model with save_model=true), metrics.jsonl, lota.log"),
-    "extract": Stage("extract", "mask of the k top entries of a task vector (|delta|), the weights, random or gradient scores",
+    "extract": Stage("extract", "mask of the largest entries of a task vector (or: of the weights, random, gradients)",
                      "out/mask.safetensors"),
     "sparse-train": Stage("sparse_train", "train only the masked entries from the base: the LoTA adapter",
                           "out/sparse_delta.safetensors (and out/model with save_model=true), metrics.jsonl"),
