@@ -51,7 +51,7 @@ STAGES = {
                     "out/peft (adapter_config.json, adapter_model.safetensors; several inputs: out/peft/NAME/), "
                     "or out/model with format=model", positional=True),
     "eval": Stage("eval", "NLL, exact match, ROUGE or lm-eval tasks of a base, base + deltas, or a saved model",
-                  "out/results.json (tables on stderr)"),
+                  "out/results.json, out/examples.jsonl (per-example scores; tables on stderr)"),
     "info": Stage("info", "describe an artifact: kind, base, density per layer, bytes per parameter",
                   "nothing (tables on stderr; --json prints JSON on stdout)"),
 }
