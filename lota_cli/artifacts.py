@@ -69,6 +69,9 @@ class Meta:
     # the base's weights as saved, fingerprinted in name order (models.saved_fingerprint): checkable from the
     # base's shards alone; empty where unknown
     base_checkpoint: str = ""
+    # a mask's: what ranked its entries, {"name": extract.source, ...what makes it reproducible}; empty where
+    # not recorded (other kinds, lotto's masks, older masks)
+    source: dict = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -88,14 +91,14 @@ def library_versions() -> dict[str, str]:
 
 
 def stage_meta(kind: str, stage: str, cfg, base_model: str, base_fingerprint: str, parents: list[str] = (),
-               sparsity: float | None = None, base_checkpoint: str = "") -> Meta:
+               sparsity: float | None = None, base_checkpoint: str = "", source: dict | None = None) -> Meta:
     """Metadata for an artifact a stage writes: what it is, what it came from, how to reproduce it."""
     from dataclasses import asdict, is_dataclass
 
     config = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
     seed = config.get("train", {}).get("seed", config.get("seed"))
     return Meta(kind=kind, base_model=base_model, base_fingerprint=base_fingerprint, base_checkpoint=base_checkpoint,
-                stage=stage, sparsity=sparsity, seed=seed,
+                stage=stage, sparsity=sparsity, seed=seed, source=dict(source or {}),
                 config=config, parents=list(parents), versions=library_versions())
 
 

@@ -37,7 +37,7 @@ class Stage:
 STAGES = {
     "calibrate": Stage("calibrate", "dense fine-tuning for a short while; the task vector is w_ft - w_base",
                        "out/task_vector.safetensors (and out/model with save_model=true), metrics.jsonl, lota.log"),
-    "extract": Stage("extract", "mask of the largest-magnitude entries of a task vector (one global threshold)",
+    "extract": Stage("extract", "mask of the largest entries of a task vector (or: of the weights, random, gradients)",
                      "out/mask.safetensors"),
     "sparse-train": Stage("sparse_train", "train only the masked entries from the base: the LoTA adapter",
                           "out/sparse_delta.safetensors (and out/model with save_model=true), metrics.jsonl"),
@@ -53,7 +53,7 @@ STAGES = {
     "data": Stage("data", "show and measure the training data a training stage would compose (same arguments)",
                   "out/stats.json, out/preview.jsonl (examples with their trained tokens; data.show=N on stderr)"),
     "eval": Stage("eval", "NLL, exact match, ROUGE or lm-eval tasks of a base, base + deltas, or a saved model",
-                  "out/results.json (tables on stderr)"),
+                  "out/results.json, out/examples.jsonl (per-example scores; tables on stderr)"),
     "info": Stage("info", "describe an artifact: kind, base, density per layer, bytes per parameter",
                   "nothing (tables on stderr; --json prints JSON on stdout)"),
 }

@@ -289,21 +289,52 @@ class CalibrateConfig(TrainStageConfig):
         _one_of("method", self.method, ("fft", "lora"))
 
 
+MASK_SOURCES = ("task_vector", "weights", "random", "gradient")  # lota_cli/mask_sources.py scores each
+
+
 @dataclass
 class ExtractOptions:
-    task_vector: str = opt(MISSING, "the task vector to select from (calibrate's task_vector.safetensors)")
+    source: str = opt("task_vector", "what ranks the entries: task_vector (largest |delta| of extract.task_vector), "
+                                     "weights (largest |w| of model.*), random (uniform, extract.seed) or gradient "
+                                     "(largest |dL/dw| summed over extract.gradient_batches batches of task.*)")
+    task_vector: Optional[str] = opt(None, "source=task_vector: the task vector to select from (calibrate's "
+                                           "task_vector.safetensors)")
     sparsity: float = opt(0.9, "fraction of entries left out: 0.9 keeps the largest 10%")
     scope: str = opt("global", "global: one threshold over all selected tensors; per_tensor: each its own")
+    seed: int = opt(0, "source=random: seed of the scores; source=gradient: seed of the batch order")
+    gradient_batches: int = opt(8, "source=gradient: batches of task.* whose |gradient| is summed (each one "
+                                   "forward + backward pass)")
+    batch_size: int = opt(8, "source=gradient: sequences per batch")
 
     def __post_init__(self):
+        _one_of("extract.source", self.source, MASK_SOURCES)
         _sparsity("extract.sparsity", self.sparsity)
         _one_of("extract.scope", self.scope, ("global", "per_tensor"))
+        _positive("extract.gradient_batches", self.gradient_batches)
+        _positive("extract.batch_size", self.batch_size)
+        # a key changed for a source that ignores it is a mistake, not a no-op (as merge's method keys)
+        for key, sources in (("seed", ("random", "gradient")), ("gradient_batches", ("gradient",)),
+                             ("batch_size", ("gradient",))):
+            if self.source not in sources and getattr(self, key) != self.__dataclass_fields__[key].default:
+                raise LotaError(f"extract.{key} only applies to extract.source={' or '.join(sources)}, not "
+                                f"{self.source}; drop extract.{key} or change extract.source")
 
 
 @dataclass
 class ExtractConfig(StageConfig):
     extract: ExtractOptions = field(default_factory=ExtractOptions)
     params: ParamsConfig = field(default_factory=ParamsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the base of source=weights, random and gradient
+    task: TaskConfig = field(default_factory=TaskConfig)  # the data of source=gradient
+
+    def __post_init__(self):  # here, not in ExtractOptions: its default (source=task_vector, no file) is valid
+        opts = self.extract
+        if opts.source == "task_vector" and opts.task_vector is None:
+            raise LotaError("extract.source=task_vector needs extract.task_vector=PATH (calibrate's "
+                            "task_vector.safetensors); or choose another extract.source")
+        if opts.source != "task_vector" and opts.task_vector is not None:
+            raise LotaError(f"extract.source={opts.source} ranks the base model (model.*), not a task vector; drop "
+                            "extract.task_vector, or use extract.source=task_vector")
 
 
 @dataclass

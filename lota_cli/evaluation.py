@@ -11,7 +11,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torch import nn
 from lota_cli import LotaError
 from lota_cli.batches import collate
 from lota_cli.data import Example
-from lota_cli.loop import token_nll_sum
+from lota_cli.loop import token_nlls
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +82,92 @@ def _absl_keeps_the_real_stderr() -> None:
     absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
-def rouge(predictions: list[str], references: list[str], use_stemmer: bool = True) -> dict[str, float]:
-    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 ({"rouge1": ..., "rouge2": ..., "rougeL": ...}) by Google's
-    rouge-score, the package published ROUGE numbers come from: it lowercases, splits on anything but ASCII
-    letters and digits (so text in other scripts scores 0), and with `use_stemmer` Porter-stems words longer
-    than 3 letters. rougeL is the sentence-level LCS (not rougeLsum, which splits on newlines)."""
+def rouge_scores(predictions: list[str], references: list[str], use_stemmer: bool = True) -> dict[str, list[float]]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F1 of each pair ({"rouge1": [...], "rouge2": [...], "rougeL": [...]}) by
+    Google's rouge-score, the package published ROUGE numbers come from: it lowercases, splits on anything but
+    ASCII letters and digits (so text in other scripts scores 0), and with `use_stemmer` Porter-stems words
+    longer than 3 letters. rougeL is the sentence-level LCS (not rougeLsum, which splits on newlines)."""
     from rouge_score import rouge_scorer  # imports nltk, ~2 s: only when a task is scored by ROUGE
 
     _absl_keeps_the_real_stderr()
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    scores: dict[str, list[float]] = {kind: [] for kind in ROUGE_TYPES}
     for prediction, reference in zip(predictions, references, strict=True):
         for kind, score in scorer.score(reference, prediction).items():  # (target, prediction)
-            totals[kind] += score.fmeasure
-    return {kind: total / len(predictions) for kind, total in totals.items()}
+            scores[kind].append(score.fmeasure)
+    return scores
+
+
+def rouge(predictions: list[str], references: list[str], use_stemmer: bool = True) -> dict[str, float]:
+    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 over the pairs (see rouge_scores)."""
+    return {kind: sum(values) / len(values) for kind, values in rouge_scores(predictions, references,
+                                                                              use_stemmer).items()}
+
+
+# --------------------------------------------------------------------------- standard errors
+
+def stderr_key(metric: str) -> str:
+    """results.json's name of a metric's standard error, lm-eval's: nll -> nll_stderr,
+    exact_match,strict-match -> exact_match_stderr,strict-match."""
+    name, comma, filter_name = metric.partition(",")
+    return f"{name}_stderr{comma}{filter_name}"
+
+
+def is_stderr(key: str) -> bool:
+    return key.partition(",")[0].endswith("_stderr")
+
+
+def linearized(examples: list[dict], metric: str) -> list[float | None]:
+    """Each example's first-order share of `metric`, so that the metric's standard error is
+    standard_error(linearized(...)), and a paired change's that of the differences over the same examples.
+    A mean of per-example scores (exact_match, ROUGE): the scores (None: not scored). nll, a ratio of sums
+    (answer-token NLL / answer tokens): the delta method's (nll_i - nll * tokens_i) / mean tokens. ppl = exp(nll):
+    ppl times nll's."""
+    if metric not in ("nll", "ppl"):
+        return [e[metric] for e in examples]
+    tokens = sum(e["answer_tokens"] for e in examples)
+    mean, per_example = sum(e["nll"] for e in examples) / tokens, tokens / len(examples)
+    shares = [(e["nll"] - mean * e["answer_tokens"]) / per_example for e in examples]
+    return shares if metric == "nll" else [math.exp(mean) * share for share in shares]
+
+
+def standard_error(values: list[float | None]) -> float | None:
+    """Sample standard deviation (n - 1) / sqrt(n) of the values that are not None, as lm-eval's mean_stderr
+    (for 0/1 scores: sqrt(p (1 - p) / (n - 1))); None for fewer than 2 values."""
+    xs = [v for v in values if v is not None]
+    if len(xs) < 2:
+        return None
+    mean = sum(xs) / len(xs)
+    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+def paired_standard_error(after: list[float | None], before: list[float | None]) -> float | None:
+    """Standard error of a change measured on the same examples: of the per-example differences."""
+    return standard_error([a - b if a is not None and b is not None else None for a, b in zip(after, before,
+                                                                                          strict=True)])
+
+
+def per_example(task: str, nlls: list[tuple[float, int]], scored: dict[str, list[float | None]]) -> list[dict]:
+    """examples.jsonl's lines of a task: per example its index, answer-token NLL sum, answer tokens and its
+    score by each generation metric (None: not scored)."""
+    return [{"task": task, "index": i, "nll": total, "answer_tokens": tokens,
+             **{metric: values[i] for metric, values in scored.items()}} for i, (total, tokens) in enumerate(nlls)]
+
+
+def summary(examples: list[dict], metrics: list[str]) -> dict[str, float | None]:
+    """nll, ppl and `metrics` (means of the scores not None) over a task's examples, each followed by its
+    standard error (<metric>_stderr)."""
+    tokens = sum(e["answer_tokens"] for e in examples)
+    mean_nll = sum(e["nll"] for e in examples) / tokens
+    values = {"nll": mean_nll, "ppl": math.exp(mean_nll)}
+    for metric in metrics:
+        scores = [e[metric] for e in examples if e[metric] is not None]
+        values[metric] = sum(scores) / len(scores)
+    out = {}
+    for metric, value in values.items():
+        out[metric] = value
+        out[stderr_key(metric)] = standard_error(linearized(examples, metric))
+    return out
 
 
 @dataclass
@@ -107,6 +179,7 @@ class Scores:
     tasks: dict[str, dict[str, float]]
     higher_is_better: dict[str, dict[str, bool]]
     about: dict
+    examples: dict[str, list[dict]] = field(default_factory=dict)  # per task, examples.jsonl's lines
 
 
 # --------------------------------------------------------------------------- model passes
@@ -137,30 +210,38 @@ class _Meter:
 
 
 @torch.inference_mode()
-def nll(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int = 0,
-        what: str = "nll") -> tuple[float, float]:
-    """(mean NLL per answer token, perplexity), teacher-forced over prompt + answer.
+def nll_per_example(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int = 0,
+                    what: str = "nll") -> list[tuple[float, int]]:
+    """(NLL summed over its answer tokens, answer tokens) of each example, teacher-forced over prompt +
+    answer, in the examples' order.
 
-    Only answer tokens are scored (collate labels prompt and padding -100), and the mean is over all answer
-    tokens of all examples, so long answers weigh more. Right padding: a pad id is never seen by a scored
-    position under causal attention, so any `pad_id` gives the same result.
+    Only answer tokens are scored (collate labels prompt and padding -100). Right padding: a pad id is never
+    seen by a scored position under causal attention, so any `pad_id` gives the same result.
     """
     model.eval()
     device = _device(model)
     lengths = [len(e.prompt_ids) + len(e.target_ids) for e in examples]
     batches = _batches(lengths, batch_size)
     meter = _Meter(what, len(batches))
-    total, answer_tokens = 0.0, 0
+    out: list[tuple[float, int] | None] = [None] * len(examples)
     for ids in batches:
         items = [[(examples[i].prompt_ids + examples[i].target_ids,
                    [False] * len(examples[i].prompt_ids) + [True] * len(examples[i].target_ids))] for i in ids]
         batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
-        total += token_nll_sum(model, batch).item()
-        answer_tokens += sum(len(examples[i].target_ids) for i in ids)
+        for i, total in zip(ids, token_nlls(model, batch).tolist()):
+            out[i] = (total, len(examples[i].target_ids))
         meter.update(len(ids), sum(lengths[i] for i in ids))
-    if answer_tokens == 0:
+    if not sum(tokens for _, tokens in out):
         raise LotaError("no answer tokens to score: every example's target is empty; check task.target")
-    mean = total / answer_tokens
+    return out
+
+
+def nll(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int = 0,
+        what: str = "nll") -> tuple[float, float]:
+    """(mean NLL per answer token, perplexity): the mean is over all answer tokens of all examples, so long
+    answers weigh more (see nll_per_example)."""
+    per = nll_per_example(model, examples, batch_size, pad_id, what)
+    mean = sum(total for total, _ in per) / sum(tokens for _, tokens in per)
     return mean, math.exp(mean)
 
 

@@ -65,13 +65,21 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def token_nll_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over target tokens of -log p(token | prefix), in float32. A packed batch has position ids and no
-    attention mask (transformers then keeps attention within each example)."""
+def token_nlls(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per row, the sum over its target tokens of -log p(token | prefix), in float32 (eval scores examples
+    one by one with it). A packed batch has position ids and no attention mask (transformers then keeps
+    attention within each example)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                           ignore_index=IGNORE, reduction="sum")
+    labels = batch["labels"][:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                             reduction="none")
+    return losses.view(labels.shape).sum(dim=1)
+
+
+def token_nll_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training loss before normalization: every target token's NLL of the batch, summed."""
+    return token_nlls(model, batch).sum()
 
 
 class StopRequest:

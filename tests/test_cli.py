@@ -30,10 +30,10 @@ def test_help_names_the_stage_and_lists_only_its_keys(stage):
     assert "out" in keys and "debug" in keys
     trains = stage in ("calibrate", "sparse-train", "lotto")
     assert ("train.lr" in keys) == trains and ("dist.engine" in keys) == trains
-    assert ("model.path" in keys) == (trains or stage in ("eval", "data"))
+    assert ("model.path" in keys) == (trains or stage in ("eval", "data", "extract"))  # extract: its model sources
     assert not any(k.startswith("train.") for k in keys) or trains  # a preset's training settings: not for eval
     if stage == "extract":
-        assert "config groups" not in text and "extract.sparsity" in keys
+        assert "extract.sparsity" in keys and "extract.source" in keys
     for line in text.split("keys (current value, meaning):\n")[1].splitlines():
         if line.startswith("  ") and not line.startswith("  tasks.NAME"):
             assert len(line.split(None, 2)) == 3, f"a key without a value or meaning: {line!r}"

@@ -6,15 +6,20 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import ALPACA, DATA, GSM8K_TEST, GSM8K_TRAIN, make_task_vector, needs_shared_data
 from lota_cli import LotaError
-from lota_cli.evaluation import extract_number, generate, nll, rouge, same_answer
-from lota_cli.testing import lota
+from lota_cli.evaluation import ROUGE_TYPES, extract_number, generate, nll, rouge, same_answer
+from lota_cli.testing import in_process, lota, paths
 
 GSM8K_PATTERN = r"####\s*([-\d,\.]+)"
+
+
+def stderrs(*metrics: str) -> set[str]:
+    return {f"{m}_stderr" for m in metrics}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -182,14 +187,15 @@ def test_cli_eval_then_compare_with_a_delta(tiny_model, tmp_path, data):
     before = json.loads((out / "results.json").read_text())
     gsm8k, alpaca = before["tasks"]["gsm8k"], before["tasks"]["alpaca"]
     assert gsm8k["n"] == alpaca["n"] == 8
-    assert set(gsm8k) == {"nll", "ppl", "exact_match", "n"}
-    assert set(alpaca) == {"nll", "ppl", "rouge1", "rouge2", "rougeL", "n"}
+    assert set(gsm8k) == {"nll", "ppl", "exact_match", "n"} | stderrs("nll", "ppl", "exact_match")
+    assert set(alpaca) == {"nll", "ppl", "rouge1", "rouge2", "rougeL", "n"} | stderrs("nll", "ppl", *ROUGE_TYPES)
     assert 0.0 <= gsm8k["exact_match"] <= 1.0 and 0.0 <= alpaca["rougeL"] <= alpaca["rouge1"] <= 1.0
     assert gsm8k["ppl"] == pytest.approx(math.exp(gsm8k["nll"]))
     # which rule and which ROUGE variant each number is
     rules = before["metric_definitions"]
     assert "last number" in rules["gsm8k"]["exact_match"] and "flexible-extract" in rules["gsm8k"]["exact_match"]
-    assert set(rules["alpaca"]) == {"rouge1", "rouge2", "rougeL"} and "stemmer on" in rules["alpaca"]["rougeL"]
+    assert set(rules["alpaca"]) == {"rouge1", "rouge2", "rougeL"} | stderrs("nll", "ppl", *ROUGE_TYPES)
+    assert "stemmer on" in rules["alpaca"]["rougeL"] and "delta method" in rules["alpaca"]["nll_stderr"]
     assert before["backend"] == "lota" and before["settings"]["rouge_stemmer"] is True
 
     # base + a delta, compared with the base run: the change is after - before, per metric (in process: fast)
@@ -207,6 +213,84 @@ def test_cli_eval_then_compare_with_a_delta(tiny_model, tmp_path, data):
         assert change[metric]["change"] == pytest.approx(change[metric]["after"] - change[metric]["before"])
         assert change[metric]["higher_is_better"] is higher_is_better
     assert "alpaca" not in after["compare"]["tasks"]
+
+
+def _ratio_stderr(sums, tokens) -> float:
+    """The delta-method standard error of sum(sums) / sum(tokens), from the sample variances and covariance."""
+    y, c = np.array(sums), np.array(tokens, dtype=float)
+    r, cov = y.sum() / c.sum(), np.cov(y, c)  # (n - 1) in the denominator
+    return math.sqrt((cov[0, 0] - 2 * r * cov[0, 1] + r * r * cov[1, 1]) / len(y)) / c.mean()
+
+
+def test_summary_and_its_standard_errors_on_scores_that_vary():
+    """summary() and paired_standard_error() against numpy: 0/1 scores with one unscored example (left out),
+    NLL sums over answers of different lengths, and fewer than two scores (no standard error)."""
+    from lota_cli.evaluation import linearized, paired_standard_error, summary
+
+    em = [1.0, 0.0, 1.0, 1.0, None, 0.0, 1.0]
+    sums, tokens = [12.0, 30.5, 7.25, 18.0, 9.0, 40.0, 3.5], [4, 10, 2, 6, 3, 11, 1]
+    rows = [{"nll": y, "answer_tokens": c, "exact_match": e} for y, c, e in zip(sums, tokens, em)]
+    scores = summary(rows, ["exact_match"])
+    p = 4 / 6
+    assert scores["exact_match"] == pytest.approx(p)
+    assert scores["exact_match_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 5))
+    assert scores["nll"] == pytest.approx(sum(sums) / sum(tokens))
+    assert scores["nll_stderr"] == pytest.approx(_ratio_stderr(sums, tokens))
+    assert scores["ppl_stderr"] == pytest.approx(math.exp(scores["nll"]) * scores["nll_stderr"])
+    assert list(scores) == ["nll", "nll_stderr", "ppl", "ppl_stderr", "exact_match", "exact_match_stderr"]
+
+    later = [0.0, 0.0, 1.0, 1.0, None, 1.0, 0.0]
+    diffs = np.array([a - b for a, b in zip(later, em) if a is not None])
+    assert paired_standard_error(later, em) == pytest.approx(diffs.std(ddof=1) / math.sqrt(6))
+    assert paired_standard_error(linearized(rows, "nll"), linearized(rows, "nll")) == 0.0
+    assert summary(rows[:1], [])["nll_stderr"] is None
+
+
+def test_standard_errors_and_per_example_scores(tiny_model, tmp_path, data):
+    """Each metric's stderr against a computation here; examples.jsonl holds one line per example per task,
+    whose scores give results.json's means; a comparison over the same examples has the change's paired stderr."""
+    from lota_cli.stages.eval import run
+
+    args = [f"model.path={tiny_model}", "eval.tasks=[gsm8k,alpaca]", "eval.max_examples=12", "eval.max_new_tokens=16",
+            f"tasks.gsm8k.eval_data_files={data['arith_test']}", f"tasks.alpaca.data_files={data['reverse_train']}"]
+    (path,) = paths(in_process("eval", *args, f"out={tmp_path / 'base'}"))
+    results = json.loads(path.read_text())
+    lines = [json.loads(line) for line in (tmp_path / "base" / "examples.jsonl").read_text().splitlines()]
+    examples = {t: [e for e in lines if e["task"] == t] for t in ("gsm8k", "alpaca")}
+    assert len(lines) == 24 and all([e["index"] for e in rows] == list(range(12)) for rows in examples.values())
+    for task, metrics in (("gsm8k", ["exact_match"]), ("alpaca", list(ROUGE_TYPES))):
+        scores, rows = results["tasks"][task], examples[task]
+        sums, tokens = [e["nll"] for e in rows], [e["answer_tokens"] for e in rows]
+        assert scores["nll"] == pytest.approx(sum(sums) / sum(tokens), rel=1e-6)
+        assert scores["nll_stderr"] == pytest.approx(_ratio_stderr(sums, tokens), rel=1e-6)
+        assert scores["ppl_stderr"] == pytest.approx(scores["ppl"] * scores["nll_stderr"], rel=1e-9)
+        for m in metrics:
+            values = np.array([e[m] for e in rows])
+            assert scores[m] == pytest.approx(values.mean(), rel=1e-9)
+            assert scores[f"{m}_stderr"] == pytest.approx(values.std(ddof=1) / math.sqrt(12), rel=1e-9)
+    p = results["tasks"]["gsm8k"]["exact_match"]
+    assert results["tasks"]["gsm8k"]["exact_match_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 11), abs=1e-12)
+    assert "lm-eval's mean_stderr" in results["metric_definitions"]["gsm8k"]["exact_match_stderr"]
+
+    delta = make_task_vector(tiny_model, tmp_path / "tv.safetensors")
+    [path] = run(_eval_config(tiny_model, tmp_path / "after", deltas=[str(delta)], max_examples=12,
+                              compare_to=str(tmp_path / "base" / "results.json")), tmp_path / "after")
+    after = json.loads(path.read_text())
+    change = after["compare"]["tasks"]["gsm8k"]
+    new = [json.loads(line) for line in (tmp_path / "after" / "examples.jsonl").read_text().splitlines()]
+    old = examples["gsm8k"]
+    assert [e["answer_tokens"] for e in new] == [e["answer_tokens"] for e in old]  # the same examples
+    diffs = np.array([a["exact_match"] - b["exact_match"] for a, b in zip(new, old)])
+    assert change["exact_match"]["change_stderr"] == pytest.approx(diffs.std(ddof=1) / math.sqrt(12), abs=1e-12)
+    # nll: var(after) + var(before) - 2 cov, of the delta method's per-example residuals
+    residuals = []
+    for rows in (new, old):
+        y, c = np.array([e["nll"] for e in rows]), np.array([e["answer_tokens"] for e in rows], dtype=float)
+        residuals.append((y - y.sum() / c.sum() * c) / c.mean())
+    cov = np.cov(residuals[0], residuals[1])
+    paired = math.sqrt((cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]) / 12)
+    assert change["nll"]["change_stderr"] == pytest.approx(paired, rel=1e-6)
+    assert math.sqrt(cov[0, 0] / 12) == pytest.approx(after["tasks"]["gsm8k"]["nll_stderr"], rel=1e-6)
 
 
 def test_delta_of_another_base_is_refused(tiny_model, tmp_path):
@@ -232,7 +316,7 @@ def test_model_dir_replaces_the_model(tiny_model, tmp_path):
     [path] = run(cfg, tmp_path)
     results = json.loads(path.read_text())
     assert results["model"] == str(tiny_model)
-    assert set(results["tasks"]["gsm8k"]) == {"nll", "ppl", "n"}  # no generation: NLL only
+    assert set(results["tasks"]["gsm8k"]) == {"nll", "ppl", "n"} | stderrs("nll", "ppl")  # no generation: NLL only
 
 
 # --------------------------------------------------------------------------- the real data sets

@@ -23,6 +23,7 @@ def describe(artifact: Artifact) -> dict:
         "path": str(artifact.path), "kind": meta.kind, "format": meta.format, "stage": meta.stage,
         "base_model": meta.base_model, "base_fingerprint": meta.base_fingerprint,
         "fingerprint": meta.fingerprint, "parents": meta.parents, "seed": meta.seed, "sparsity": meta.sparsity,
+        "source": meta.source,
         "tensors": len(counts), "parameters": total, "entries": held, "density": held / max(total, 1),
         "bytes": artifact.path.stat().st_size, "bytes_per_param": artifact.path.stat().st_size / max(total, 1),
         "density_per_layer": density_by_layer(counts), "versions": meta.versions,
@@ -31,9 +32,11 @@ def describe(artifact: Artifact) -> dict:
 
 def _print(info: dict) -> None:
     head = Table(title=info["path"], show_header=False)
-    for key in ("kind", "stage", "base_model", "base_fingerprint", "fingerprint", "sparsity", "tensors",
+    for key in ("kind", "stage", "base_model", "base_fingerprint", "fingerprint", "sparsity", "source", "tensors",
                 "parameters", "entries", "density", "bytes", "bytes_per_param"):
         value = info[key]
+        if key == "source" and not value:
+            continue
         head.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     stderr.print(head)
     layers = Table("layer", "density")
