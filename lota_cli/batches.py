@@ -88,9 +88,13 @@ class MicroBatches:
         return indices[rank * per:(rank + 1) * per]
 
 
-def pack(lengths: np.ndarray, max_length: int) -> list[np.ndarray]:
-    """Groups of example indices whose lengths sum to at most max_length: best fit decreasing, with open
-    sequences kept by their room left so each example finds the fullest one it fits in quickly."""
+def pack(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Groups of example indices whose lengths sum to at most max_length, as (indices, bounds): group g is
+    indices[bounds[g]:bounds[g + 1]]. Best fit decreasing, with open sequences kept by their room left so
+    each example finds the fullest one it fits in quickly."""
+    if len(lengths) and int(lengths.max()) > max_length:
+        raise LotaError(f"an example of {int(lengths.max())} tokens does not fit the packed sequences of "
+                        f"task.max_length={max_length}; give every tasks.NAME.max_length at most that")
     order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
     by_room: list[list[int]] = [[] for _ in range(max_length + 1)]  # room left -> open groups
     groups: list[list[int]] = []
@@ -104,7 +108,8 @@ def pack(lengths: np.ndarray, max_length: int) -> list[np.ndarray]:
             g = by_room[room].pop()
         groups[g].append(i)
         by_room[room - need].append(g)
-    return [np.asarray(g, dtype=np.int64) for g in groups]
+    bounds = np.concatenate([[0], np.cumsum([len(g) for g in groups])]).astype(np.int64)
+    return np.asarray([i for g in groups for i in g], dtype=np.int64), bounds
 
 
 def mixture_draw(sizes: list[int], weights: list[float], seed: int) -> list[np.ndarray]:
@@ -133,18 +138,23 @@ class Fixed:
         self.encoded, self.packed, self.stats, self.proportions = encoded, cfg.task.packing, stats, proportions
         self.names = list(stats)  # which task an example is of: the one whose range holds it
         self.starts = np.cumsum([0] + [s["examples"] for s in stats.values()])
-        lengths = encoded.lengths[drawn]
-        self.groups = ([drawn[g] for g in pack(lengths, cfg.task.max_length)] if self.packed
-                       else [drawn[i:i + 1] for i in range(len(drawn))])
-        self.n = len(self.groups)
+        if self.packed:  # item j holds examples order[bounds[j]:bounds[j + 1]]
+            order, self.bounds = pack(encoded.lengths[drawn], cfg.task.max_length)
+            self.order = drawn[order]
+        else:
+            self.order, self.bounds = drawn, np.arange(len(drawn) + 1)
+        self.n = len(self.bounds) - 1
         self._batches = MicroBatches(self.n, cfg.train.batch_size, cfg.train.seed)
 
     def task_of(self, example: int) -> str:
         return self.names[int(np.searchsorted(self.starts, example, side="right")) - 1]
 
+    def group(self, j: int) -> np.ndarray:
+        return self.order[self.bounds[j]:self.bounds[j + 1]]
+
     def item(self, j: int) -> Item:
         e = self.encoded
-        return [(e.tokens(i), e.trained_mask(i)) for i in self.groups[j]]
+        return [(e.tokens(i), e.trained_mask(i)) for i in self.group(j)]
 
     def micro_batch(self, i: int) -> list[Item]:
         return [self.item(j) for j in self._batches.indices(i)]
@@ -153,15 +163,14 @@ class Fixed:
         """(item, example) of the first n examples in training order (at most one epoch's)."""
         out, i = [], 0
         while len(out) < min(n, len(self.encoded)):
-            out += [(j, int(x)) for j in self._batches.indices(i) for x in self.groups[j]]
+            out += [(j, int(x)) for j in self._batches.indices(i) for x in self.group(j)]
             i += 1
         return out[:n]
 
     def real_tokens(self) -> tuple[int, int]:
         """(tokens of the examples, tokens of the padded batches they are trained in) over one epoch of
         micro-batches of train.batch_size: what packing saves."""
-        lengths = self.encoded.lengths
-        per_item = np.array([int(lengths[g].sum()) for g in self.groups])
+        per_item = np.add.reduceat(self.encoded.lengths[self.order], self.bounds[:-1])
         real = padded = 0
         for i in range(-(-self.n // self._batches.batch_size)):
             chunk = per_item[self._batches.indices(i)]

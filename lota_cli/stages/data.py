@@ -79,7 +79,7 @@ def _fixed_stats(data: Fixed, cfg: DataConfig, tokenizer) -> dict:
         rows = range(int(data.starts[k]), int(data.starts[k + 1]))
         tasks[name] = {**counts, **_token_stats([e.tokens(i) for i in rows], [e.trained_mask(i) for i in rows])}
     other = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, packing=not cfg.task.packing))
-    twin = Fixed(e, np.concatenate(data.groups), other, data.stats, data.proportions)
+    twin = Fixed(e, data.order, other, data.stats, data.proportions)
     real = {cfg.task.packing: data.real_tokens(), other.task.packing: twin.real_tokens()}
     return {"tasks": tasks, "mixture": data.proportions if len(tasks) > 1 else None,
             "sequences": data.n, "packing": cfg.task.packing, "batch_size": cfg.train.batch_size,
