@@ -103,6 +103,17 @@ def test_a_missing_tensor_holds_nothing(tmp_path):
     assert (pair["intersection"], pair["union"], pair["sign_agreement"]) == (1, 3, 1.0)
 
 
+def test_per_tensor_counts_with_sizes(tmp_path, trio):
+    """Per tensor the pair's counts and the tensor's size: what a chance level per tensor or module needs."""
+    pairs = {(Path(p["a"]).stem, Path(p["b"]).stem): p for p in run_overlap(trio, tmp_path / "out")["pairs"]}
+    # M-S: L0 shares {2, 3} of {0..5}; L1 shares {0} of {0, 1}; both tensors 2x4
+    assert pairs["m", "s"]["per_tensor"] == {
+        L0: {"entries_a": 4, "entries_b": 4, "intersection": 2, "union": 6, "jaccard": pytest.approx(1 / 3),
+             "sign_agreement": None, "numel": 8},
+        L1: {"entries_a": 1, "entries_b": 2, "intersection": 1, "union": 2, "jaccard": 0.5,
+             "sign_agreement": None, "numel": 8}}
+
+
 def test_overlap_refuses_another_base_or_shape(tmp_path):
     a = write(tmp_path / "a.safetensors", "mask", {L0: dense({0: 1})})
     b = write(tmp_path / "b.safetensors", "mask", {L0: dense({0: 1})}, fingerprint="b" * 64)

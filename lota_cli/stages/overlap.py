@@ -1,7 +1,8 @@
 """lota overlap A B ...: how much the masks of artifacts of one base overlap, and whether their signs agree.
 
 For every pair: intersection, union, Jaccard index and, when both carry values, the fraction of shared
-entries whose signs agree; over the whole model and per layer. Masks and sparse deltas hold their stored
+entries whose signs agree; over the whole model, per layer and per tensor (with its size, `numel`, so that a
+reader can set each tensor's or group's Jaccard against that of independent random masks of its densities). Masks and sparse deltas hold their stored
 positions, task vectors their nonzero entries. A tensor one artifact lacks counts as holding nothing there.
 Streams tensor by tensor, reading each input's tensor once for all pairs. Writes out/overlap.json (the
 tables go to stderr) and prints its path, like every stage.
@@ -65,6 +66,7 @@ def run(cfg: OverlapConfig, out: Path) -> list[Path]:
     shapes = _names_and_shapes(inputs)
     pairs = list(itertools.combinations(range(len(inputs)), 2))
     per_layer: dict[tuple[int, int], dict[str, Overlap]] = {pair: {} for pair in pairs}
+    per_tensor: dict[tuple[int, int], dict[str, dict]] = {pair: {} for pair in pairs}
     held = [0] * len(inputs)
 
     for name, shape in shapes.items():
@@ -82,6 +84,7 @@ def run(cfg: OverlapConfig, out: Path) -> list[Path]:
             counts = overlap(entries[i][0], entries[j][0], entries[i][1], entries[j][1])
             layers = per_layer[i, j]
             layers[layer] = layers.get(layer, Overlap()) + counts
+            per_tensor[i, j][name] = {**counts.as_dict(), "numel": math.prod(shape)}
 
     total = sum(math.prod(s) for s in shapes.values())
     result = {
@@ -92,7 +95,8 @@ def run(cfg: OverlapConfig, out: Path) -> list[Path]:
     for (i, j), layers in per_layer.items():
         overall = sum(layers.values(), Overlap())
         result["pairs"].append({"a": str(inputs[i].path), "b": str(inputs[j].path), **overall.as_dict(),
-                                "per_layer": {layer: s.as_dict() for layer, s in layers.items()}})
+                                "per_layer": {layer: s.as_dict() for layer, s in layers.items()},
+                                "per_tensor": per_tensor[i, j]})
     _print_tables(inputs, result)
 
     out.mkdir(parents=True, exist_ok=True)
