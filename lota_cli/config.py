@@ -480,6 +480,8 @@ class EvalOptions:
     batch_size: int = opt(8, "sequences per forward pass")
     max_new_tokens: int = opt(256, "longest generated answer")
     generate: bool = opt(True, "false: teacher-forced NLL only")
+    generate_examples: Optional[int] = opt(None, "generate for the first N of the examples only (NLL scores all: "
+                                                 "it costs a fraction of generation); null: all")
     rouge_stemmer: bool = opt(True, "ROUGE with the Porter stemmer (rouge-score's use_stemmer), as most "
                                     "published ROUGE numbers")
     compare_to: Optional[str] = opt(None, "an earlier eval's results.json: report the change per task")
@@ -497,6 +499,7 @@ class EvalOptions:
             raise LotaError("eval.lm_eval.* only applies to eval.backend=lm_eval; add eval.backend=lm_eval or "
                             "drop them")
         _positive("eval.max_examples", self.max_examples)
+        _positive("eval.generate_examples", self.generate_examples)
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.max_new_tokens", self.max_new_tokens)
         if self.scales and len(self.scales) != len(self.deltas):

@@ -11,8 +11,8 @@ python scripts/replicate.py [experiment=all|sweep|sequential|merge] [out=runs/re
     [seeds=[0,1]] [sources=[task_vector,weights,random,gradient]] [sparsities=[0.9,0.99]]
     [nll_examples=300] [gen_examples=64] [max_new_tokens=...] [smoke=true] [gpu_report=PATH]
 
-NLL (teacher-forced) is scored on nll_examples held-out examples per task, generation on gen_examples (two
-`lota eval` runs per model: eval.generate=false, then generating). A claim "X beats Y" is the per-example
+NLL (teacher-forced) is scored on nll_examples held-out examples per task, generation on the first
+gen_examples of them (one `lota eval` per model, eval.generate_examples). A claim "X beats Y" is the per-example
 difference X - Y over the same examples, averaged per example over the seeds; its 95% interval is the difference
 ± 1.96 · the standard error of those per-example differences (so it carries example noise and the seeds'
 disagreement on each example, not run-to-run noise beyond that). Held: the interval lies on the claimed side
@@ -107,33 +107,32 @@ class Replication:
         return paths
 
     def evaluate(self, name: str, *model_args: str, keys: tuple[str, ...] = ("a", "b")) -> None:
-        """Score on the tasks `keys`: NLL on nll_examples, generation on gen_examples (two evals, so the cheap
-        NLL gets the larger sample). Per-example scores are kept for the paired comparisons."""
+        """Score on the tasks `keys` in one eval: NLL on nll_examples, generation on the first gen_examples of
+        them (eval.generate_examples; NLL costs a fraction of generation, so it gets the larger sample).
+        Per-example scores are kept for the paired comparisons."""
         names = [self.cfg[key].name for key in keys]
         args = [*self.model, f"eval.tasks=[{','.join(names)}]", f"eval.max_new_tokens={self.cfg.max_new_tokens}",
-                f"eval.batch_size={self.cfg.eval_batch_size}", *model_args]
+                f"eval.batch_size={self.cfg.eval_batch_size}", f"eval.max_examples={self.cfg.nll_examples}",
+                f"eval.generate_examples={self.cfg.gen_examples}", *model_args]
         for key, task in zip(keys, names):
             if task not in BUILT_IN_EVAL_TASKS:
                 args.append(f"+task@tasks.{task}={task}")
             args += self.data(key, prefix=f"tasks.{task}")
-        for kind, n, generate in (("nll", self.cfg.nll_examples, "false"), ("gen", self.cfg.gen_examples, "true")):
-            (results,) = self.run("eval", f"eval/{name}/{kind}", *args, f"eval.max_examples={n}",
-                                  f"eval.generate={generate}")
-            tasks = json.loads(Path(results).read_text())["tasks"]
-            examples = [json.loads(line) for line in (Path(results).parent / "examples.jsonl").read_text().splitlines()]
-            for task in names:
-                self.scored.setdefault(name, {}).setdefault(task, {})[kind] = (
-                    tasks[task], [e for e in examples if e["task"] == task])
+        (results,) = self.run("eval", f"eval/{name}", *args)
+        tasks = json.loads(Path(results).read_text())["tasks"]
+        examples = [json.loads(line) for line in (Path(results).parent / "examples.jsonl").read_text().splitlines()]
+        for task in names:
+            self.scored.setdefault(name, {})[task] = (tasks[task], [e for e in examples if e["task"] == task])
 
     # ---------------------------------------------------------------- numbers with intervals
     def estimate(self, terms: list[tuple[float, str]], key: str, metric: str, seeds) -> tuple[float, float | None]:
         """sum(coefficient * metric of run) with its 95% half-width, paired over the same examples: runs are
         eval names with {seed} filled from `seeds`; values and per-example linearized shares are averaged
         over the seeds first."""
-        task, kind = self.cfg[key].name, "nll" if metric == "nll" else "gen"
+        task = self.cfg[key].name
         values, shares = [], []
         for seed in seeds:
-            runs = [(c, self.scored[name.format(seed=seed)][task][kind]) for c, name in terms]
+            runs = [(c, self.scored[name.format(seed=seed)][task]) for c, name in terms]
             values.append(sum(c * summary[metric] for c, (summary, _) in runs))
             per_run = [linearized(examples, metric) for _, (_, examples) in runs]
             shares.append([None if None in col else sum(c * v for (c, _), v in zip(runs, col))

@@ -293,6 +293,23 @@ def test_standard_errors_and_per_example_scores(tiny_model, tmp_path, data):
     assert math.sqrt(cov[0, 0] / 12) == pytest.approx(after["tasks"]["gsm8k"]["nll_stderr"], rel=1e-6)
 
 
+def test_generation_on_the_first_examples_only(tiny_model, tmp_path):
+    """eval.generate_examples=3 of 8: NLL over all 8, generation (and its score and stderr) over the first 3,
+    the same answers as generating on those 3 alone."""
+    from lota_cli.stages.eval import run
+
+    [path] = run(_eval_config(tiny_model, tmp_path / "part", generate_examples=3), tmp_path / "part")
+    part = json.loads(path.read_text())["tasks"]["gsm8k"]
+    rows = [json.loads(line) for line in (tmp_path / "part" / "examples.jsonl").read_text().splitlines()]
+    assert part["n"] == 8 and len(rows) == 8
+    assert [e["exact_match"] is None for e in rows] == [False] * 3 + [True] * 5
+    [path] = run(_eval_config(tiny_model, tmp_path / "three", max_examples=3), tmp_path / "three")
+    three = json.loads(path.read_text())["tasks"]["gsm8k"]
+    assert part["exact_match"] == three["exact_match"] and part["exact_match_stderr"] == three["exact_match_stderr"]
+    [path] = run(_eval_config(tiny_model, tmp_path / "all"), tmp_path / "all")
+    assert part["nll"] == json.loads(path.read_text())["tasks"]["gsm8k"]["nll"]
+
+
 def test_delta_of_another_base_is_refused(tiny_model, tmp_path):
     from lota_cli.stages.eval import run
 

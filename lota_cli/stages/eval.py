@@ -105,7 +105,8 @@ class LotaBackend:
     def __init__(self, cfg: EvalConfig):
         self.cfg, opts = cfg, cfg.eval
         self.settings = {"max_examples": opts.max_examples, "max_new_tokens": opts.max_new_tokens,
-                         "generate": opts.generate, "rouge_stemmer": opts.rouge_stemmer}
+                         "generate": opts.generate, "generate_examples": opts.generate_examples,
+                         "rouge_stemmer": opts.rouge_stemmer}
 
     def evaluate(self, model, tokenizer) -> Scores:
         examples = {name: self._task(model, tokenizer, self.cfg.tasks[name]) for name in self.cfg.eval.tasks}
@@ -134,12 +135,14 @@ class LotaBackend:
         nlls = nll_per_example(model, examples, opts.batch_size, pad_id, what=f"{task.name} nll")
         scored = {}
         if opts.generate:
-            answers = generate(model, tokenizer, examples, opts.batch_size, opts.max_new_tokens,
+            n = min(len(examples), opts.generate_examples or len(examples))  # the rest: not scored (None)
+            answers = generate(model, tokenizer, examples[:n], opts.batch_size, opts.max_new_tokens,
                                what=f"{task.name} generate")
             if task.metric == "exact_match":
-                scored = {"exact_match": _exact_match(task, answers, references)}
+                scored = {"exact_match": _exact_match(task, answers, references[:n])}
             else:
-                scored = rouge_scores(answers, references, opts.rouge_stemmer)
+                scored = rouge_scores(answers, references[:n], opts.rouge_stemmer)
+            scored = {m: values + [None] * (len(examples) - n) for m, values in scored.items()}
         log.info("task %s done in %.1f s", task.name, time.perf_counter() - started)
         return per_example(task.name, nlls, scored)
 
