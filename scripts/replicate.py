@@ -38,7 +38,7 @@ from lota_cli.evaluation import linearized, standard_error  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULTS = {
-    "experiment": "all", "out": "runs/replicate", "steps": 8, "model": "smollm2_local",
+    "experiment": "all", "out": "runs/replicate", "steps": 6, "model": "smollm2_local",
     "a": {"name": "gsm8k", "data_files": str(SHARED / "gsm8k" / "train.jsonl"),
           "eval_data_files": str(SHARED / "gsm8k" / "test.jsonl"), "holdout": None},
     # Alpaca has one file: its last `holdout` rows (after the seeded shuffle) are held out, in training too
@@ -46,7 +46,7 @@ DEFAULTS = {
           "holdout": 300},
     "train": ["train.batch_size=4", "train.lr=1e-4", "train.warmup_steps=1", "train.log_every=4",
               "task.max_length=256"],
-    "sparse_lr": 1e-4, "nll_examples": 300, "gen_examples": 64, "max_new_tokens": 64, "eval_batch_size": 16,
+    "sparse_lr": 1e-4, "nll_examples": 150, "gen_examples": 16, "max_new_tokens": 64, "eval_batch_size": 16,
     "seeds": [0, 1], "sources": ["task_vector", "weights", "random", "gradient"], "sparsities": [0.9, 0.99],
     "gradient_batches": 8, "close_margin": {"nll": 0.02, "score": 0.02}, "gpu_report": None, "smoke": False,
 }
@@ -272,13 +272,15 @@ class Replication:
         for seed in cfg.seeds:
             (fft_a, _), (fft_b, _) = self.fft("a", seed), self.fft("b", seed)
             (lota_a, _), (lota_b, _) = self.lota("a", seed), self.lota("b", seed)
-            for i, (x, y, how) in enumerate(((fft_a, fft_b, "method=task_arithmetic"), (lota_a, lota_b, "method=sum"),
-                                             (lota_a, self.lotto_b(seed), "method=sum"))):
+            for i, (x, y, how) in enumerate(((fft_a, fft_b, "method=task_arithmetic"), (lota_a, lota_b, "method=sum"))):
                 (merged,) = self.run("merge", f"s{seed}/merge/m{i}", x, y, how)
                 self.evaluate(f"s{seed}/merge/m{i}", f"eval.deltas=[{merged}]")
+            # LoTTO's sum is base + A's delta + B's disjoint one: sequential's LoTTO model, bit for bit (at each
+            # entry one of the two is 0), so it is scored once
+            self.evaluate(f"s{seed}/seq/lotto_ab", f"eval.deltas=[{lota_a},{self.lotto_b(seed)}]")
             self.run("overlap", f"s{seed}/merge/overlap", lota_a, lota_b)
         labels = {"FFT task arithmetic": "s{seed}/merge/m0", "LoTA sum (independent masks)": "s{seed}/merge/m1",
-                  "LoTTO sum (disjoint masks)": "s{seed}/merge/m2"}
+                  "LoTTO sum (disjoint masks)": "s{seed}/seq/lotto_ab"}
         self.results["merge"] = {
             label: {f"{cfg[k].name} {m}": self.cell([(1, name)], k, m, cfg.seeds)
                     for k in ("a", "b") for m in ("nll", score_metric(cfg[k].name))}

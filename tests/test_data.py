@@ -422,3 +422,13 @@ def test_smollm2_chat_template_trains_exactly_the_assistant_turns(chats, layout)
         assert tok.decode(ids[trained]) == assistant_text(row, layout, "<|im_end|>")
         starts = np.flatnonzero(np.diff(np.concatenate([[0], trained.astype(np.int8)])) == 1)
         assert all(tok.decode(ids[:s]).endswith("<|im_start|>assistant\n") for s in starts)  # each turn's content
+
+
+def test_lota_data_reads_the_start_of_a_stream(tiny_model, tmp_path):
+    args = tiny_overrides(tiny_model, tmp_path / "d", **{"task.streaming": "true", "task.packing": "true",
+                                                         "data.stream_examples": 20, "data.show": 0})
+    stats_path, preview = map(Path, testing.in_process("data", *args).stdout.split())
+    stats = json.loads(stats_path.read_text())
+    assert stats["streamed"] and stats["examples_read"] == 20 and stats["tasks"]["gsm8k"]["examples"] == 20
+    records = [json.loads(line) for line in preview.read_text().splitlines()]
+    assert len(records) == 20 and len({r["sequence"] for r in records}) < 20  # packed: several to a sequence

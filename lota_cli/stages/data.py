@@ -34,8 +34,11 @@ def run(cfg: DataConfig, out: Path) -> list[Path]:
         examples = _in_training_order(data, cfg.data.preview)
         stats = _fixed_stats(data, cfg, tokenizer)
     else:  # a stream: measured on its first data.stream_examples examples
-        items = [data.micro_batch(i) for i in range(-(-cfg.data.stream_examples // cfg.train.batch_size))]
-        examples = [(cfg.task.name, j, ex) for j, item in enumerate(x for b in items for x in b) for ex in item]
+        examples, i, bs = [], 0, cfg.train.batch_size
+        while len(examples) < cfg.data.stream_examples:
+            examples += [(cfg.task.name, i * bs + j, ex) for j, item in enumerate(data.micro_batch(i)) for ex in item]
+            i += 1
+        examples = examples[:cfg.data.stream_examples]
         stats = {"streamed": True, "examples_read": len(examples),
                  "tasks": {cfg.task.name: _token_stats([ids for _, _, (ids, _) in examples],
                                                        [tr for _, _, (_, tr) in examples])}}
