@@ -425,7 +425,7 @@ def test_smollm2_chat_template_trains_exactly_the_assistant_turns(chats, layout)
 
 
 def test_lota_data_reads_the_start_of_a_stream(tiny_model, tmp_path):
-    args = tiny_overrides(tiny_model, tmp_path / "d", **{"task.streaming": "true", "task.packing": "true",
+    args = tiny_overrides(tiny_model, tmp_path / "d", **{"task.streaming": "true", "task.packing": "true", "task.max_length": 384,
                                                          "data.stream_examples": 20, "data.show": 0})
     stats_path, preview = map(Path, testing.in_process("data", *args).stdout.split())
     stats = json.loads(stats_path.read_text())
