@@ -295,8 +295,9 @@ class Replication:
 
 
 def verdict(diff: float, half: float | None, higher_is_better: bool, margin: float | None) -> str:
-    """held / did not hold / not resolved at this size, from the difference's 95% interval."""
-    if half is None:
+    """held / did not hold / not resolved at this size, from the difference's 95% interval. A zero-width
+    interval (every example scores the same in both, e.g. exact match 0 everywhere) decides nothing."""
+    if not half:
         return "not resolved at this size"
     lo, hi = diff - half, diff + half
     if margin is not None:
