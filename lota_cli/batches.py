@@ -10,9 +10,10 @@ own positions 0, 1, ..., and transformers' masks keep attention within an exampl
 and no attention mask is given. Its first token is never scored (it has no predecessor of its own), so the
 loss and its normalization equal the unpacked batch's.
 
-Mixtures (`mixture={task: weight}`): a fixed epoch of as many examples as all the tasks hold, each task's
-share in proportion to its weight (down- or up-sampled without replacement within a pass over the task), or
-for streamed tasks a seeded draw of the task of each next example.
+Mixtures (task and tasks.*, by their `weight`): a fixed epoch of as many examples as all the tasks hold, each
+task's share in proportion to its weight (down- or up-sampled without replacement within a pass over the
+task), or for streamed tasks a seeded draw of the task of each next example. A task alone is the mixture of
+one: all of its examples, in order.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 
 from lota_cli import LotaError
-from lota_cli.config import TaskConfig, TrainStageConfig
-from lota_cli.data import IGNORE, Encoded
+from lota_cli.config import TrainStageConfig
+from lota_cli.data import IGNORE, Encoded, encode, encode_stream, load_rows
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def pack(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
 
 def mixture_draw(sizes: list[int], weights: list[float], seed: int) -> list[np.ndarray]:
     """Per task, the indices of its examples in one mixed epoch of sum(sizes) examples, the task's share in
-    proportion to its weight (largest remainder rounding), drawn without replacement within each pass."""
+    proportion to its weight (largest remainder rounding), drawn without replacement within each pass; a
+    share of exactly the task's size is all of it, in order."""
     total, weight_sum = sum(sizes), sum(weights)
     exact = [total * w / weight_sum for w in weights]
     counts = [int(x) for x in exact]
@@ -122,6 +124,9 @@ def mixture_draw(sizes: list[int], weights: list[float], seed: int) -> list[np.n
         counts[k] += 1
     draws = []
     for task, (size, count) in enumerate(zip(sizes, counts)):
+        if count == size:
+            draws.append(np.arange(size))
+            continue
         passes = -(-count // size) if count else 0
         rng = [torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1000 + task * 100 + p)).numpy()
                for p in range(passes)]
@@ -153,8 +158,7 @@ class Fixed:
         return self.order[self.bounds[j]:self.bounds[j + 1]]
 
     def item(self, j: int) -> Item:
-        e = self.encoded
-        return [(e.tokens(i), e.trained_mask(i)) for i in self.group(j)]
+        return [self.encoded.example(i) for i in self.group(j)]
 
     def micro_batch(self, i: int) -> list[Item]:
         return [self.item(j) for j in self._batches.indices(i)]
@@ -187,30 +191,10 @@ class Streamed:
         self.tokenizer, self.cfg, self.packed = tokenizer, cfg, cfg.task.packing
         self.tasks = cfg.mixture_tasks()
         self.n, self.proportions = None, None
-        self._items, self._position, self._last = None, 0, None
-
-    def _examples(self, k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Task k's encoded examples, pass after pass (each pass reshuffled)."""
-        from lota_cli.data import _Encoder, counts, report, stream_rows
-
-        task: TaskConfig = self.tasks[k][0]
-        epoch = 0
-        while True:
-            encoder, seen = _Encoder(self.tokenizer, task, "train"), {"rows": 0}
-            for rows in stream_rows(task, epoch).iter(batch_size=256):
-                results = encoder.encode(rows)
-                seen = {k: seen.get(k, 0) + v for k, v in counts(results).items()}
-                for got in results:
-                    if got is not None:
-                        yield np.asarray(got[0], np.int32), np.asarray(got[1], bool)
-            if not seen.get("examples"):
-                raise LotaError(f"task {task.name}: the stream holds no example that fits task.max_length")
-            if epoch == 0:
-                report(task, seen)
-            epoch += 1
+        self._items, self._position = None, 0
 
     def _stream(self) -> Iterator[Item]:
-        sources = [self._examples(k) for k in range(len(self.tasks))]
+        sources = [encode_stream(self.tokenizer, task) for task, _ in self.tasks]
         weights = np.array([w for _, w in self.tasks], dtype=np.float64)
         rng = np.random.default_rng(self.cfg.train.seed)
         draw = (lambda: 0) if len(sources) == 1 else (lambda: int(rng.choice(len(sources), p=weights / weights.sum())))
@@ -241,19 +225,15 @@ class Streamed:
 
 def train_data(tokenizer, cfg: TrainStageConfig):
     """The training data of a stage: its task, or its mixture, encoded or streamed."""
-    from lota_cli.data import encode, load_rows
-
     tasks = cfg.mixture_tasks()
     if any(task.streaming for task, _ in tasks):
         return Streamed(tokenizer, cfg)
     parts = [encode(tokenizer, task, load_rows(task, "train")) for task, _ in tasks]
-    if len(parts) == 1:
-        return Fixed(parts[0], np.arange(len(parts[0])), cfg, {tasks[0][0].name: parts[0].stats},
-                     {tasks[0][0].name: 1.0})
     draws = mixture_draw([len(p) for p in parts], [w for _, w in tasks], cfg.train.seed)
     starts = np.cumsum([0] + [len(p) for p in parts])
     drawn = np.concatenate([d + s for d, s in zip(draws, starts)])
     proportions = {task.name: len(d) / len(drawn) for (task, _), d in zip(tasks, draws)}
-    log.info("mixture: %s", ", ".join(f"{name} {share:.3f}" for name, share in proportions.items()))
+    if len(tasks) > 1:
+        log.info("mixture: %s", ", ".join(f"{name} {share:.3f}" for name, share in proportions.items()))
     stats = {task.name: p.stats for (task, _), p in zip(tasks, parts)}
     return Fixed(Encoded.join(parts), drawn, cfg, stats, proportions)

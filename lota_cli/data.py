@@ -3,8 +3,8 @@ conversations through the tokenizer's chat template), tokenize in batches, cache
 
 Encoded examples live in flat arrays (Encoded), never as per-row Python objects: example i is
 ids[offsets[i]:offsets[i+1]], `trained` marks the tokens that carry loss, and `answer[i]` is where its final
-answer starts (what evaluation scores and generates). What the loop trains on comes from TrainData
-(training.py's batches): examples one by one, or packed several to a sequence.
+answer starts (what evaluation scores and generates). What the loop trains on is batches.py's: examples one
+by one, or packed several to a sequence.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -119,13 +120,19 @@ def load_rows(task: TaskConfig, purpose: str = "train", limit: int | None = None
     return ds
 
 
-def stream_rows(task: TaskConfig, epoch: int):
+def _stream_rows(task: TaskConfig, epoch: int):
     """The training rows as a datasets.IterableDataset (task.streaming): read as they are used, shuffled in
     a buffer by task.shuffle_seed and the epoch."""
     ds = _load(task, "train", streaming=True)
     ds = ds.shuffle(seed=task.shuffle_seed, buffer_size=task.shuffle_buffer)
     ds.set_epoch(epoch)
     return ds
+
+
+def _original_indices(ds) -> np.ndarray | None:
+    """Each row's place in the data set's files, for a shuffled or selected Dataset (None: in file order)."""
+    indices = getattr(ds, "_indices", None)
+    return None if indices is None else indices.column(0).to_numpy()
 
 
 def _fields(template: str) -> set[str]:
@@ -153,8 +160,8 @@ def _check_targets(task: TaskConfig, ds, where) -> None:
         return
     for name in sorted(_fields(task.target)):
         nulls = ds.data.column(name).is_null().to_numpy(zero_copy_only=False)
-        if ds._indices is not None:  # shuffled / selected: the rows in use
-            nulls = nulls[ds._indices.column(0).to_numpy()]
+        if (original := _original_indices(ds)) is not None:  # shuffled / selected: the rows in use
+            nulls = nulls[original]
         if nulls.any():
             example = ds[int(nulls.argmax())]
             raise LotaError(f"task {task.name}: {int(nulls.sum())} row(s) of {where} lack field {name!r} used by "
@@ -187,19 +194,20 @@ class Encoded:
     def trained_mask(self, i: int) -> np.ndarray:
         return self.trained[self.offsets[i]:self.offsets[i + 1]]
 
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, trained mask) of example i: what batches.collate takes."""
+        return self.tokens(i), self.trained_mask(i)
+
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    @property
-    def trained_counts(self) -> np.ndarray:
-        """Trained tokens per example."""
-        sums = np.concatenate([[0], np.cumsum(self.trained, dtype=np.int64)])
-        return sums[self.offsets[1:]] - sums[self.offsets[:-1]]
-
     @staticmethod
     def join(parts: list["Encoded"]) -> "Encoded":
-        """One Encoded of several (a mixture's tasks), examples in order."""
+        """One Encoded of several (chunks of one task, or a mixture's tasks), examples in order, their
+        encoding counts summed."""
+        if len(parts) == 1:
+            return parts[0]
         offsets, total = [np.zeros(1, np.int64)], 0
         for part in parts:
             offsets.append(part.offsets[1:] + total)
@@ -207,7 +215,8 @@ class Encoded:
         keep = all(p.references is not None for p in parts)
         references = [r for p in parts for r in p.references] if keep else None
         return Encoded(np.concatenate([p.ids for p in parts]), np.concatenate([p.trained for p in parts]),
-                       np.concatenate(offsets), np.concatenate([p.answer for p in parts]), references)
+                       np.concatenate(offsets), np.concatenate([p.answer for p in parts]), references,
+                       _sum_counts([p.stats for p in parts]))
 
 
 @dataclass
@@ -245,7 +254,8 @@ class _Encoder:
         self.tok, self.task, self.purpose = tokenizer, task, purpose
         # to name a bad row by its place in the data, not in the shuffled order
         self.where = _source(task, purpose)[1] or task.dataset
-        self.original = rows._indices.column(0).to_numpy() if getattr(rows, "_indices", None) is not None else None
+        self.original = _original_indices(rows)
+        self.target_fields = _fields(task.target)
         self.template = chat_template(tokenizer, task) if (task.format == "messages" or task.use_chat_template) else None
         if task.format == "messages" and not self.template:
             raise LotaError(f"task {task.name}: task.format=messages renders conversations with a chat template, "
@@ -281,7 +291,7 @@ class _Encoder:
         records = [{k: v[i] for k, v in rows.items()} for i in range(n)]
         targets = [render(task.target, r) for r in records]
         for i, r in enumerate(records):  # (load_rows checked its rows; streamed ones are checked here)
-            if any(r.get(f) is None for f in _fields(task.target)):
+            if any(r.get(f) is None for f in self.target_fields):
                 raise LotaError(f"{self._row(i)} lacks a field used by task.target ({task.target!r}): "
                                 f"{str(r)[:80]}; fix or drop that row")
         prompts = [render(task.prompt, r) for r in records]
@@ -305,22 +315,22 @@ class _Encoder:
 
     def _turns(self, value, i: int) -> list[dict]:
         """A row's conversation as [{"role", "content"}] with roles mapped, task.system_prompt first if set."""
-        task, where = self.task, self._row(i)
+        task = self.task
         if not isinstance(value, list) or not value:
-            raise LotaError(f"{where}: {task.messages_field!r} is {type(value).__name__} {str(value)[:60]!r}, not "
+            raise LotaError(f"{self._row(i)}: {task.messages_field!r} is {type(value).__name__} {str(value)[:60]!r}, not "
                             "a list of turns; fix that row")
         turns = []
         for turn in value:
             if not isinstance(turn, dict) or task.role_field not in turn or task.content_field not in turn:
-                raise LotaError(f"{where}: turn {str(turn)[:80]!r} lacks {task.role_field!r} / "
+                raise LotaError(f"{self._row(i)}: turn {str(turn)[:80]!r} lacks {task.role_field!r} / "
                                 f"{task.content_field!r} (task.role_field / task.content_field)")
             role = ROLES.get(str(turn[task.role_field]).lower())
             if role is None:
-                raise LotaError(f"{where}: unknown role {turn[task.role_field]!r}; known: {', '.join(ROLES)}")
+                raise LotaError(f"{self._row(i)}: unknown role {turn[task.role_field]!r}; known: {', '.join(ROLES)}")
             turns.append({"role": role, "content": "" if turn[task.content_field] is None
                           else str(turn[task.content_field])})
         if not any(t["role"] == "assistant" for t in turns):
-            raise LotaError(f"{where}: the conversation has no assistant turn, so nothing to train on; drop it")
+            raise LotaError(f"{self._row(i)}: the conversation has no assistant turn, so nothing to train on; drop it")
         if task.system_prompt and turns[0]["role"] != "system":
             turns.insert(0, {"role": "system", "content": task.system_prompt})
         return turns
@@ -424,6 +434,10 @@ def counts(results: list) -> dict[str, int]:
             "truncated": notes.count("truncated"), "turns_dropped": notes.count("turns_dropped")}
 
 
+def _sum_counts(many: list[dict[str, int]]) -> dict[str, int]:
+    return {k: sum(c.get(k, 0) for c in many) for k in many[0]} if many and many[0] else {}
+
+
 def _arrays(results: list, keep_references: bool) -> Encoded:
     """One chunk's results as an Encoded (so no per-row Python objects outlive their chunk)."""
     kept = [r for r in results if r is not None]
@@ -458,9 +472,7 @@ def _chunks(encoder: _Encoder, rows, procs: int):
 def _encode_rows(tokenizer, task: TaskConfig, rows, purpose: str) -> Encoded:
     encoder = _Encoder(tokenizer, task, purpose, rows)
     keep = purpose == "eval"  # evaluation scores generations against the references
-    parts = [_arrays(results, keep) for results in _chunks(encoder, rows, _num_proc(task, len(rows)))]
-    encoded = Encoded.join(parts)
-    encoded.stats = {k: sum(p.stats[k] for p in parts) for k in parts[0].stats}
+    encoded = Encoded.join([_arrays(results, keep) for results in _chunks(encoder, rows, _num_proc(task, len(rows)))])
     if not len(encoded):
         raise LotaError(f"task {task.name}: no example fits task.max_length={task.max_length} "
                         "(every prompt is longer); raise it")
@@ -488,6 +500,26 @@ def encode(tokenizer, task: TaskConfig, rows, purpose: str = "train") -> Encoded
             os.replace(partial, path)
     report(task, encoded.stats)
     return encoded
+
+
+def encode_stream(tokenizer, task: TaskConfig) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The task's training examples (token ids, trained mask) as the rows are read (task.streaming), pass after
+    pass, each pass reshuffled; what truncation did is reported after the first."""
+    epoch = 0
+    while True:
+        encoder, seen = _Encoder(tokenizer, task, "train"), []
+        for rows in _stream_rows(task, epoch).iter(batch_size=256):
+            results = encoder.encode(rows)
+            seen.append(counts(results))
+            for got in results:
+                if got is not None:
+                    yield np.asarray(got[0], np.int32), np.asarray(got[1], bool)
+        total = _sum_counts(seen)
+        if not total.get("examples"):
+            raise LotaError(f"task {task.name}: the stream holds no example that fits task.max_length")
+        if epoch == 0:
+            report(task, total)
+        epoch += 1
 
 
 def report(task: TaskConfig, stats: dict) -> None:

@@ -36,11 +36,10 @@ from lota_cli.progress import progress_bar
 
 
 def optimizer_steps(cfg: TrainConfig, n_items: int | None) -> int:
-    """train.max_steps, or the steps of train.epochs passes over the items (examples, or packed sequences)."""
+    """train.max_steps, or the steps of train.epochs passes over the items (examples, or packed sequences;
+    streamed data has no count, and TrainStageConfig requires train.max_steps for it)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    if n_items is None:
-        raise LotaError("streamed data has no length to count epochs in: set train.max_steps")
     return max(1, math.ceil(cfg.epochs * n_items / (cfg.batch_size * cfg.grad_accum)))
 
 

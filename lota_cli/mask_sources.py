@@ -110,7 +110,7 @@ def gradient_batches(cfg: ExtractConfig, tokenizer) -> Iterator[dict[str, torch.
     encoded = encode(tokenizer, cfg.task, load_rows(cfg.task, "train"))
     order = MicroBatches(len(encoded), opts.batch_size, opts.seed)
     for i in range(opts.gradient_batches):
-        items = [[(encoded.tokens(j), encoded.trained_mask(j))] for j in order.indices(i)]
+        items = [[encoded.example(j)] for j in order.indices(i)]
         yield collate(items, tokenizer.pad_token_id or 0)
 
 

@@ -339,9 +339,10 @@ def overlap_groups(pair: dict) -> dict[str, dict[str, dict]]:
 
 # -------------------------------------------------------------------- report
 
-def fmt(cell: dict) -> str:
+def fmt(cell: dict, value: str = "value", sign: str = "") -> str:
+    """cell[value] ± its 95% half-width (cell["ci95"])."""
     half = "n/a" if cell["ci95"] is None else f"{cell['ci95']:.4f}"
-    return f"{cell['value']:.4f} ± {half}"
+    return f"{cell[value]:{sign}.4f} ± {half}"
 
 
 def markdown_table(first: str, rows: dict[str, dict[str, dict]]) -> list[str]:
@@ -369,8 +370,7 @@ def claims_table(claims: list[dict]) -> list[str]:
              "| --- | --- | --- | --- | --- | --- |"]
     for c in claims:
         nll, score = c["nll"], c[score_metric(c["task"])]
-        cells = [f"{d['difference']:+.4f} ± {'n/a' if d['ci95'] is None else format(d['ci95'], '.4f')}"
-                 + ("" if d["margin"] is None else f" (margin ±{d['margin']})") + f" | **{d['verdict']}**"
+        cells = [fmt(d, "difference", "+") + ("" if d["margin"] is None else f" (margin ±{d['margin']})") + f" | **{d['verdict']}**"
                  for d in (nll, score)]
         lines.append(f"| {c['claim']} | {len(c['seeds'])} | {cells[0]} | {cells[1]} |")
     return lines

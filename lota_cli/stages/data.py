@@ -63,8 +63,7 @@ def run(cfg: DataConfig, out: Path) -> list[Path]:
 
 def _in_training_order(data: Fixed, n: int) -> list[tuple[str, int, tuple]]:
     """(task, sequence number, (ids, trained)) of the first n examples the loop would see."""
-    e = data.encoded
-    return [(data.task_of(i), j, (e.tokens(i), e.trained_mask(i))) for j, i in data.first_examples(n)]
+    return [(data.task_of(i), j, data.encoded.example(i)) for j, i in data.first_examples(n)]
 
 
 def _token_stats(ids: list[np.ndarray], trained: list[np.ndarray]) -> dict:
