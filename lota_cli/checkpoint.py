@@ -86,12 +86,17 @@ class Checkpoint:
     def numel(self, name: str) -> int:
         return math.prod(self.shape(name))
 
+    def location(self, name: str) -> tuple[Path, int]:
+        """(shard, byte offset of `name`'s data in it)."""
+        shard, entry, data_start = self._where[name]
+        return shard, data_start + entry["data_offsets"][0]
+
     def mapped(self, name: str, start: int = 0, stop: int | None = None):
         """Flat entries [start, stop) of `name` over a private memory map (valid inside the `with`)."""
-        shard, entry, data_start = self._where[name]
+        shard, offset = self.location(name)
         stop = self.numel(name) if stop is None else stop
         dtype = self.dtype(name)
-        return mapped_range(shard, data_start + entry["data_offsets"][0] + start * dtype.itemsize, stop - start, dtype)
+        return mapped_range(shard, offset + start * dtype.itemsize, stop - start, dtype)
 
     def flat_tensors(self, sources: Mapping[str, str]) -> Iterator[tuple[str, tuple[int, ...], torch.Tensor]]:
         """(name, shape, flat memory-mapped tensor) for each name -> checkpoint tensor of `sources`, in its
@@ -111,9 +116,13 @@ class Checkpoint:
         """(start, flat entries [start, start + piece)) over the tensor, each refused if it holds NaN or Inf,
         as loading the model would be. A piece is a private copy-on-write mapping of the file: the caller may
         change it in place (the file never sees that), and must be done with it before asking for the next."""
+        yield from self.checked_pieces(name, self.mapped, piece)
+
+    def checked_pieces(self, name: str, mapped, piece: int = PIECE) -> Iterator[tuple[int, torch.Tensor]]:
+        """pieces() over mapped(name, start, stop) (this checkpoint's own, or a copy's being written)."""
         n = self.numel(name)
         for start in range(0, n, piece):
-            with self.mapped(name, start, min(n, start + piece)) as view:
+            with mapped(name, start, min(n, start + piece)) as view:
                 if not all_finite(view):
                     raise LotaError(f"model {str(self.directory)!r}: weight {name!r} holds NaN or Inf values; the "
                                     "model files are damaged or the model diverged: use an intact copy")
@@ -155,6 +164,26 @@ class ShardedWriter:
         return self
 
     def write_pieces(self, name: str, pieces) -> None:
+        self._next(name).write_pieces(name, pieces)
+        self._left.pop(0)
+
+    def copy_from(self, name: str, source: Checkpoint) -> None:
+        """Tensor `name` copied as it is from `source` (of the same dtype), by the kernel where it can: then
+        `mapped` changes it in place."""
+        shard, offset = source.location(name)
+        self._next(name).copy_from(name, shard, offset)
+        self._left.pop(0)
+        self._copied = name
+
+    def mapped(self, name: str, start: int, stop: int):
+        """Flat entries [start, stop) of the tensor just copied, a writable view of the output (see
+        TensorFileWriter.mapped)."""
+        if name != getattr(self, "_copied", None):
+            raise ValueError(f"{name} is not the tensor just copied")
+        return self._writer.mapped(name, start, stop)
+
+    def _next(self, name: str) -> TensorFileWriter:
+        """The writer of the shard that `name`, the next tensor, goes into."""
         if not self._left:  # the next shard
             if self._writer is not None:
                 self._writer.__exit__(None, None, None)
@@ -165,8 +194,7 @@ class ShardedWriter:
             self._left = list(group)
         if name != self._left[0]:
             raise ValueError(f"writing {name} out of order (expected {self._left[0]})")
-        self._writer.write_pieces(name, pieces)
-        self._left.pop(0)
+        return self._writer
 
     def copy_files(self, source: Path, skip: set[str]) -> None:
         """Copy the files of `source` other than `skip` (config, tokenizer, generation config, ...)."""

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from lota_cli import LotaError
+from lota_cli import LotaError, cache_root
 from lota_cli.config import TaskConfig
 
 log = logging.getLogger(__name__)
@@ -405,9 +405,8 @@ def _tokenizer_key(tokenizer) -> str:
 
 
 def cache_dir() -> Path:
-    """Where encoded data sets are kept between runs: $LOTA_CACHE, else $XDG_CACHE_HOME/lota or ~/.cache/lota."""
-    root = os.environ.get("LOTA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lota"
-    return Path(root) / "data"
+    """Where encoded data sets are kept between runs (lota_cli.cache_root()/data)."""
+    return cache_root() / "data"
 
 
 def _cache_key(tokenizer, task: TaskConfig, purpose: str, rows) -> str:

@@ -71,6 +71,12 @@ def count_bits(bits: torch.Tensor | np.ndarray) -> int:
     return int(_POPCOUNT[array].sum(dtype=np.int64))
 
 
+def count_bits_per(bits: np.ndarray, step: int) -> np.ndarray:
+    """Set entries in each run of `step` bytes of packed bits (the last run may be shorter), int64."""
+    counts = np.bitwise_count(bits) if hasattr(np, "bitwise_count") else _POPCOUNT[bits]
+    return np.add.reduceat(counts, np.arange(0, bits.size, step), dtype=np.int64) if bits.size else np.zeros(0, np.int64)
+
+
 def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 

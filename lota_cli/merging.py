@@ -33,16 +33,22 @@ class MergeMethod:
     help: str
     takes_name: bool
     elementwise: bool  # entry by entry, zeros to zero: sparse inputs merge at their union of positions alone
+    # the fused kernel of lota_cli/native that computes this method bit for bit on sparse inputs: "sum"
+    # (d_0 + d_1 + ...) or "weighted" (fma(d_i, weight_i, acc) from 0, as add_(d, alpha=weight)); None: none
+    native: Optional[str] = None
 
 
 METHODS: dict[str, MergeMethod] = {}  # name -> method, in registration order (the order help lists them)
 
 
-def merge_method(name: str, *, reads: Sequence[str] = (), help: str, elementwise: bool = False):
+def merge_method(name: str, *, reads: Sequence[str] = (), help: str, elementwise: bool = False,
+                 native: Optional[str] = None):
     """Register the decorated function as merge method `name`.
 
     elementwise=True declares that each output entry depends only on the inputs' entries at that position
     and is 0 where they all are: sparse inputs are then merged at their union of positions, never densified.
+    native= names the fused kernel that computes it exactly on sparse inputs (MergeMethod.native); a test
+    checks the two agree bit for bit.
 
     `reads` must name exactly its parameters after the deltas (other than `name`): a parameter left out would
     silently keep the function's default instead of the configured value, so that is refused here.
@@ -54,7 +60,9 @@ def merge_method(name: str, *, reads: Sequence[str] = (), help: str, elementwise
         if set(params) - {"name"} != set(reads):
             raise TypeError(f"merge method {name!r}: {fn.__name__} takes {params} after the deltas, "
                             f"but declares reads={tuple(reads)}")
-        METHODS[name] = MergeMethod(fn, tuple(reads), help, "name" in params, elementwise)
+        if native not in (None, "sum", "weighted"):
+            raise ValueError(f"merge method {name!r}: native={native!r} is not a kernel (sum, weighted)")
+        METHODS[name] = MergeMethod(fn, tuple(reads), help, "name" in params, elementwise, native)
         return fn
     return register
 
@@ -110,16 +118,21 @@ def top_k(delta: Tensor, density: float) -> Tensor:
         return delta.clone()
     if k == 0:
         return torch.zeros_like(delta)
+    zero = torch.zeros((), dtype=flat.dtype)
+    # a sparse input with at most k nonzeros keeps them all: the same result without the k-th value search
+    # (unless it holds -0.0, which the search keeps in some places and not in others)
+    if int(flat.count_nonzero()) <= k and not bool((torch.signbit(flat) & (flat == 0)).any()):
+        return flat.clone().view_as(delta)
     mag = flat.abs()
     threshold = mag.kthvalue(flat.numel() - k + 1).values
     keep = mag > threshold
     ties = (mag == threshold).nonzero().reshape(-1)
     keep[ties[:k - int(keep.count_nonzero())]] = True
-    return torch.where(keep, flat, torch.zeros((), dtype=flat.dtype)).view_as(delta)
+    return torch.where(keep, flat, zero).view_as(delta)
 
 
 @merge_method("sum", help="sum of the deltas (disjoint LoTA masks make this the same as applying them in turn)",
-              elementwise=True)
+              elementwise=True, native="sum")
 def sum_deltas(deltas: Sequence[Tensor]) -> Tensor:
     """Plain sum (method `sum`; named so as not to shadow the builtin)."""
     out = deltas[0].clone()
@@ -128,7 +141,8 @@ def sum_deltas(deltas: Sequence[Tensor]) -> Tensor:
     return out
 
 
-@merge_method("task_arithmetic", reads=("weights",), help="weighted sum (Ilharco et al. 2023)", elementwise=True)
+@merge_method("task_arithmetic", reads=("weights",), help="weighted sum (Ilharco et al. 2023)", elementwise=True,
+              native="weighted")
 def task_arithmetic(deltas: Sequence[Tensor], weights: Optional[Sequence[float]] = None) -> Tensor:
     """sum_i weights[i] * deltas[i]; the global scale (lambda) is applied by `merge`."""
     weights = [1.0] * len(deltas) if weights is None else list(weights)

@@ -54,6 +54,27 @@ def test_top_k_is_exact_and_breaks_ties_by_position():
     assert merging.top_k(C, 0.1).tolist() == [0.0, 0.0, 0.0, 0.0]  # round(0.4) = 0 entries
 
 
+@pytest.mark.parametrize("signed_zeros", [False, True])
+@pytest.mark.parametrize("held", [0.05, 0.2, 0.3])  # fewer, exactly as many, more nonzeros than k = 0.2 n
+def test_top_k_of_a_sparse_input_is_the_kth_value_selection(held, signed_zeros):
+    """A sparse input with at most k nonzeros skips the k-th value search; the result is the same, bit for bit,
+    also with -0.0 entries (which the search keeps in some places)."""
+    gen = torch.Generator().manual_seed(7)
+    delta = torch.randn(1000, generator=gen) * (torch.rand(1000, generator=gen) < held)
+    delta[delta == 0] = 0.0
+    if signed_zeros:
+        delta[torch.arange(0, 1000, 13)] *= -0.0
+    if held == 0.2:
+        delta = torch.zeros(1000).index_put_((torch.randperm(1000, generator=gen)[:200],), torch.randn(200) + 5)
+    k = 200
+    mag = delta.abs()
+    threshold = mag.kthvalue(1000 - k + 1).values
+    keep = mag > threshold
+    keep[(mag == threshold).nonzero().reshape(-1)[:k - int(keep.count_nonzero())]] = True
+    expected = torch.where(keep, delta, torch.zeros(()))
+    assert torch.equal(merging.top_k(delta, 0.2).view(torch.int32), expected.view(torch.int32))
+
+
 def test_ties_by_hand():
     # density 0.5 keeps 2 of 4 per input: A -> [3, 0, 2, 0], B -> [-2, 4, 0, 0], C -> [1, 0, -5, 0]
     # summed [2, 4, -3, 0] elects signs [+, +, -, none]

@@ -49,9 +49,9 @@ def installed(tmp_path_factory) -> dict:
     return {"bin": site / "bin" / "lota", "site": site, "wheel": wheel, "cwd": work}
 
 
-def run(installed: dict, *args) -> subprocess.CompletedProcess:
+def run(installed: dict, *args, env: dict | None = None) -> subprocess.CompletedProcess:
     """The installed `lota`, with the install directory first on the path and the checkout nowhere on it."""
-    env = {**OFFLINE_ENV, "PYTHONPATH": str(installed["site"])}
+    env = {**OFFLINE_ENV, "PYTHONPATH": str(installed["site"]), **(env or {})}
     return subprocess.run([str(installed["bin"]), *map(str, args)], capture_output=True, text=True, env=env,
                           cwd=installed["cwd"])
 
@@ -61,6 +61,7 @@ def test_wheel_carries_the_configs(installed):
     yamls = [n for n in names if n.startswith("lota_cli/conf/") and n.endswith(".yaml")]
     expected = [p.relative_to(ROOT).as_posix() for p in (ROOT / "lota_cli" / "conf").rglob("*.yaml")]
     assert sorted(yamls) == sorted(expected) and len(yamls) > 20
+    assert "lota_cli/native/merge.c" in names  # the merge kernels' source, compiled on first use
     assert installed["wheel"].name == f"lota_cli-{__version__}-py3-none-any.whl"
 
 
@@ -90,3 +91,8 @@ def test_installed_lota_runs_the_tiny_pipeline(installed, tiny_model, tmp_path):
     (delta,) = stage("sparse-train", *tiny_overrides(tiny_model, tmp_path / "st", **{
         "train.max_steps": 2, "sparse_train.mask": mask}))
     assert delta == tmp_path / "st" / "sparse_delta.safetensors" and delta.is_file()
+    # into a model: the installed wheel's merge kernels are built from its own merge.c (in a fresh cache)
+    merged = run(installed, "merge", delta, f"output_model={tmp_path / 'merged'}", f"out={tmp_path / 'mg'}",
+                 env={"LOTA_CACHE": str(tmp_path / "cache")})
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert list((tmp_path / "cache" / "native").glob("merge-*.so")) and "numpy" not in merged.stderr

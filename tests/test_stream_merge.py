@@ -5,6 +5,7 @@ its refusals of damaged checkpoints."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -208,3 +209,36 @@ def test_a_recorded_base_checkpoint_spares_the_model_skeleton(tmp_path, base, mo
     loaded = _merge(tmp_path, [path], False, monkeypatch, dtype="bfloat16")
     ours, theirs = saved_tensors(streamed), saved_tensors(loaded)
     assert all(torch.equal(ours[n], t) for n, t in theirs.items())
+
+
+@pytest.mark.parametrize("base,method,dtype", [
+    ("sharded", "sum", "bfloat16"), ("tied", "task_arithmetic", "bfloat16"), ("single", "sum", "float16")],
+    indirect=["base"])
+def test_the_native_kernel_merges_as_the_numpy_path(tmp_path, base, monkeypatch, caplog, method, dtype):
+    """The fused kernel against the numpy path it replaces: the same bits, the same overlap counts. bfloat16
+    (the base's dtype): its tensors are copied, then changed in place; float16: converted piece by piece."""
+    from lota_cli import native
+
+    if native.kernels() is None:
+        pytest.skip("no C compiler to build the kernels")
+    directory, model_cfg, fp, shapes = base
+    da, db = disjoint_deltas(shapes, seed=5, density=0.3)
+    db = {n: d + 1e-3 * (torch.arange(d.numel()).view(d.shape) % 4 == 0) for n, d in db.items()}  # overlaps a
+    inputs = [write_sparse(tmp_path / "a.safetensors", da, fp, model_cfg),
+              write_sparse(tmp_path / "b.safetensors", db, fp, model_cfg)]
+    options = {"method": method, "dtype": dtype, "scale": 0.9}
+    if method == "task_arithmetic":
+        options["weights"] = [0.7, -1.3]
+    outputs, logs = [], []
+    for kernels in (native.kernels, lambda: None):
+        monkeypatch.setattr(native, "kernels", kernels)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "lota_cli.stages.merge"):
+            outputs.append(saved_tensors(_merge(tmp_path / kernels.__name__.strip("<>"), inputs, True, monkeypatch,
+                                                **options)))
+        logs.append([r.getMessage() for r in caplog.records if "Jaccard" in r.getMessage()])
+    ours, theirs = outputs
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        assert torch.equal(ours[name].view(torch.uint8), theirs[name].view(torch.uint8)), name
+    assert logs[0] == logs[1] and len(logs[0]) == 1 and "sign conflicts" in logs[0][0]

@@ -5,22 +5,25 @@ out, so peak memory is a few tensors per input rather than whole models. With ou
 safetensors shards are streamed the same way (lota_cli.checkpoint): each base tensor is read in pieces, the
 merged delta added where there is one, and the result written to output shards; no model object is built.
 An elementwise method (sum, task_arithmetic) over sparse deltas adds values at their positions alone,
-never densifying. A base that cannot be streamed (a GGUF file, or weights renamed on load) is loaded as a
+never densifying; into a model, those two run as one fused native pass per piece of the base (lota_cli.native:
+the masks read as packed bits, the values where they lie), bit for bit what the numpy path computes. A base that cannot be streamed (a GGUF file, or weights renamed on load) is loaded as a
 model instead, as the log says. The pairwise overlap and sign conflicts of the inputs are counted on the way.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lota_cli import LotaError
+from lota_cli import LotaError, native
 from lota_cli.artifacts import Artifact, ArtifactWriter, all_finite, open_artifact, same_layout, stage_meta
 from lota_cli.config import MergeConfig, ModelConfig, parse_size
 from lota_cli.merging import METHODS, Overlap, delta_overlap, merge
@@ -65,6 +68,7 @@ class _Merger:
         self.stats = {pair: Overlap() for pair in self.pairs}
         # sparse inputs of an elementwise method merge at the union of their positions
         self.sparse = METHODS[cfg.method].elementwise and all(a.kind == "sparse_delta" for a in inputs)
+        self.native = METHODS[cfg.method].native if self.sparse and len(inputs) <= native.MAX_INPUTS else None
 
     def _merged(self, name: str, deltas: list[torch.Tensor]) -> torch.Tensor:
         for i, j in self.pairs:
@@ -94,6 +98,25 @@ class _Merger:
             compact[torch.from_numpy(mask[positions])] = values.float()
             deltas.append(compact)
         return torch.from_numpy(positions), self._merged(name, deltas)  # int64 positions
+
+    def fused(self, name: str) -> tuple[str, native.FusedMerge]:
+        """(name, the merge of `name` ready to run over the base's pieces) for native mergers: each input's
+        packed mask and values as stored (checked against their checksums; bfloat16 values as uint16)."""
+        values = [a.values(name) for a in self.inputs]
+        values = [v.view(torch.uint16) if v.dtype == torch.bfloat16 else v.float() for v in values]
+        weights = None
+        if self.native == "weighted":
+            weights = list(self.params.get("weights") or [1.0] * len(self.inputs))
+        try:
+            return name, native.FusedMerge(native.kernels(), [a.bits(name).numpy() for a in self.inputs],
+                                           [v.numpy() for v in values], weights, self.cfg.scale)
+        except ValueError as err:  # an input's count of values is not its count of positions: its own check
+            self.inputs[err.args[0]].held(name)
+            raise
+
+    def count(self, fused: native.FusedMerge) -> None:
+        for (i, j), both, same in zip(self.pairs, fused.shared, fused.agree):
+            self.stats[i, j] += Overlap(fused.nonzero[i], fused.nonzero[j], both, same)
 
     def log_overlaps(self) -> None:
         for (i, j), s in self.stats.items():
@@ -129,17 +152,28 @@ def _into_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger) -> Pa
     dtype = DTYPES[cfg.dtype]
     log.info("streaming %s (%d tensors) into %s", directory, len(checkpoint.names), cfg.output_model)
     layout = {name: (dtype, checkpoint.shape(name)) for name in checkpoint.names}
-    merge_one = merger.at_positions if merger.sparse else merger.dense
+    lib = native.kernels() if merger.native else None
+    merge_one = merger.fused if lib else merger.at_positions if merger.sparse else merger.dense
     with ThreadPoolExecutor(1) as pool, ShardedWriter(cfg.output_model, layout, parse_size(cfg.shard_size)) as writer:
         # the next tensor's delta is merged on a second thread while this one is read, added and written
         merged = _ahead(pool, merge_one, [delta_of[name] for name in checkpoint.names if name in delta_of])
         for name in checkpoint.names:
-            pieces = ((start, piece.to(dtype)) for start, piece in checkpoint.pieces(name))  # in place if same
-            if name in delta_of and merger.sparse:
+            copied = checkpoint.dtype(name) == dtype
+            if copied:  # the base's bytes copied by the kernel (several times faster), then changed in place
+                writer.copy_from(name, checkpoint)
+                pieces = checkpoint.checked_pieces(name, writer.mapped)
+            else:
+                pieces = ((start, piece.to(dtype)) for start, piece in checkpoint.pieces(name))
+            if name in delta_of and lib:
+                pieces = _fused_into(pieces, *next(merged), merger)
+            elif name in delta_of and merger.sparse:
                 pieces = _add_at(pieces, *next(merged))
             elif name in delta_of:
                 pieces = _add_dense(pieces, next(merged).reshape(-1))
-            writer.write_pieces(name, (piece for _, piece in pieces))
+            if copied:
+                collections.deque(pieces, maxlen=0)  # each piece is changed where it lies
+            else:
+                writer.write_pieces(name, (piece for _, piece in pieces))
         writer.copy_files(directory, skip={p.name for p in directory.iterdir() if p.name.endswith(WEIGHT_FILES)})
         _set_dtype(writer.tmp / "config.json", cfg.dtype)
     return Path(cfg.output_model)
@@ -200,11 +234,22 @@ def _add_at(pieces, positions: torch.Tensor, values: torch.Tensor):
         yield start, piece
 
 
+def _fused_into(pieces, name: str, fused: native.FusedMerge, merger: _Merger):
+    """Base pieces with the merged delta added by the native kernel, in place (what _add_at computes)."""
+    for start, piece in pieces:
+        try:
+            fused.into((piece.view(torch.uint16) if piece.dtype == torch.bfloat16 else piece).numpy(), start)
+        except OverflowError:
+            _check_finite(torch.tensor(math.inf, dtype=piece.dtype))  # the same message as the numpy path
+        yield start, piece
+    merger.count(fused)
+
+
 def _add_dense(pieces, delta: torch.Tensor):
     for start, piece in pieces:
         added = (piece.float() + delta[start:start + piece.numel()]).to(piece.dtype)
         _check_finite(added)
-        yield start, added
+        yield start, piece.copy_(added)
 
 
 def _check_finite(tensor: torch.Tensor) -> None:

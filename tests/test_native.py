@@ -1,0 +1,96 @@
+"""The native merge kernels (lota_cli/native): bit for bit what merging's torch path computes, their overlap
+counts equal merging.delta_overlap's, and without a compiler lota merges all the same."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from lota_cli import native
+from lota_cli.merging import delta_overlap, merge
+
+pytestmark = pytest.mark.skipif(native.kernels() is None, reason="no C compiler to build the kernels")
+
+
+def torch_path(base, masks, values, method, weights, scale):
+    """merge's own arithmetic: each input laid over the union of positions, merged, added, rounded once."""
+    positions = np.flatnonzero(np.logical_or.reduce(masks))
+    compact = []
+    for mask, v in zip(masks, values):
+        c = torch.zeros(positions.size)
+        c[torch.from_numpy(mask[positions])] = v.float()
+        compact.append(c)
+    merged = merge(method, compact, scale=scale, **({"weights": weights} if method == "task_arithmetic" else {}))
+    out, at = base.clone(), torch.from_numpy(positions)
+    out[at] = (out[at].float() + merged).to(out.dtype)
+    return out, {pair: delta_overlap(compact[pair[0]], compact[pair[1]])
+                 for pair in itertools.combinations(range(len(masks)), 2)}
+
+
+@pytest.mark.parametrize("trial", range(36))
+def test_the_kernel_is_the_torch_merge_bit_for_bit(trial):
+    rng = np.random.default_rng(trial)
+    n, m = int(rng.integers(1, 3000)), 1 + trial % 3
+    masks = [rng.random(n) < d for d in rng.random(m)]
+    values = []
+    for mask in masks:
+        v = torch.from_numpy(rng.standard_normal(int(mask.sum())).astype(np.float32) * 1e-2)
+        v[::7] = 0.0  # held zeros: not counted as held by the overlap, added all the same
+        values.append(v.to(torch.bfloat16) if trial % 2 else v)
+    method = "task_arithmetic" if trial % 4 == 0 else "sum"
+    weights = [float(w) for w in rng.standard_normal(m)] if method == "task_arithmetic" else None
+    scale = 0.7 if trial % 5 == 1 else 1.0
+    dtype = (torch.bfloat16, torch.float32, torch.float16)[trial % 3]
+    base = torch.randn(n, generator=torch.Generator().manual_seed(trial)).to(dtype)
+    base[::11] = -0.0
+    expected, overlaps = torch_path(base, masks, values, method, weights, scale)
+
+    fused = native.FusedMerge(native.kernels(), [np.packbits(mask, bitorder="little") for mask in masks],
+                              [v.view(torch.uint16).numpy() if v.dtype == torch.bfloat16 else v.numpy() for v in values],
+                              weights, scale, piece=64)
+    out = base.clone()
+    flat = (out.view(torch.uint16) if dtype == torch.bfloat16 else out).numpy()
+    step = 64 * int(rng.integers(1, 5))
+    for start in range(0, n, step):
+        fused.into(flat[start:start + step], start)
+    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+    for k, (i, j) in enumerate(itertools.combinations(range(m), 2)):
+        o = overlaps[i, j]
+        assert (fused.nonzero[i], fused.nonzero[j], fused.shared[k], fused.agree[k]) == (o.a, o.b, o.shared, o.agree)
+
+
+def test_a_count_of_values_unlike_the_count_of_positions_is_refused():
+    bits = np.packbits(np.array([1, 0, 1, 1, 0, 0, 0, 0, 1], dtype=bool), bitorder="little")
+    with pytest.raises(ValueError) as err:
+        native.FusedMerge(native.kernels(), [bits, bits], [np.ones(4, np.float32), np.ones(3, np.float32)])
+    assert err.value.args == (1,)
+
+
+def test_an_overflowing_sum_names_its_entry():
+    base = torch.full((16,), 3e38)
+    fused = native.FusedMerge(native.kernels(), [np.packbits(np.arange(16) == 5, bitorder="little")],
+                              [np.array([1e38], np.float32)], piece=8)
+    with pytest.raises(OverflowError) as err:
+        fused.into(base.numpy(), 0)
+    assert err.value.args == (5,)
+
+
+def test_without_a_compiler_kernels_is_none_and_says_so(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("LOTA_CACHE", str(tmp_path))
+    try:
+        for env, message in ((("CC", "/bin/false"), "could not build"), (("LOTA_NATIVE", "0"), None),
+                             (("CC", str(tmp_path / "no-such-cc")), "no C compiler")):
+            native.kernels.cache_clear()
+            with monkeypatch.context() as patch, caplog.at_level(logging.INFO, "lota_cli.native"):
+                patch.setenv(*env)
+                caplog.clear()
+                assert native.kernels() is None
+                assert (message in caplog.text) if message else not caplog.text
+        native.kernels.cache_clear()
+        assert native.kernels() is not None and list((tmp_path / "native").glob("merge-*.so"))  # built there
+    finally:
+        native.kernels.cache_clear()
