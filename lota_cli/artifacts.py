@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -110,6 +111,15 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return all(map(math.isfinite, torch.aminmax(tensor.reshape(-1))))
 
 
+def _finite_array(array: np.ndarray, stored: str) -> bool:
+    """all_finite for a numpy view of stored data (`stored`: its safetensors dtype; bfloat16 as uint16)."""
+    if not array.size or stored not in ("F64", "F32", "F16", "BF16"):
+        return True
+    if stored == "BF16":  # the exponent's bits all set: Inf or NaN
+        return int(np.bitwise_and(array, 0x7FFF).max()) < 0x7F80
+    return math.isfinite(array.min()) and math.isfinite(array.max())  # NaN propagates through both
+
+
 # --------------------------------------------------------------------------- writing
 
 class TensorFileWriter:
@@ -157,6 +167,9 @@ class TensorFileWriter:
             self._tmp, self._file = Path(tmp), os.fdopen(fd, "wb")
             header = self._header()
             self._header_size = len(header)
+            self._starts, offset = {}, 8 + len(header)  # where each tensor's data begins in the file
+            for key, (dtype, shape) in self.layout.items():
+                self._starts[key], offset = offset, offset + math.prod(shape) * dtype.itemsize
             self._file.write(struct.pack("<Q", len(header)) + header)
         except OSError as err:
             self._discard()
@@ -206,10 +219,11 @@ class TensorFileWriter:
             raise ValueError("copy_from writes data unseen: only for unchecked files")
         if len(self.checksums) >= len(self._keys) or key != self._keys[len(self.checksums)]:
             raise ValueError(f"writing {key} out of layout order")
+        self.checksums[key] = ""  # in order now: the next tensor may be copied while this one is changed
         dtype, shape = self.layout[key]
         left = math.prod(shape) * dtype.itemsize
         self._file.flush()
-        at = self._file.tell()
+        at = self._data_start(key)
         with open(source, "rb") as src:
             while left:
                 try:
@@ -221,7 +235,6 @@ class TensorFileWriter:
                     raise LotaError(f"{source} ends inside tensor {key!r}; the file is truncated: copy it again")
                 left, offset, at = left - done, offset + done, at + done
         self._file.seek(at)
-        self.checksums[key] = ""
 
     def mapped(self, key: str, start: int, stop: int):
         """Flat entries [start, stop) of tensor `key`, already written, as a writable view of the file itself
@@ -231,11 +244,17 @@ class TensorFileWriter:
         return mapped_range(self._file, self._data_start(key) + start * dtype.itemsize, stop - start, dtype,
                             shared=True)
 
+    def write_back(self, key: str) -> None:
+        """Start writing tensor `key`'s pages to disk now, without waiting (and let the cache drop them once
+        written): the final fsync then finds little left to do, and a model larger than memory does not push
+        the pages still to be read out of the page cache. Where the system cannot, nothing happens."""
+        dtype, shape = self.layout[key]
+        self._file.flush()
+        with contextlib.suppress(AttributeError, OSError):
+            os.posix_fadvise(self._file.fileno(), self._data_start(key), math.prod(shape) * dtype.itemsize,
+                             os.POSIX_FADV_DONTNEED)
+
     def _data_start(self, key: str) -> int:
-        if not hasattr(self, "_starts"):
-            self._starts, offset = {}, 8 + self._header_size
-            for k, (dtype, shape) in self.layout.items():
-                self._starts[k], offset = offset, offset + math.prod(shape) * dtype.itemsize
         return self._starts[key]
 
     def _finish(self) -> None:
@@ -424,17 +443,28 @@ class Artifact:
     def _checked(self, key: str) -> torch.Tensor:
         """A whole (small) stored tensor of a mask or sparse delta, its bytes checked against the checksum
         recorded when it was written: a flipped bit in a position or a value is caught, not used."""
-        # read through a mapping of just this tensor, closed again: safetensors' get_tensor leaves every page
-        # read so far of its whole-file mapping resident, gigabytes over a large delta
+        array = self.array(key)
+        return torch.from_numpy(array.copy()).view(self.raw(key).dtype).view(self.raw(key).shape)
+
+    def array(self, key: str) -> np.ndarray:
+        """A stored tensor, flat, as a read-only numpy view of the file (no copy: a mapping of just its bytes,
+        populated at once; bfloat16 as uint16), checked against its checksum. The mapping lasts as long as
+        the array (or a view of it) does."""
         stored = self.raw(key)
-        with stored.mapped() as view:
-            tensor = view.clone().view(stored.shape)
-            del view
+        dtype = _NUMPY_DTYPES[self._entries[key]["dtype"]]
+        length = stored.numel() * dtype.itemsize
+        if not length:
+            array = np.empty(0, dtype)
+        else:
+            aligned = stored._offset - stored._offset % mmap.ALLOCATIONGRANULARITY
+            region = mmap.mmap(self._fh.fileno(), stored._offset - aligned + length, offset=aligned,
+                               flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+            array = np.frombuffer(region, dtype=dtype, count=stored.numel(), offset=stored._offset - aligned)
         expected = self.meta.checksums.get(key)
-        if expected and hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy()).hexdigest() != expected:
+        if expected and hashlib.sha256(array.view(np.uint8)).hexdigest() != expected:
             raise LotaError(f"{self.path}: tensor {key!r} does not match its checksum (a damaged copy?); "
                             "re-create the artifact or copy it again")
-        return tensor
+        return array
 
     def bits(self, name: str) -> torch.Tensor:
         """Packed bits of the positions this artifact holds for `name` (dense task vectors: nonzeros)."""
@@ -463,9 +493,14 @@ class Artifact:
         return indices_from_bits(self.bits(name), self.numel(name))
 
     def values(self, name: str) -> torch.Tensor:
-        """A sparse delta's values for `name` (float32, in position order), refused if any is NaN or Inf."""
-        values = self._checked(f"{name}::values")
-        if not all_finite(values):
+        """A sparse delta's values for `name` (in position order, as stored), refused if any is NaN or Inf."""
+        return torch.from_numpy(self.values_array(name).copy()).view(self.raw(f"{name}::values").dtype)
+
+    def values_array(self, name: str) -> np.ndarray:
+        """values(), as a read-only view of the file (see array; bfloat16 as uint16)."""
+        key = f"{name}::values"
+        values = self.array(key)
+        if not _finite_array(values, self._entries[key]["dtype"]):
             raise LotaError(f"{self.path}: tensor {name!r} holds NaN or Inf values; the run that made it "
                             "diverged or the file is damaged: re-create it")
         return values
@@ -544,6 +579,9 @@ class Artifact:
 
 
 _TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
+_NUMPY_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+                 "BF16": np.dtype(np.uint16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+                 "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_)}
 
 
 class StoredTensor:

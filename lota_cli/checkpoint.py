@@ -160,7 +160,8 @@ class ShardedWriter:
         self.tmp = self._directory.enter_context(atomic_directory(self.directory))
         self._shards = iter(zip(self.files, self.groups))
         self._writer = None
-        self._left: list[str] = []
+        self._left: list[str] = []  # the current shard's tensors still to be written, in order
+        self._open: set[str] = set()  # copied, still being changed in place
         return self
 
     def write_pieces(self, name: str, pieces) -> None:
@@ -168,23 +169,36 @@ class ShardedWriter:
         self._left.pop(0)
 
     def copy_from(self, name: str, source: Checkpoint) -> None:
-        """Tensor `name` copied as it is from `source` (of the same dtype), by the kernel where it can: then
-        `mapped` changes it in place."""
+        """Tensor `name` copied as it is from `source` (of the same dtype), by the kernel where it can; then
+        `mapped` changes it in place until `finished(name)`. The next tensor may be copied (on another thread)
+        while this one is changed, if it goes into the same shard (`in_this_shard`)."""
         shard, offset = source.location(name)
-        self._next(name).copy_from(name, shard, offset)
+        writer = self._next(name)
         self._left.pop(0)
-        self._copied = name
+        self._open.add(name)
+        writer.copy_from(name, shard, offset)
+
+    def in_this_shard(self, name: str) -> bool:
+        """Whether `name` is still to be written into the shard being written now."""
+        return name in self._left
 
     def mapped(self, name: str, start: int, stop: int):
-        """Flat entries [start, stop) of the tensor just copied, a writable view of the output (see
-        TensorFileWriter.mapped)."""
-        if name != getattr(self, "_copied", None):
-            raise ValueError(f"{name} is not the tensor just copied")
+        """Flat entries [start, stop) of a tensor copied and not yet finished, a writable view of the output
+        (see TensorFileWriter.mapped)."""
+        if name not in self._open:
+            raise ValueError(f"{name} is not a tensor copied and not yet finished")
         return self._writer.mapped(name, start, stop)
+
+    def finished(self, name: str) -> None:
+        """Done changing copied tensor `name`: its pages are sent to disk now (see write_back)."""
+        self._open.remove(name)
+        self._writer.write_back(name)
 
     def _next(self, name: str) -> TensorFileWriter:
         """The writer of the shard that `name`, the next tensor, goes into."""
         if not self._left:  # the next shard
+            if self._open:
+                raise ValueError(f"{sorted(self._open)} not finished before the next shard")
             if self._writer is not None:
                 self._writer.__exit__(None, None, None)
             file, group = next(self._shards)

@@ -50,7 +50,7 @@ DEFAULTS = {
     "merge": {"methods": ["sum", "ties"], "density": 0.2, "mergekit": True, "rounds": 1},
     "eval": {"prompts": 16, "new_tokens": 32, "batch": 16},
     "mergekit_bin": None,  # a directory holding mergekit-yaml (mergekit's own venv), if not beside python
-    "scale": {"shape": "8b", "mergekit": True},
+    "scale": {"shape": "8b", "mergekit": True, "rounds": 2},
     "data": {"encode_rounds": 3, "batch": 8, "rounds": 6},
     "memory": {"dtypes": ["float32", "bfloat16"], "batch": 1, "seq": 32, "sparsity": 0.9, "cli": True,
                "cli_tokens": 160},

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -174,17 +175,18 @@ def run(cfg) -> list[Figure]:
             in_child("bench_scale", "make_delta", timeout=3600, path=path, base=str(base), seed=i, sparsity=0.9)
         delta_bytes = Path(deltas[0]).stat().st_size
 
-        runs = {}
-        for who in ("cp", "lota"):  # cp first: both then read a base the page cache holds as far as it can
+        runs = {"cp": [], "lota": []}
+        for who in ("cp", "lota", "lota", "cp")[:2 * c.rounds]:  # alternated: cp first, as the cache warms
             target = root / f"out_{who}"
             cmd = (["bash", "-c", f"cp -r {base} {target} && sync"] if who == "cp" else
                    [sys.executable, "-m", "lota_cli", "merge", *deltas, "method=sum", "dtype=bfloat16",
                     f"output_model={target}", f"out={root / 'run'}"])
-            runs[who] = in_child("bench_merge", "timed", timeout=3600, cmd=cmd)
-            if who == "lota":
-                subprocess.run(["sync"], check=True)
+            runs[who].append(in_child("bench_merge", "timed", timeout=3600, cmd=cmd))
+            subprocess.run(["sync"], check=True)  # lota fsyncs its output; cp's `sync` did the same
             shutil.rmtree(target)
-            log(f"scale merge {who}: {runs[who]['seconds']:.1f} s, peak RSS {runs[who]['rss_peak'] / GiB:.2f} GiB")
+            subprocess.run(["sync"], check=True)  # the deletion settled before the next run starts
+            log(f"scale merge {who}: {runs[who][-1]['seconds']:.1f} s, peak RSS {runs[who][-1]['rss_peak'] / GiB:.2f} GiB")
+        runs = {who: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "rss_peak")} for who, rs in runs.items()}
         note = (f"{info['parameters'] / 1e9:.2f}B-parameter bf16 base ({info['bytes'] / GiB:.1f} GiB, shards of 5GB), "
                 f"two sparse deltas of {delta_bytes / GiB:.2f} GiB each")
         figures += [
@@ -210,12 +212,14 @@ def run(cfg) -> list[Figure]:
         tv = root / "task_vector.safetensors"
         log("scale: writing a random bf16 task vector of the attention and MLP matrices")
         tv_info = in_child("bench_scale", "make_task_vector", timeout=3600, path=str(tv), shape=c.shape)
-        plain = [in_child("bench_extract", "plain_pass", timeout=3600, path=str(tv))]  # warms the page cache
-        extract = in_child("bench_merge", "timed", timeout=3600,
-                           cmd=[sys.executable, "-m", "lota_cli", "extract", f"extract.task_vector={tv}",
-                                f"out={root / 'extract'}"])
-        plain.append(in_child("bench_extract", "plain_pass", timeout=3600, path=str(tv)))
-        floor = min(p["seconds"] for p in plain)
+        plain, extracts = [], []
+        for _ in range(c.rounds):  # alternated, a plain pass first (it warms the page cache)
+            plain.append(in_child("bench_extract", "plain_pass", timeout=3600, path=str(tv)))
+            extracts.append(in_child("bench_merge", "timed", timeout=3600,
+                                     cmd=[sys.executable, "-m", "lota_cli", "extract", f"extract.task_vector={tv}",
+                                          f"out={root / 'extract'}"]))
+        extract = {k: statistics.median(e[k] for e in extracts) for k in ("seconds", "rss_peak")}
+        floor = statistics.median(p["seconds"] for p in plain)
         baseline_rss = in_child("bench_merge", "timed", timeout=600, cmd=[sys.executable, "-c", "import torch, numpy"])
         log(f"scale extract: {extract['seconds']:.1f} s vs plain pass {floor:.1f} s; peak RSS "
             f"{extract['rss_peak'] / GiB:.2f} GiB")

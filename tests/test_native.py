@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -94,3 +97,15 @@ def test_without_a_compiler_kernels_is_none_and_says_so(monkeypatch, tmp_path, c
         assert native.kernels() is not None and list((tmp_path / "native").glob("merge-*.so"))  # built there
     finally:
         native.kernels.cache_clear()
+
+
+def test_a_damaged_cached_build_is_built_again(tmp_path):
+    """A truncated library in the cache (a full disk, say) is built again, in a fresh process (one that has
+    loaded a library keeps it)."""
+    load = [sys.executable, "-c", "from lota_cli import native; print(native.kernels() is not None)"]
+    env = {**os.environ, "LOTA_CACHE": str(tmp_path)}
+    assert subprocess.run(load, env=env, capture_output=True, text=True, check=True).stdout.strip() == "True"
+    (built,) = (tmp_path / "native").glob("merge-*.so")
+    built.write_bytes(built.read_bytes()[:100])
+    assert subprocess.run(load, env=env, capture_output=True, text=True, check=True).stdout.strip() == "True"
+    assert built.stat().st_size > 100

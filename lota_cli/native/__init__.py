@@ -73,7 +73,12 @@ def kernels() -> ctypes.CDLL | None:
         log.info("no C compiler found (set CC=): merging with numpy, which is slower")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        library = _build(compiler)
+        try:
+            lib = ctypes.CDLL(str(library))
+        except OSError:  # a damaged cached build (a disk that filled up, say): built again, once
+            library.unlink(missing_ok=True)
+            lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError) as err:
         log.warning("could not build lota's merge kernels with %s (%s): merging with numpy, which is slower",
                     compiler, err)
@@ -113,7 +118,7 @@ class FusedMerge:
         from lota_cli.masks import count_bits_per
 
         if not 1 <= len(bits) <= MAX_INPUTS:
-            raise ValueError(f"the merge kernels take 1 to {MAX_INPUTS} inputs, not {len(bits)}")
+            raise TypeError(f"the merge kernels take 1 to {MAX_INPUTS} inputs, not {len(bits)}")
         if piece % 8:
             raise ValueError("pieces must hold a multiple of 8 entries")
         self.lib, self.bits, self.values, self.piece = lib, bits, values, piece

@@ -101,15 +101,16 @@ class _Merger:
 
     def fused(self, name: str) -> tuple[str, native.FusedMerge]:
         """(name, the merge of `name` ready to run over the base's pieces) for native mergers: each input's
-        packed mask and values as stored (checked against their checksums; bfloat16 values as uint16)."""
-        values = [a.values(name) for a in self.inputs]
-        values = [v.view(torch.uint16) if v.dtype == torch.bfloat16 else v.float() for v in values]
+        packed mask and values as stored, mapped rather than copied (checked against their checksums;
+        bfloat16 values as uint16)."""
+        values = [a.values_array(name) for a in self.inputs]  # mapped, not copied
+        values = [v if v.dtype in (np.float32, np.uint16) else v.astype(np.float32) for v in values]
+        bits = [a.array(f"{name}::bits") if f"{name}::bits" in a.keys else a.bits(name).numpy() for a in self.inputs]
         weights = None
         if self.native == "weighted":
             weights = list(self.params.get("weights") or [1.0] * len(self.inputs))
         try:
-            return name, native.FusedMerge(native.kernels(), [a.bits(name).numpy() for a in self.inputs],
-                                           [v.numpy() for v in values], weights, self.cfg.scale)
+            return name, native.FusedMerge(native.kernels(), bits, values, weights, self.cfg.scale)
         except ValueError as err:  # an input's count of values is not its count of positions: its own check
             self.inputs[err.args[0]].held(name)
             raise
@@ -154,13 +155,21 @@ def _into_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger) -> Pa
     layout = {name: (dtype, checkpoint.shape(name)) for name in checkpoint.names}
     lib = native.kernels() if merger.native else None
     merge_one = merger.fused if lib else merger.at_positions if merger.sparse else merger.dense
-    with ThreadPoolExecutor(1) as pool, ShardedWriter(cfg.output_model, layout, parse_size(cfg.shard_size)) as writer:
-        # the next tensor's delta is merged on a second thread while this one is read, added and written
-        merged = _ahead(pool, merge_one, [delta_of[name] for name in checkpoint.names if name in delta_of])
-        for name in checkpoint.names:
-            copied = checkpoint.dtype(name) == dtype
-            if copied:  # the base's bytes copied by the kernel (several times faster), then changed in place
-                writer.copy_from(name, checkpoint)
+    names = checkpoint.names
+    copies = {name for name in names if checkpoint.dtype(name) == dtype}  # copied as they are, changed in place
+    with ShardedWriter(cfg.output_model, layout, parse_size(cfg.shard_size)) as writer, \
+            ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as copier:  # threads end before the writer
+        # the next tensor's delta is read on a second thread, and the next tensor copied on a third, while this
+        # one is changed: the copy is bound by the disk, the change by the CPU
+        merged = _ahead(pool, merge_one, [delta_of[name] for name in names if name in delta_of])
+        copying = None  # (name, future) of the copy ahead
+        for i, name in enumerate(names):
+            if name in copies:
+                (copying[1] if copying and copying[0] == name else copier.submit(writer.copy_from, name,
+                                                                                 checkpoint)).result()
+                after = names[i + 1] if i + 1 < len(names) else None
+                copying = ((after, copier.submit(writer.copy_from, after, checkpoint))
+                           if after in copies and writer.in_this_shard(after) else None)
                 pieces = checkpoint.checked_pieces(name, writer.mapped)
             else:
                 pieces = ((start, piece.to(dtype)) for start, piece in checkpoint.pieces(name))
@@ -170,8 +179,9 @@ def _into_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger) -> Pa
                 pieces = _add_at(pieces, *next(merged))
             elif name in delta_of:
                 pieces = _add_dense(pieces, next(merged).reshape(-1))
-            if copied:
+            if name in copies:
                 collections.deque(pieces, maxlen=0)  # each piece is changed where it lies
+                writer.finished(name)
             else:
                 writer.write_pieces(name, (piece for _, piece in pieces))
         writer.copy_files(directory, skip={p.name for p in directory.iterdir() if p.name.endswith(WEIGHT_FILES)})
