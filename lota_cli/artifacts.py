@@ -19,6 +19,7 @@ A sparse delta's values must be finite and its positions strictly increasing (no
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -26,7 +27,7 @@ import mmap
 import os
 import struct
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -35,48 +36,15 @@ import torch
 from safetensors import safe_open
 
 from lota_cli import LotaError, __version__
-from lota_cli.masks import count_bits, indices_from_bits, unpack_bits
+from lota_cli.masks import indices_from_bits, unpack_bits
+from lota_cli.stored import (_NO_FINGERPRINT, FORMAT_VERSION, KINDS, Meta, StoredFile, finite_array, is_adapter,
+                             tensors_fingerprint)
 
-FORMAT_VERSION = 2  # 2: per-tensor checksums, and the fingerprint computed from them
-KINDS = ("task_vector", "mask", "sparse_delta")
-MADE_BY = {"task_vector": "calibrate or merge", "mask": "extract", "sparse_delta": "sparse-train or lotto"}
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-_NO_FINGERPRINT = "0" * 64
-VERIFY_CHUNK = 1 << 24  # entries hashed per piece by Artifact.verify
-
-
-@dataclass
-class Meta:
-    """What an artifact says about itself (stored as JSON under the header key `lota`)."""
-
-    kind: str
-    base_model: str
-    base_fingerprint: str
-    stage: str
-    shapes: dict[str, list[int]] = field(default_factory=dict)
-    sparsity: float | None = None
-    seed: int | None = None
-    config: dict = field(default_factory=dict)
-    parents: list[str] = field(default_factory=list)
-    versions: dict[str, str] = field(default_factory=dict)
-    format: int = FORMAT_VERSION
-    fingerprint: str = _NO_FINGERPRINT
-    header_sha256: str = ""  # of the whole header with this field zeroed; empty in artifacts of lota < 0.1.1
-    checksums: dict[str, str] = field(default_factory=dict)  # key -> SHA-256 of its data; empty in format 1
-    # the base's weights as saved, fingerprinted in name order (models.saved_fingerprint): checkable from the
-    # base's shards alone; empty where unknown
-    base_checkpoint: str = ""
-    # a mask's: what ranked its entries, {"name": extract.source, ...what makes it reproducible}; empty where
-    # not recorded (other kinds, lotto's masks, older masks)
-    source: dict = field(default_factory=dict)
-
-    @property
-    def numel(self) -> int:
-        return sum(math.prod(s) for s in self.shapes.values())
 
 
 def library_versions() -> dict[str, str]:
@@ -109,15 +77,6 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if not tensor.is_floating_point() or not tensor.numel():
         return True
     return all(map(math.isfinite, torch.aminmax(tensor.reshape(-1))))
-
-
-def _finite_array(array: np.ndarray, stored: str) -> bool:
-    """all_finite for a numpy view of stored data (`stored`: its safetensors dtype; bfloat16 as uint16)."""
-    if not array.size or stored not in ("F64", "F32", "F16", "BF16"):
-        return True
-    if stored == "BF16":  # the exponent's bits all set: Inf or NaN
-        return int(np.bitwise_and(array, 0x7FFF).max()) < 0x7F80
-    return math.isfinite(array.min()) and math.isfinite(array.max())  # NaN propagates through both
 
 
 # --------------------------------------------------------------------------- writing
@@ -310,14 +269,6 @@ class ArtifactWriter(TensorFileWriter):
         self._rewrite_header()
 
 
-def tensors_fingerprint(checksums: dict[str, str]) -> str:
-    """An artifact's fingerprint (format 2): SHA-256 over its keys and their data's SHA-256, in file order."""
-    digest = hashlib.sha256()
-    for key, checksum in checksums.items():
-        digest.update(f"{key}:{checksum};".encode())
-    return digest.hexdigest()
-
-
 def save_dense(path, meta: Meta, tensors: dict[str, torch.Tensor]) -> Path:
     """Write a task vector (dense tensors under their own names)."""
     meta.shapes = {n: list(t.shape) for n, t in tensors.items()}
@@ -347,93 +298,17 @@ def save_sparse(path, meta: Meta, shapes: dict[str, tuple[int, ...]], positions:
 
 # --------------------------------------------------------------------------- reading
 
-class Artifact:
-    """A lota artifact opened lazily (memory-mapped); tensors are read one at a time."""
+class Artifact(StoredFile):
+    """A lota artifact opened lazily (memory-mapped); tensors are read one at a time, as torch tensors."""
 
-    def __init__(self, path: str | Path, kinds: tuple[str, ...] = KINDS):
-        self.path = Path(path)
-        wanted = " or ".join(f"a {k} (made by {MADE_BY[k]})" for k in kinds)
-        if not self.path.is_file():
-            what = "is a directory" if self.path.is_dir() else "not found"
-            raise LotaError(f"artifact {what}: {self.path}; give the path of {wanted}")
-        header, raw = _read_header(self.path)
-        if "lota" not in header.get("__metadata__", {}):
-            raise LotaError(f"{self.path} is a safetensors file but not a lota artifact (no 'lota' metadata); "
-                            f"give {wanted}")
-        self.meta = _parse_meta(self.path, header["__metadata__"]["lota"])
-        if self.meta.format > FORMAT_VERSION:
-            raise LotaError(f"{self.path} uses artifact format {self.meta.format}; this lota reads up to "
-                            f"{FORMAT_VERSION}: upgrade lota")
-        _check_header_sha256(self.path, raw, self.meta)
-        _check_complete(self.path, header, len(raw))
+    @functools.cached_property
+    def _file(self):
+        """safetensors' own reader, for indexing a stored tensor (StoredTensor)."""
         try:
-            self._file = safe_open(str(self.path), framework="pt")
+            return safe_open(str(self.path), framework="pt")
         except Exception as err:  # safetensors raises its own error types for a damaged header
             raise LotaError(f"{self.path} is not a readable safetensors file ({err}); re-create it or copy it "
                             "again") from err
-        if self.meta.kind not in KINDS:
-            raise LotaError(f"{self.path} has unknown artifact kind {self.meta.kind!r}; the file is corrupt")
-        if self.meta.kind not in kinds:
-            raise LotaError(f"{self.path} is a {self.meta.kind}; this stage needs {wanted}")
-        self.keys = set(self._file.keys())
-        self._check_layout()
-        self._data_start = 8 + len(raw)  # tensor data offsets count from here
-        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        self._fh = open(self.path, "rb")  # for StoredTensor.mapped: the same file safetensors mapped
-
-    def __del__(self):
-        fh = getattr(self, "_fh", None)
-        if fh is not None:
-            fh.close()
-
-    def _check_layout(self) -> None:
-        """Every tensor the metadata lists is stored with a consistent shape, and nothing else is stored."""
-        def shape(key: str) -> list[int] | None:
-            return list(self._file.get_slice(key).get_shape()) if key in self.keys else None
-
-        def corrupt(what: str) -> LotaError:
-            return LotaError(f"{self.path}: {what}; the file is corrupt or was not written by lota: re-create it")
-
-        expected = set()
-        for name, dims in self.meta.shapes.items():
-            if not isinstance(dims, list) or not all(isinstance(d, int) and d >= 0 for d in dims):
-                raise corrupt(f"tensor {name!r} has shape {dims!r} in the metadata")
-            numel = math.prod(dims)
-            if self.kind == "task_vector":
-                expected.add(name)
-                if shape(name) != dims:
-                    raise corrupt(f"tensor {name!r} is {shape(name)} but the metadata says {dims}")
-                continue
-            bits, idx = shape(f"{name}::bits"), shape(f"{name}::idx")
-            if (bits is None) == (idx is None):
-                raise corrupt(f"tensor {name!r} needs exactly one of {name}::bits and {name}::idx")
-            if bits is not None and bits != [(numel + 7) // 8]:
-                raise corrupt(f"{name}::bits is {bits}, not [{(numel + 7) // 8}] for shape {dims}")
-            if idx is not None and (len(idx) != 1 or idx[0] > numel):
-                raise corrupt(f"{name}::idx is {idx}, more positions than the {numel} of shape {dims}")
-            expected.add(f"{name}::{'bits' if bits is not None else 'idx'}")
-            if self.kind == "sparse_delta":
-                values = shape(f"{name}::values")
-                if values is None or len(values) != 1 or (idx is not None and values != idx):
-                    raise corrupt(f"{name}::values is {values}, which does not match its positions")
-                expected.add(f"{name}::values")
-        extra = sorted(self.keys - expected)
-        if extra:
-            raise corrupt(f"it holds tensor {extra[0]!r}, which its metadata does not list")
-
-    @property
-    def kind(self) -> str:
-        return self.meta.kind
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.meta.shapes)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.meta.shapes[name])
-
-    def numel(self, name: str) -> int:
-        return math.prod(self.meta.shapes[name])
 
     def raw(self, key: str) -> "StoredTensor":
         """One stored tensor, read lazily: index it (`[:]`, `[a:b]`) like a safetensors slice, or stream it
@@ -445,26 +320,6 @@ class Artifact:
         recorded when it was written: a flipped bit in a position or a value is caught, not used."""
         array = self.array(key)
         return torch.from_numpy(array.copy()).view(self.raw(key).dtype).view(self.raw(key).shape)
-
-    def array(self, key: str) -> np.ndarray:
-        """A stored tensor, flat, as a read-only numpy view of the file (no copy: a mapping of just its bytes,
-        populated at once; bfloat16 as uint16), checked against its checksum. The mapping lasts as long as
-        the array (or a view of it) does."""
-        stored = self.raw(key)
-        dtype = _NUMPY_DTYPES[self._entries[key]["dtype"]]
-        length = stored.numel() * dtype.itemsize
-        if not length:
-            array = np.empty(0, dtype)
-        else:
-            aligned = stored._offset - stored._offset % mmap.ALLOCATIONGRANULARITY
-            region = mmap.mmap(self._fh.fileno(), stored._offset - aligned + length, offset=aligned,
-                               flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
-            array = np.frombuffer(region, dtype=dtype, count=stored.numel(), offset=stored._offset - aligned)
-        expected = self.meta.checksums.get(key)
-        if expected and hashlib.sha256(array.view(np.uint8)).hexdigest() != expected:
-            raise LotaError(f"{self.path}: tensor {key!r} does not match its checksum (a damaged copy?); "
-                            "re-create the artifact or copy it again")
-        return array
 
     def bits(self, name: str) -> torch.Tensor:
         """Packed bits of the positions this artifact holds for `name` (dense task vectors: nonzeros)."""
@@ -482,14 +337,7 @@ class Artifact:
         """Sorted flat positions held for `name`; stored positions must lie in the tensor and strictly
         increase (a duplicate would add its value twice in one stage and once in another)."""
         if f"{name}::idx" in self.keys:
-            idx = self._checked(f"{name}::idx")
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.numel(name)):
-                raise LotaError(f"{self.path}: {name}::idx holds positions outside the tensor's "
-                                f"{self.numel(name)} entries; the file is corrupt: re-create it")
-            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-                raise LotaError(f"{self.path}: {name}::idx holds duplicate or unsorted positions; the file is "
-                                "corrupt or was not written by lota: re-create it")
-            return idx
+            return torch.from_numpy(self.positions(name).copy())
         return indices_from_bits(self.bits(name), self.numel(name))
 
     def values(self, name: str) -> torch.Tensor:
@@ -500,7 +348,7 @@ class Artifact:
         """values(), as a read-only view of the file (see array; bfloat16 as uint16)."""
         key = f"{name}::values"
         values = self.array(key)
-        if not _finite_array(values, self._entries[key]["dtype"]):
+        if not finite_array(values, self._entries[key]["dtype"]):
             raise LotaError(f"{self.path}: tensor {name!r} holds NaN or Inf values; the run that made it "
                             "diverged or the file is damaged: re-create it")
         return values
@@ -515,30 +363,6 @@ class Artifact:
             raise LotaError(f"{self.path}: {name}::values has {values.numel()} entries for {held} positions; the "
                             "file is corrupt: re-create it")
         return mask, values
-
-    def verify(self) -> int:
-        """Read every tensor's data and check it against the checksum written with it, naming the first
-        damaged tensor; returns the bytes checked. A format-1 artifact has no per-tensor checksums: its data
-        is checked against its fingerprint (one SHA-256 over every key and its data), which cannot say where."""
-        legacy, checked = hashlib.sha256(), 0
-        for key in self._entries:  # file order, the order they were written in
-            digest = hashlib.sha256() if self.meta.checksums else legacy
-            if not self.meta.checksums:
-                legacy.update(key.encode())
-            stored = self.raw(key)
-            for start in range(0, stored.numel(), VERIFY_CHUNK):
-                with stored.mapped(start, min(stored.numel(), start + VERIFY_CHUNK)) as piece:
-                    data = piece.view(torch.uint8).numpy()
-                    digest.update(data)
-                    checked += data.size
-                    del data, piece  # before the mapping closes
-            if self.meta.checksums and digest.hexdigest() != self.meta.checksums.get(key):
-                raise LotaError(f"{self.path}: tensor {key!r} does not match its checksum: its data is damaged "
-                                "(re-create the artifact or copy it again)")
-        if not self.meta.checksums and legacy.hexdigest() != self.meta.fingerprint:
-            raise LotaError(f"{self.path}: its data does not match its fingerprint, so a tensor is damaged "
-                            "(artifacts of format 1 record no per-tensor checksums to say which); re-create it")
-        return checked
 
     def dense(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor as a dense delta (masks: 1.0 at selected positions). A task vector's tensor is copied out
@@ -561,27 +385,9 @@ class Artifact:
         for name in self.names:
             yield name, self.dense(name, dtype)
 
-    def density(self, name: str | None = None) -> float:
-        names = [name] if name else self.names
-        total = sum(self.numel(n) for n in names)
-        held = sum(count_bits(self.bits(n)) for n in names)
-        return held / max(total, 1)
-
-    def check_base(self, fingerprint: str, base_model: str) -> None:
-        """Refuse an artifact made from another base model. A PEFT adapter not made by lota records no base
-        fingerprint (""): its tensor names and shapes are what is checked against the base (peft_io)."""
-        if self.meta.base_fingerprint and fingerprint and self.meta.base_fingerprint != fingerprint:
-            raise LotaError(
-                f"{self.path} was made from base {self.meta.base_model!r} (fingerprint "
-                f"{self.meta.base_fingerprint[:12]}), but the base here is {base_model!r} (fingerprint "
-                f"{fingerprint[:12]}); use artifacts made from this base model"
-            )
 
 
 _TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
-_NUMPY_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-                 "BF16": np.dtype(np.uint16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-                 "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_)}
 
 
 class StoredTensor:
@@ -654,78 +460,12 @@ def mapped_range(file, offset: int, count: int, dtype: torch.dtype, shared: bool
             pass
 
 
-def _read_header(path: Path) -> tuple[dict, bytes]:
-    """The parsed safetensors header and its raw bytes, refusing anything that is not a well-formed one."""
-    def damaged(why: str) -> LotaError:
-        return LotaError(f"{path} is not a readable safetensors file: {why}; re-create it or copy it again")
-
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise damaged(f"it is only {size} bytes long (truncated?)")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > size - 8:
-                raise damaged(f"the header length {n:,} exceeds the file's {size:,} bytes (damaged or truncated)")
-            raw = f.read(n)
-    except OSError as err:
-        raise LotaError(f"cannot read {path}: {err.strerror or err}; check that the file is readable") from err
-    try:
-        header = json.loads(raw)
-    except ValueError:  # also UnicodeDecodeError
-        raise damaged("its header is not valid JSON (damaged)") from None
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
-        raise damaged("its header is not a JSON object of tensors (damaged)")
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
-              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-              and all(isinstance(v, int) and v >= 0 for v in info["shape"] + info["data_offsets"]))
-        if not ok:
-            raise damaged(f"the header entry of tensor {key!r} is malformed (damaged)")
-    return header, raw
-
-
-def _parse_meta(path: Path, text) -> Meta:
-    try:
-        fields = json.loads(text)
-        meta = Meta(**fields)
-    except (ValueError, TypeError) as err:
-        raise LotaError(f"{path}: its lota metadata is damaged ({str(err)[:120]}); re-create the artifact") from None
-    if not (isinstance(meta.shapes, dict) and isinstance(meta.kind, str) and isinstance(meta.format, int)):
-        raise LotaError(f"{path}: its lota metadata is damaged (wrong types); re-create the artifact")
-    return meta
-
-
-def _check_header_sha256(path: Path, raw: bytes, meta: Meta) -> None:
-    """The header is byte for byte what lota wrote (artifacts from before the checksum are let through)."""
-    if not meta.header_sha256:
-        return
-    digest = str(meta.header_sha256).encode()
-    zeroed = raw.replace(digest, _NO_FINGERPRINT.encode())
-    if raw.count(digest) != 1 or hashlib.sha256(zeroed).hexdigest() != meta.header_sha256:
-        raise LotaError(f"{path} is corrupt: its header does not match its checksum (a damaged copy?); "
-                        "re-create it or copy it again")
-
-
-def _check_complete(path: Path, header: dict, n: int) -> None:
-    """Catch truncated files before safetensors maps them: the header's data size must match the file."""
-    size = path.stat().st_size
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
-        what = "truncated" if size < 8 + n + end else "corrupt (it has bytes past its data)"
-        raise LotaError(f"{path} is {what}: header promises {8 + n + end:,} bytes, file has "
-                        f"{size:,}; re-create it or copy it again")
-
-
 def open_artifact(path: str | Path, kinds: tuple[str, ...] = KINDS) -> Artifact:
     """What the stages read wherever they take artifacts: an artifact file, or a PEFT sparse adapter (its
     directory or its adapter_model.safetensors) converted on read into a sparse delta (lota_cli.peft_io)."""
     from lota_cli import peft_io
 
-    if peft_io.is_adapter(path):
+    if is_adapter(path):
         return peft_io.read_adapter(Path(path), kinds)
     return Artifact(path, kinds)
 

@@ -21,7 +21,8 @@ from typing import Iterator, Mapping
 import torch
 
 from lota_cli import LotaError
-from lota_cli.artifacts import _TORCH_DTYPES, TensorFileWriter, _check_complete, _read_header, all_finite, mapped_range
+from lota_cli.artifacts import _TORCH_DTYPES, TensorFileWriter, all_finite, mapped_range
+from lota_cli.stored import _check_complete, _read_header
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

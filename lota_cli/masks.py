@@ -30,7 +30,6 @@ A source is a mapping from tensor name to a torch tensor, a safetensors slice, o
 from __future__ import annotations
 
 import math
-import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Mapping
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from lota_cli import LotaError
+from lota_cli.stored import _POPCOUNT, count_bits
 
 EXCLUDED = -1.0  # |delta| is never negative, so excluded entries can never be selected
 CHUNK = 1 << 20  # entries per piece of the streaming pass: 4 MiB of float32, small enough to stay in cache
@@ -48,7 +48,6 @@ BLOCK = 64  # sampling unit: consecutive entries (a quarter page of float32: man
 Z = 6.0  # bracket half-width, in standard errors of the estimated count above a value
 CANDIDATE_BUDGET = 0.02  # keep at most this fraction of all entries as candidates; beyond it, histogram
 CANDIDATE_CAP = 1 << 26  # and at most this many (8 bytes each: 512 MiB) whatever the model's size
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------- encodings
@@ -61,14 +60,6 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of pack_bits: flat bool tensor of numel entries."""
     return torch.from_numpy(np.unpackbits(bits.numpy(), count=numel, bitorder="little").view(np.bool_))
-
-
-def count_bits(bits: torch.Tensor | np.ndarray) -> int:
-    """Number of set entries in packed bits, without unpacking them."""
-    array = bits.numpy() if isinstance(bits, torch.Tensor) else bits
-    if hasattr(np, "bitwise_count"):  # numpy >= 2
-        return int(np.bitwise_count(array).sum(dtype=np.int64))
-    return int(_POPCOUNT[array].sum(dtype=np.int64))
 
 
 def count_bits_per(bits: np.ndarray, step: int) -> np.ndarray:
@@ -450,22 +441,6 @@ def top_k_mask(source: Mapping, k: int, excluded: Mapping[str, torch.Tensor] | N
     stream = _Stream(source, excluded)
     lo, hi = _bracket(stream, names, k, total)
     return _resolve(stream, names, k, total, lo, hi)
-
-
-def layer_of(name: str) -> str:
-    """'model.layers.3.mlp.up_proj.weight' -> 'layer 3'; names without a layer number keep their own."""
-    match = re.search(r"\.(\d+)\.", name)
-    return f"layer {int(match.group(1))}" if match else name
-
-
-def density_by_layer(counts: dict[str, tuple[int, int]]) -> dict[str, float]:
-    """Per-layer density from per-tensor (selected, total) counts, layers in order of appearance."""
-    layers: dict[str, list[int]] = {}
-    for name, (held, total) in counts.items():
-        acc = layers.setdefault(layer_of(name), [0, 0])
-        acc[0] += held
-        acc[1] += total
-    return {layer: held / max(total, 1) for layer, (held, total) in layers.items()}
 
 
 def k_for(sparsity: float, numel: int) -> int:

@@ -46,23 +46,17 @@ import torch
 from torch import nn
 
 from lota_cli import LotaError
-from lota_cli.artifacts import Artifact, Meta, _parse_meta, save_sparse
+from lota_cli.artifacts import Artifact, Meta, save_sparse
+from lota_cli.stored import ADAPTER_WEIGHTS, _parse_meta
 from lota_cli.masks import encode_positions, pack_bits
 
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel's module names, as save_pretrained writes them
 INDICES, VALUES = "supertuning_indices", "supertuning_values"
 SOURCE_KEY, ENTRIES_KEY = "lota_source", "lota_entries"  # lota's metadata in the adapter's safetensors header
 NO_BASE_FINGERPRINT = ""  # what an adapter not made by lota records (Artifact.check_base then checks nothing)
-
-
-def is_adapter(path) -> bool:
-    """A directory, or a file named adapter_model.safetensors: what read_adapter reads (open_artifact)."""
-    path = Path(path)
-    return path.is_dir() or path.name == ADAPTER_WEIGHTS
 
 
 def _count(numel: int, sparsity: float) -> int:

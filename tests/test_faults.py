@@ -785,3 +785,4 @@ def test_sparse_delta_holding_nan_is_refused_by_every_reader(runs, tiny_model, t
     name = Artifact(path).names[1]
     for stage, (result, target) in _delta_readers(runs, tiny_model, tmp_path, path).items():
         refused(result, stage, f"{path}: tensor {name!r} holds NaN or Inf values", target=target)
+

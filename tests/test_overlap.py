@@ -140,3 +140,22 @@ def test_layers_in_numeric_order(tmp_path):
     [pair] = run_overlap([a, b], tmp_path / "out")["pairs"]
     assert list(pair["per_layer"]) == ["layer 1", "layer 2", "layer 10"]
     assert pair["jaccard"] == 0.0
+
+
+def test_overlap_and_info_run_without_torch(trio, tmp_path):
+    """The inspecting commands read with numpy alone: torch, transformers and datasets never load, so they start
+    in a fraction of a second. The numbers are the hand-worked ones (check_trio)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    code = ("import sys\nfrom lota_cli import cli\nfor args in (['overlap', *sys.argv[1:4], 'out=' + sys.argv[4]], "
+            "['info', '--verify', *sys.argv[1:4]]):\n    try:\n        cli.main(args)\n    except SystemExit as end:\n"
+            "        assert not end.code, end.code\n"
+            "print([m for m in ('torch', 'transformers', 'datasets', 'safetensors.torch') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code, *map(str, trio), str(out)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    check_trio(json.loads((out / "overlap.json").read_text()), *trio)

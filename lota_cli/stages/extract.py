@@ -17,7 +17,8 @@ from lota_cli import LotaError
 from lota_cli.artifacts import save_sparse, stage_meta
 from lota_cli.config import ExtractConfig
 from lota_cli.mask_sources import SOURCES
-from lota_cli.masks import count_bits, density_by_layer, encode_positions, k_for, top_k_mask
+from lota_cli.masks import count_bits, encode_positions, k_for, top_k_mask
+from lota_cli.stored import density_by_layer
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,12 @@ import json
 
 from rich.table import Table
 
-from lota_cli.artifacts import Artifact
-from lota_cli.masks import count_bits, density_by_layer
 from lota_cli.progress import stderr
+from lota_cli.stored import StoredFile, density_by_layer
 
 
-def describe(artifact: Artifact) -> dict:
-    counts = {n: (count_bits(artifact.bits(n)), artifact.numel(n)) for n in artifact.names}
+def describe(artifact: StoredFile) -> dict:
+    counts = {n: (artifact.held_count(n), artifact.numel(n)) for n in artifact.names}
     held, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
     meta = artifact.meta
     return {
@@ -53,7 +52,7 @@ def main(argv: list[str]) -> int:
                         help="check every tensor's data against its checksum (reads the whole file)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     args = parser.parse_args(argv)
-    artifacts = [Artifact(f) for f in args.files]  # errors: one line, from the CLI
+    artifacts = [StoredFile(f) for f in args.files]  # errors: one line, from the CLI; no torch needed
     for artifact in artifacts if args.verify else ():
         checked = artifact.verify()
         stderr.print(f"{artifact.path}: {len(artifact.keys)} tensors, {checked:,} bytes match their "

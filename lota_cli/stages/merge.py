@@ -26,8 +26,9 @@ import torch
 from lota_cli import LotaError, native
 from lota_cli.artifacts import Artifact, ArtifactWriter, all_finite, open_artifact, same_layout, stage_meta
 from lota_cli.config import MergeConfig, ModelConfig, parse_size
-from lota_cli.merging import METHODS, Overlap, delta_overlap, merge
+from lota_cli.merging import METHODS, delta_overlap, merge
 from lota_cli.models import DTYPES
+from lota_cli.overlaps import Overlap
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".index.json")

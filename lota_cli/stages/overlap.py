@@ -16,26 +16,19 @@ import math
 import re
 from pathlib import Path
 
-import torch
+import numpy as np
 from rich.table import Table
 
 from lota_cli import LotaError
-from lota_cli.artifacts import Artifact, open_artifact
 from lota_cli.config import OverlapConfig
-from lota_cli.masks import layer_of, unpack_bits
-from lota_cli.merging import Overlap, overlap
+from lota_cli.overlaps import Overlap, overlap
 from lota_cli.progress import stderr
+from lota_cli.stored import StoredFile, layer_of, open_stored
 
 
-def _entries(artifact: Artifact, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(held entries as a flat bool tensor, their signs or None for a mask)."""
-    if artifact.kind == "task_vector":
-        delta = artifact.dense(name).reshape(-1)
-        return delta != 0, torch.sign(delta)
-    held = unpack_bits(artifact.bits(name), artifact.numel(name))
-    if artifact.kind == "mask":
-        return held, None
-    return held, torch.sign(artifact.dense(name).reshape(-1))
+def _entries(artifact: StoredFile, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(held entries as a flat bool array, the signs of their deltas, or None for a mask)."""
+    return artifact.held_mask(name), artifact.signs(name)
 
 
 def _natural(name: str) -> list:
@@ -43,10 +36,10 @@ def _natural(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _names_and_shapes(inputs: list[Artifact]) -> dict[str, tuple[int, ...]]:
+def _names_and_shapes(inputs: list[StoredFile]) -> dict[str, tuple[int, ...]]:
     """Every tensor any input holds, layers in numeric order; shapes must agree where shared."""
     shapes: dict[str, tuple[int, ...]] = {}
-    owner: dict[str, Artifact] = {}
+    owner: dict[str, StoredFile] = {}
     for artifact in inputs:
         for name in artifact.names:
             if name in shapes and artifact.shape(name) != shapes[name]:
@@ -58,7 +51,7 @@ def _names_and_shapes(inputs: list[Artifact]) -> dict[str, tuple[int, ...]]:
 
 
 def run(cfg: OverlapConfig, out: Path) -> list[Path]:
-    inputs = [open_artifact(p) for p in cfg.inputs]
+    inputs = [open_stored(p) for p in cfg.inputs]
     if len(inputs) < 2:
         raise LotaError(f"overlap compares artifacts pairwise and got {len(inputs)}; give two or more")
     for other in inputs[1:]:
@@ -75,9 +68,9 @@ def run(cfg: OverlapConfig, out: Path) -> list[Path]:
             if name in artifact.meta.shapes:
                 support, sign = _entries(artifact, name)
             else:  # holds nothing here; zero signs keep a values-carrying artifact's agreement defined
-                support = torch.zeros(math.prod(shape), dtype=torch.bool)
-                sign = None if artifact.kind == "mask" else torch.zeros(support.shape)
-            held[i] += int(support.count_nonzero())
+                support = np.zeros(math.prod(shape), dtype=np.bool_)
+                sign = None if artifact.kind == "mask" else np.zeros(support.shape, dtype=np.int8)
+            held[i] += int(np.count_nonzero(support))
             entries.append((support, sign))
         layer = layer_of(name)
         for i, j in pairs:
@@ -111,7 +104,7 @@ def _fmt(value: float | None, percent: bool = False) -> str:
     return f"{value:.2%}" if percent else f"{value:.4f}"
 
 
-def _print_tables(inputs: list[Artifact], result: dict) -> None:
+def _print_tables(inputs: list[StoredFile], result: dict) -> None:
     stems = [a.path.stem for a in inputs]
     label = {str(a.path): (a.path.stem if stems.count(a.path.stem) == 1 else str(a.path)) for a in inputs}
 
