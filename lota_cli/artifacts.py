@@ -19,7 +19,6 @@ A sparse delta's values must be finite and its positions strictly increasing (no
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import math
@@ -33,12 +32,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from lota_cli import LotaError, __version__
 from lota_cli.masks import indices_from_bits, unpack_bits
-from lota_cli.stored import (_NO_FINGERPRINT, FORMAT_VERSION, KINDS, Meta, StoredFile, finite_array, is_adapter,
-                             tensors_fingerprint)
+from lota_cli.stored import _NO_FINGERPRINT, FORMAT_VERSION, KINDS, Meta, StoredFile, is_adapter, map_bytes, tensors_fingerprint
 
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -182,7 +179,7 @@ class TensorFileWriter:
         dtype, shape = self.layout[key]
         left = math.prod(shape) * dtype.itemsize
         self._file.flush()
-        at = self._data_start(key)
+        at = self._starts[key]
         with open(source, "rb") as src:
             while left:
                 try:
@@ -200,7 +197,7 @@ class TensorFileWriter:
         (a shared mapping, populated at once): what is changed there is written. Valid inside the `with`."""
         dtype, _ = self.layout[key]
         self._file.flush()
-        return mapped_range(self._file, self._data_start(key) + start * dtype.itemsize, stop - start, dtype,
+        return mapped_range(self._file, self._starts[key] + start * dtype.itemsize, stop - start, dtype,
                             shared=True)
 
     def write_back(self, key: str) -> None:
@@ -210,11 +207,8 @@ class TensorFileWriter:
         dtype, shape = self.layout[key]
         self._file.flush()
         with contextlib.suppress(AttributeError, OSError):
-            os.posix_fadvise(self._file.fileno(), self._data_start(key), math.prod(shape) * dtype.itemsize,
+            os.posix_fadvise(self._file.fileno(), self._starts[key], math.prod(shape) * dtype.itemsize,
                              os.POSIX_FADV_DONTNEED)
-
-    def _data_start(self, key: str) -> int:
-        return self._starts[key]
 
     def _finish(self) -> None:
         """Called once every tensor is written, before the file is synced and renamed (header rewrites)."""
@@ -301,15 +295,6 @@ def save_sparse(path, meta: Meta, shapes: dict[str, tuple[int, ...]], positions:
 class Artifact(StoredFile):
     """A lota artifact opened lazily (memory-mapped); tensors are read one at a time, as torch tensors."""
 
-    @functools.cached_property
-    def _file(self):
-        """safetensors' own reader, for indexing a stored tensor (StoredTensor)."""
-        try:
-            return safe_open(str(self.path), framework="pt")
-        except Exception as err:  # safetensors raises its own error types for a damaged header
-            raise LotaError(f"{self.path} is not a readable safetensors file ({err}); re-create it or copy it "
-                            "again") from err
-
     def raw(self, key: str) -> "StoredTensor":
         """One stored tensor, read lazily: index it (`[:]`, `[a:b]`) like a safetensors slice, or stream it
         in flat pieces with `mapped` (what masks.top_k_mask does)."""
@@ -318,20 +303,12 @@ class Artifact(StoredFile):
     def _checked(self, key: str) -> torch.Tensor:
         """A whole (small) stored tensor of a mask or sparse delta, its bytes checked against the checksum
         recorded when it was written: a flipped bit in a position or a value is caught, not used."""
-        array = self.array(key)
-        return torch.from_numpy(array.copy()).view(self.raw(key).dtype).view(self.raw(key).shape)
+        return torch.from_numpy(self.array(key).copy()).view(_TORCH_DTYPES[self.stored_dtype(key)]).view(
+            tuple(self._entries[key]["shape"]))
 
     def bits(self, name: str) -> torch.Tensor:
         """Packed bits of the positions this artifact holds for `name` (dense task vectors: nonzeros)."""
-        from lota_cli.masks import pack_bits
-
-        if self.kind == "task_vector":
-            return pack_bits(self._file.get_tensor(name).reshape(-1) != 0)
-        if f"{name}::bits" in self.keys:
-            return self._checked(f"{name}::bits")
-        mask = torch.zeros(self.numel(name), dtype=torch.bool)
-        mask[self.indices(name).long()] = True
-        return pack_bits(mask)
+        return torch.from_numpy(np.require(self.packed_bits(name), requirements="W"))  # a copy where mapped
 
     def indices(self, name: str) -> torch.Tensor:
         """Sorted flat positions held for `name`; stored positions must lie in the tensor and strictly
@@ -342,16 +319,7 @@ class Artifact(StoredFile):
 
     def values(self, name: str) -> torch.Tensor:
         """A sparse delta's values for `name` (in position order, as stored), refused if any is NaN or Inf."""
-        return torch.from_numpy(self.values_array(name).copy()).view(self.raw(f"{name}::values").dtype)
-
-    def values_array(self, name: str) -> np.ndarray:
-        """values(), as a read-only view of the file (see array; bfloat16 as uint16)."""
-        key = f"{name}::values"
-        values = self.array(key)
-        if not finite_array(values, self._entries[key]["dtype"]):
-            raise LotaError(f"{self.path}: tensor {name!r} holds NaN or Inf values; the run that made it "
-                            "diverged or the file is damaged: re-create it")
-        return values
+        return torch.from_numpy(self.values_array(name).copy()).view(_TORCH_DTYPES[self.stored_dtype(f"{name}::values")])
 
     def held(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A sparse delta's (flat bool mask of held entries, values in row-major order of the mask), refused
@@ -391,7 +359,7 @@ _TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
 
 
 class StoredTensor:
-    """A tensor of an Artifact, not yet read. Indexing (`[:]`, `[a:b]`, rows) reads through safetensors;
+    """A tensor of an Artifact, not yet read. Indexing (`[:]`, `[a:b]`, rows) copies out what it selects;
     `mapped(start, stop)` gives flat entries [start, stop) over a private memory map (see mapped_range)."""
 
     def __init__(self, artifact: "Artifact", key: str):
@@ -401,12 +369,6 @@ class StoredTensor:
         self.shape = tuple(entry["shape"])
         self._itemsize = torch.tensor([], dtype=self.dtype).element_size()
         self._offset = artifact._data_start + entry["data_offsets"][0]
-        self._slice = None
-
-    def _get(self):
-        if self._slice is None:
-            self._slice = self._artifact._file.get_slice(self.key)
-        return self._slice
 
     def get_shape(self) -> list[int]:
         return list(self.shape)
@@ -418,7 +380,8 @@ class StoredTensor:
         return math.prod(self.shape)
 
     def __getitem__(self, index):
-        return self._get()[index]
+        with self.mapped() as flat:
+            return flat.view(self.shape)[index].clone()
 
     def mapped(self, start: int = 0, stop: int | None = None):
         """Flat entries [start, stop) as a read-only-by-convention tensor; valid only inside the `with`."""
@@ -439,17 +402,14 @@ def mapped_range(file, offset: int, count: int, dtype: torch.dtype, shared: bool
     if length == 0:
         yield torch.empty(0, dtype=dtype)
         return
-    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
     with contextlib.ExitStack() as stack:
         fh = file if hasattr(file, "fileno") else stack.enter_context(open(file, "rb"))
         # ACCESS_COPY: a private mapping, so the buffer is writable for torch (no warning) and a write could
         # never reach the file; pages are shared with the page cache until written
-        if shared:
-            region = mmap.mmap(fh.fileno(), offset - aligned + length, offset=aligned,
-                               flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-        else:
-            region = mmap.mmap(fh.fileno(), offset - aligned + length, offset=aligned, access=mmap.ACCESS_COPY)
-    view = torch.frombuffer(region, dtype=torch.uint8, offset=offset - aligned, count=length)
+        options = ({"flags": mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)} if shared
+                   else {"access": mmap.ACCESS_COPY})
+        region, lead = map_bytes(fh.fileno(), offset, length, **options)
+    view = torch.frombuffer(region, dtype=torch.uint8, offset=lead, count=length)
     try:
         yield view.view(dtype)
     finally:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from lota_cli import LotaError
-from lota_cli.stored import _POPCOUNT, count_bits
+from lota_cli.stored import count_bits
 
 EXCLUDED = -1.0  # |delta| is never negative, so excluded entries can never be selected
 CHUNK = 1 << 20  # entries per piece of the streaming pass: 4 MiB of float32, small enough to stay in cache
@@ -60,17 +60,6 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of pack_bits: flat bool tensor of numel entries."""
     return torch.from_numpy(np.unpackbits(bits.numpy(), count=numel, bitorder="little").view(np.bool_))
-
-
-def count_bits_per(bits: np.ndarray, step: int) -> np.ndarray:
-    """Set entries in each run of `step` bytes of packed bits (the last run may be shorter), int64; counted
-    8 bytes at a time where `step` allows."""
-    if not bits.size:
-        return np.zeros(0, np.int64)
-    if step % 8 == 0 and bits.size % 8 == 0 and hasattr(np, "bitwise_count"):
-        bits, step = bits.view(np.uint64), step // 8
-    counts = np.bitwise_count(bits) if hasattr(np, "bitwise_count") else _POPCOUNT[bits]
-    return np.add.reduceat(counts, np.arange(0, bits.size, step), dtype=np.int64)
 
 
 def index_dtype(numel: int) -> torch.dtype:

@@ -30,7 +30,6 @@ NUMPY_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16":
                  "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_)}
 
 
-
 @dataclass
 class Meta:
     """What an artifact says about itself (stored as JSON under the header key `lota`)."""
@@ -81,13 +80,25 @@ def finite_array(array: np.ndarray, stored: str) -> bool:
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
+def _popcounts(array: np.ndarray) -> np.ndarray:
+    """Set bits of each element (uint8 counts)."""
+    return np.bitwise_count(array) if hasattr(np, "bitwise_count") else _POPCOUNT[array]  # numpy >= 2
+
+
 def count_bits(bits) -> int:
     """Number of set entries in packed bits (a numpy array, or a tensor: anything with .numpy()), without
     unpacking them."""
-    array = bits.numpy() if hasattr(bits, "numpy") else bits
-    if hasattr(np, "bitwise_count"):  # numpy >= 2
-        return int(np.bitwise_count(array).sum(dtype=np.int64))
-    return int(_POPCOUNT[array].sum(dtype=np.int64))
+    return int(_popcounts(bits.numpy() if hasattr(bits, "numpy") else bits).sum(dtype=np.int64))
+
+
+def count_bits_per(bits: np.ndarray, step: int) -> np.ndarray:
+    """Set entries in each run of `step` bytes of packed bits (the last run may be shorter), int64; counted
+    8 bytes at a time where `step` allows."""
+    if not bits.size:
+        return np.zeros(0, np.int64)
+    if step % 8 == 0 and bits.size % 8 == 0 and hasattr(np, "bitwise_count"):
+        bits, step = bits.view(np.uint64), step // 8
+    return np.add.reduceat(_popcounts(bits), np.arange(0, bits.size, step), dtype=np.int64)
 
 
 def layer_of(name: str) -> str:
@@ -106,12 +117,25 @@ def density_by_layer(counts: dict[str, tuple[int, int]]) -> dict[str, float]:
     return {layer: held / max(total, 1) for layer, (held, total) in layers.items()}
 
 
+def _nonzero(data: np.ndarray, stored: str) -> np.ndarray:
+    """Which entries of stored data (bfloat16 as uint16) are not 0; -0.0 is 0."""
+    if stored in ("BF16", "F16"):  # the sign bit masked off
+        return np.bitwise_and(data.view(np.uint16), 0x7FFF) != 0
+    return data != 0
+
+
 def _signs(data: np.ndarray, stored: str) -> np.ndarray:
     """-1, 0 or 1 (int8) per entry of stored floating-point data (bfloat16 as uint16); -0.0 is 0."""
     if stored in ("BF16", "F16"):  # the sign bit, where the rest is not all zero
-        bits = data.view(np.uint16)
-        return np.where(np.bitwise_and(bits, 0x7FFF) != 0, np.where(bits >> 15, -1, 1), 0).astype(np.int8)
+        return np.where(_nonzero(data, stored), np.where(data.view(np.uint16) >> 15, -1, 1), 0).astype(np.int8)
     return np.sign(data).astype(np.int8)
+
+
+def map_bytes(fileno: int, offset: int, length: int, **options) -> tuple[mmap.mmap, int]:
+    """A memory map of `length` bytes of a file from byte `offset` (mmap's own alignment kept), and where
+    those bytes begin in it; `options` are mmap's (flags, prot, access). length > 0."""
+    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+    return mmap.mmap(fileno, offset - aligned + length, offset=aligned, **options), offset - aligned
 
 
 def _read_header(path: Path) -> tuple[dict, bytes]:
@@ -312,10 +336,9 @@ class StoredFile:
         length = (stop - start) * dtype.itemsize
         if not length:
             return np.empty(0, dtype)
-        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-        region = mmap.mmap(self._fh.fileno(), offset - aligned + length, offset=aligned,
-                           flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
-        return np.frombuffer(region, dtype=dtype, count=stop - start, offset=offset - aligned)
+        region, lead = map_bytes(self._fh.fileno(), offset, length, prot=mmap.PROT_READ,
+                                 flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0))
+        return np.frombuffer(region, dtype=dtype, count=stop - start, offset=lead)
 
     def array(self, key: str) -> np.ndarray:
         """A stored tensor, flat, as a read-only numpy view of the file (no copy: a mapping of just its bytes,
@@ -357,10 +380,8 @@ class StoredFile:
             numel, count = self.numel(name), 0
             stored = self.stored_dtype(name)
             for start in range(0, numel, VERIFY_CHUNK):
-                piece = self._mapping(name, start, min(numel, start + VERIFY_CHUNK))
-                if stored in ("BF16", "F16"):  # -0.0 is zero too: the sign bit masked off
-                    piece = np.bitwise_and(piece.view(np.uint16), 0x7FFF)
-                count += int(np.count_nonzero(piece))
+                count += int(np.count_nonzero(_nonzero(self._mapping(name, start, min(numel, start + VERIFY_CHUNK)),
+                                                       stored)))
             return count
         if f"{name}::bits" in self.keys:
             return count_bits(self.array(f"{name}::bits"))
@@ -369,24 +390,41 @@ class StoredFile:
     def held_mask(self, name: str) -> np.ndarray:
         """The entries of `name` this artifact holds, as a flat bool array (task vectors: the nonzero ones)."""
         if self.kind == "task_vector":
-            return _signs(self._mapping(name), self.stored_dtype(name)) != 0
+            return _nonzero(self._mapping(name), self.stored_dtype(name))
         if f"{name}::bits" in self.keys:
             return np.unpackbits(self.array(f"{name}::bits"), count=self.numel(name), bitorder="little").view(np.bool_)
         held = np.zeros(self.numel(name), dtype=np.bool_)
         held[self.positions(name)] = True
         return held
 
-    def signs(self, name: str) -> np.ndarray | None:
-        """The sign (-1, 0, 1, int8) of every entry's delta, flat; None for a mask, which carries no values."""
-        if self.kind == "mask":
-            return None
-        if self.kind == "task_vector":
-            return _signs(self._mapping(name), self.stored_dtype(name))
+    def packed_bits(self, name: str) -> np.ndarray:
+        """held_mask as packed bits (little bit order): the stored ones, a view of the file, where they are."""
+        if f"{name}::bits" in self.keys:
+            return self.array(f"{name}::bits")
+        return np.packbits(self.held_mask(name), bitorder="little")
+
+    def values_array(self, name: str) -> np.ndarray:
+        """A sparse delta's values for `name`, in position order, as a read-only view of the file (see array;
+        bfloat16 as uint16), refused if any is NaN or Inf."""
         key = f"{name}::values"
         values = self.array(key)
-        out = np.zeros(self.numel(name), dtype=np.int8)
-        out[self.held_mask(name)] = _signs(values, self.stored_dtype(key))
-        return out
+        if not finite_array(values, self.stored_dtype(key)):
+            raise LotaError(f"{self.path}: tensor {name!r} holds NaN or Inf values; the run that made it "
+                            "diverged or the file is damaged: re-create it")
+        return values
+
+    def support(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """(the entries of `name` held, a flat bool array; the sign of every entry's delta, -1, 0 or 1 as int8,
+        or None for a mask, which carries no values): what `lota overlap` compares."""
+        if self.kind == "task_vector":
+            signs = _signs(self._mapping(name), self.stored_dtype(name))
+            return signs != 0, signs
+        held = self.held_mask(name)
+        if self.kind == "mask":
+            return held, None
+        signs = np.zeros(held.size, dtype=np.int8)
+        signs[held] = _signs(self.values_array(name), self.stored_dtype(f"{name}::values"))
+        return held, signs
 
     def density(self, name: str | None = None) -> float:
         names = [name] if name else self.names

@@ -729,8 +729,9 @@ def test_info_verify_names_the_tensor_whose_data_has_a_flipped_bit(runs, tmp_pat
 
 def _delta_readers(runs, tiny_model, tmp_path, path: Path) -> dict:
     """Every stage that reads a sparse delta, given `path`, and the file each must not write."""
-    e, m, t = tmp_path / "e", tmp_path / "m", tmp_path / "t"
+    e, m, t, o = tmp_path / "e", tmp_path / "m", tmp_path / "t", tmp_path / "o"
     return {
+        "overlap": (lota("overlap", path, runs["st_b"], f"out={o}"), o / "overlap.json"),
         "eval": (lota("eval", f"model.path={tiny_model}", f"tasks.gsm8k.eval_data_files={DATA['arith_test']}",
                       f"eval.deltas=[{path}]", "eval.max_examples=2", "eval.generate=false", f"out={e}"),
                  e / "results.json"),
@@ -785,4 +786,3 @@ def test_sparse_delta_holding_nan_is_refused_by_every_reader(runs, tiny_model, t
     name = Artifact(path).names[1]
     for stage, (result, target) in _delta_readers(runs, tiny_model, tmp_path, path).items():
         refused(result, stage, f"{path}: tensor {name!r} holds NaN or Inf values", target=target)
-

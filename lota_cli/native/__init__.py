@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lota_cli import LotaError, cache_root
+from lota_cli.stored import count_bits_per
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("merge.c")
@@ -115,8 +116,6 @@ class FusedMerge:
 
     def __init__(self, lib, bits: list[np.ndarray], values: list[np.ndarray], weights=None, scale: float = 1.0,
                  piece: int = 1 << 22):
-        from lota_cli.masks import count_bits_per
-
         if not 1 <= len(bits) <= MAX_INPUTS:
             raise TypeError(f"the merge kernels take 1 to {MAX_INPUTS} inputs, not {len(bits)}")
         if piece % 8:
@@ -141,8 +140,7 @@ class FusedMerge:
         by side; start a multiple of self.piece. Raises OverflowError(entry) where a sum is not finite in the
         piece's dtype."""
         runs = range(0, piece.size, self.piece)
-        for done in _threads().map(lambda at: self._run(piece[at:at + self.piece], start + at), runs):
-            pass  # re-raises a run's error
+        list(_threads().map(lambda at: self._run(piece[at:at + self.piece], start + at), runs))  # re-raises
 
     def _run(self, piece: np.ndarray, start: int) -> None:
         index, m = start // self.piece, len(self.bits)

@@ -16,7 +16,6 @@ import collections
 import itertools
 import json
 import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -106,7 +105,7 @@ class _Merger:
         bfloat16 values as uint16)."""
         values = [a.values_array(name) for a in self.inputs]  # mapped, not copied
         values = [v if v.dtype in (np.float32, np.uint16) else v.astype(np.float32) for v in values]
-        bits = [a.array(f"{name}::bits") if f"{name}::bits" in a.keys else a.bits(name).numpy() for a in self.inputs]
+        bits = [a.packed_bits(name) for a in self.inputs]
         weights = None
         if self.native == "weighted":
             weights = list(self.params.get("weights") or [1.0] * len(self.inputs))
@@ -251,7 +250,7 @@ def _fused_into(pieces, name: str, fused: native.FusedMerge, merger: _Merger):
         try:
             fused.into((piece.view(torch.uint16) if piece.dtype == torch.bfloat16 else piece).numpy(), start)
         except OverflowError:
-            _check_finite(torch.tensor(math.inf, dtype=piece.dtype))  # the same message as the numpy path
+            raise _overflow(piece.dtype) from None
         yield start, piece
     merger.count(fused)
 
@@ -265,8 +264,12 @@ def _add_dense(pieces, delta: torch.Tensor):
 
 def _check_finite(tensor: torch.Tensor) -> None:
     if not all_finite(tensor):
-        raise LotaError(f"the merged weight overflows {str(tensor.dtype).removeprefix('torch.')} (Inf); merge in float32 "
-                        "(dtype=float32) or lower scale=")
+        raise _overflow(tensor.dtype)
+
+
+def _overflow(dtype: torch.dtype) -> LotaError:
+    return LotaError(f"the merged weight overflows {str(dtype).removeprefix('torch.')} (Inf); merge in float32 "
+                     "(dtype=float32) or lower scale=")
 
 
 def _set_dtype(config: Path, dtype: str) -> None:

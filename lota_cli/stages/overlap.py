@@ -26,11 +26,6 @@ from lota_cli.progress import stderr
 from lota_cli.stored import StoredFile, layer_of, open_stored
 
 
-def _entries(artifact: StoredFile, name: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(held entries as a flat bool array, the signs of their deltas, or None for a mask)."""
-    return artifact.held_mask(name), artifact.signs(name)
-
-
 def _natural(name: str) -> list:
     """Sort key putting 'layers.2' before 'layers.10' (artifact headers list tensors alphabetically)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
@@ -66,7 +61,7 @@ def run(cfg: OverlapConfig, out: Path) -> list[Path]:
         entries = []
         for i, artifact in enumerate(inputs):
             if name in artifact.meta.shapes:
-                support, sign = _entries(artifact, name)
+                support, sign = artifact.support(name)
             else:  # holds nothing here; zero signs keep a values-carrying artifact's agreement defined
                 support = np.zeros(math.prod(shape), dtype=np.bool_)
                 sign = None if artifact.kind == "mask" else np.zeros(support.shape, dtype=np.int8)
