@@ -11,7 +11,7 @@ into place only when complete: a killed stage never leaves a truncated artifact 
 the base model and a fingerprint of its weights, so a stage can refuse an artifact made from another base,
 and a SHA-256 of the header itself, so a flipped byte in the metadata (a shape, the kind, the base) is
 caught when the file is opened rather than producing a wrong result later. Tensor data is covered by a
-SHA-256 per tensor, computed as it is written (no second pass): the small tensors of masks and sparse deltas
+checksum per tensor (XXH3-128), computed as it is written (no second pass): the small tensors of masks and sparse deltas
 are checked whenever they are read; a task vector's, which can be gigabytes, by `lota info --verify`.
 A sparse delta's values must be finite and its positions strictly increasing (no duplicates), checked on read.
 """
@@ -33,9 +33,11 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from lota_cli import LotaError, __version__
+from lota_cli import LotaError, __version__, sequential
 from lota_cli.masks import indices_from_bits, unpack_bits
-from lota_cli.stored import _NO_FINGERPRINT, FORMAT_VERSION, KINDS, Meta, StoredFile, is_adapter, map_bytes, tensors_fingerprint
+from lota_cli.sequential import SequentialFile
+from lota_cli.stored import (_NO_FINGERPRINT, FORMAT_VERSION, KINDS, NUMPY_DTYPES, Meta, StoredFile, finite_array,
+                             is_adapter, map_bytes, tensor_digest, tensors_fingerprint)
 
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -83,7 +85,7 @@ class TensorFileWriter:
     front, so the header is written first and each tensor's bytes follow as they come (whole, or in pieces
     with write_pieces: a tensor larger than memory never has to be held). The data goes to a temporary file
     beside `path`, renamed into place only when complete, so a killed process never leaves a truncated file.
-    Each tensor's bytes are hashed (SHA-256) as they are written, `checksums` holding them at the end, and
+    Each tensor's bytes are hashed (stored.tensor_digest) as they are written, `checksums` holding them at the end, and
     refused if they hold NaN or Inf; checked=False skips both (a model's shards, checked by their writer).
 
     with TensorFileWriter(path, layout) as w:
@@ -116,26 +118,28 @@ class TensorFileWriter:
                          "writable directory with free space (or choose another out=)")
 
     def __enter__(self):
-        self._tmp = self._file = None
+        self._tmp, self._out, self._fd, self._patches = None, None, None, []
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-            self._tmp, self._file = Path(tmp), os.fdopen(fd, "wb")
+            self._fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            self._tmp = Path(tmp)
             header = self._header()
             self._header_size = len(header)
-            self._starts, offset = {}, 8 + len(header)  # where each tensor's data begins in the file
-            for key, (dtype, shape) in self.layout.items():
-                self._starts[key], offset = offset, offset + math.prod(shape) * dtype.itemsize
-            self._file.write(struct.pack("<Q", len(header)) + header)
+            size = 8 + len(header) + sum(math.prod(shape) * dtype.itemsize for dtype, shape in self.layout.values())
+            self._out = SequentialFile(self._fd, direct=size >= sequential.DIRECT_MIN)
+            self._out.write(struct.pack("<Q", len(header)) + header)
         except OSError as err:
             self._discard()
             raise self._error(err) from err
         return self
 
     def _discard(self) -> None:
-        if self._file is not None:
-            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
-                self._file.close()
+        if self._out is not None:
+            self._out.abandon()
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
 
@@ -145,70 +149,54 @@ class TensorFileWriter:
             raise ValueError(f"writing {key} {tensor.dtype} {tuple(tensor.shape)} out of layout {expected}")
         self.write_pieces(key, [tensor])
 
-    def write_pieces(self, key: str, pieces: Iterable[torch.Tensor]) -> None:
-        """Tensor `key` as consecutive flat pieces of its dtype (row-major order), in layout order."""
+    def _begin(self, key: str) -> tuple[torch.dtype, int]:
+        """(dtype, entries) of `key`, which must be the next tensor of the layout."""
         if len(self.checksums) >= len(self._keys) or key != self._keys[len(self.checksums)]:
             raise ValueError(f"writing {key} out of layout order")
         dtype, shape = self.layout[key]
-        digest, written = hashlib.sha256(), 0
+        return dtype, math.prod(shape)
+
+    def _refuse_nonfinite(self, key: str, dtype: torch.dtype) -> LotaError:
+        return LotaError(f"refusing to write {self.path}: tensor {key!r} holds NaN or Inf values (the run "
+                         f"diverged, or {str(dtype).removeprefix('torch.')} cannot hold them); lower the "
+                         "learning rate or write float32")
+
+    def write_pieces(self, key: str, pieces: Iterable[torch.Tensor]) -> None:
+        """Tensor `key` as consecutive flat pieces of its dtype (row-major order), in layout order."""
+        dtype, numel = self._begin(key)
+        digest, written = tensor_digest(), 0
         for piece in pieces:
             if piece.dtype != dtype:
                 raise ValueError(f"writing {key}: a {piece.dtype} piece into a {dtype} tensor")
             if self.checked and not all_finite(piece):
-                raise LotaError(f"refusing to write {self.path}: tensor {key!r} holds NaN or Inf values (the run "
-                                f"diverged, or {str(dtype).removeprefix('torch.')} cannot hold them); lower the "
-                                "learning rate or write float32")
+                raise self._refuse_nonfinite(key, dtype)
             data = piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
             if self.checked:
                 digest.update(data)
-            self._file.write(data)
+            self._out.write(data)
             written += piece.numel()
-        if written != math.prod(shape):
-            raise ValueError(f"writing {key}: {written} entries of {math.prod(shape)}")
+        if written != numel:
+            raise ValueError(f"writing {key}: {written} entries of {numel}")
         self.checksums[key] = digest.hexdigest() if self.checked else ""
 
-    def copy_from(self, key: str, source: str | Path, offset: int) -> None:
-        """Tensor `key`'s bytes copied as they are from byte `offset` of file `source` (in layout order), by the
-        kernel where it can (copy_file_range: no pass through this process, several times faster than
-        writing the same bytes here). For unchecked files only: nothing here sees the data."""
-        if self.checked:
-            raise ValueError("copy_from writes data unseen: only for unchecked files")
-        if len(self.checksums) >= len(self._keys) or key != self._keys[len(self.checksums)]:
-            raise ValueError(f"writing {key} out of layout order")
-        self.checksums[key] = ""  # in order now: the next tensor may be copied while this one is changed
-        dtype, shape = self.layout[key]
-        left = math.prod(shape) * dtype.itemsize
-        self._file.flush()
-        at = self._starts[key]
-        with open(source, "rb") as src:
-            while left:
-                try:
-                    done = os.copy_file_range(src.fileno(), self._file.fileno(), left, offset, at)
-                except (AttributeError, OSError):  # not Linux, or not between these files: through here
-                    src.seek(offset)
-                    done = os.pwrite(self._file.fileno(), src.read(min(left, 1 << 26)), at)
-                if done == 0:
-                    raise LotaError(f"{source} ends inside tensor {key!r}; the file is truncated: copy it again")
-                left, offset, at = left - done, offset + done, at + done
-        self._file.seek(at)
-
-    def mapped(self, key: str, start: int, stop: int):
-        """Flat entries [start, stop) of tensor `key`, already written, as a writable view of the file itself
-        (a shared mapping, populated at once): what is changed there is written. Valid inside the `with`."""
-        dtype, _ = self.layout[key]
-        self._file.flush()
-        return mapped_range(self._file, self._starts[key] + start * dtype.itemsize, stop - start, dtype,
-                            shared=True)
-
-    def write_back(self, key: str) -> None:
-        """Start writing tensor `key`'s pages to disk now, without waiting (and let the cache drop them once
-        written): the final fsync then finds little left to do, and a model larger than memory does not push
-        the pages still to be read out of the page cache. Where the system cannot, nothing happens."""
-        dtype, shape = self.layout[key]
-        self._file.flush()
-        with contextlib.suppress(AttributeError, OSError):
-            os.posix_fadvise(self._file.fileno(), self._starts[key], math.prod(shape) * dtype.itemsize,
-                             os.POSIX_FADV_DONTNEED)
+    def regions(self, key: str, entries: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Tensor `key` (the next of the layout) filled in place: (start, a writable flat numpy view of its
+        entries [start, start + entries) in the file's own buffer; bfloat16 as uint16), one after another;
+        what a view holds when the caller asks for the next is what the file gets. No copy is made: a merge
+        reads base weights straight into the view and adds the deltas there."""
+        dtype, numel = self._begin(key)
+        digest = tensor_digest()
+        as_numpy = NUMPY_DTYPES[_DTYPES[dtype]]
+        for start in range(0, numel, entries):
+            count = min(entries, numel - start)
+            view = np.frombuffer(self._out.reserve(count * dtype.itemsize), dtype=as_numpy)
+            yield start, view
+            if self.checked:
+                if not finite_array(view, _DTYPES[dtype]):
+                    raise self._refuse_nonfinite(key, dtype)
+                digest.update(view.view(np.uint8))
+            del view
+        self.checksums[key] = digest.hexdigest() if self.checked else ""
 
     def _finish(self) -> None:
         """Called once every tensor is written, before the file is synced and renamed (header rewrites)."""
@@ -217,8 +205,7 @@ class TensorFileWriter:
         header = self._header()
         if len(header) != self._header_size:
             raise AssertionError("a header rewrite must keep its length")
-        self._file.seek(8)
-        self._file.write(header)
+        self._patches.append((8, header))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -226,9 +213,10 @@ class TensorFileWriter:
                 if len(self.checksums) != len(self.layout):
                     raise ValueError(f"{self.path}: {len(self.layout) - len(self.checksums)} tensors unwritten")
                 self._finish()
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                self._file.close()
+                out, self._out = self._out, None
+                out.close(tuple(self._patches))
+                os.close(self._fd)
+                self._fd = None
                 os.replace(self._tmp, self.path)
         except OSError as err:
             raise self._error(err) from err
@@ -248,7 +236,8 @@ class ArtifactWriter(TensorFileWriter):
             raise ValueError(f"unknown artifact kind {meta.kind!r}")
         super().__init__(path, layout)
         self.meta = meta
-        meta.checksums = {key: _NO_FINGERPRINT for key in layout}  # placeholders of the final width
+        width = 2 * tensor_digest().digest_size
+        meta.checksums = {key: "0" * width for key in layout}  # placeholders of the final width
         meta.header_sha256 = _NO_FINGERPRINT
         meta.format = FORMAT_VERSION
 
@@ -392,12 +381,11 @@ class StoredTensor:
 
 
 @contextlib.contextmanager
-def mapped_range(file, offset: int, count: int, dtype: torch.dtype, shared: bool = False) -> Iterator[torch.Tensor]:
+def mapped_range(file, offset: int, count: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """`count` entries of `dtype` at byte `offset` of `file` (an open binary file or a path), as a tensor over
     a private memory map of just that range, unmapped again on leaving the `with`: streaming a large file
     through it in pieces holds one piece in the process (resident set), not every page read so far, and
-    copies nothing (the first pass over a piece reads the page cache directly). shared=True: a shared,
-    writable mapping of a file opened for writing, whose pages are mapped at once (one fault, not one a page)."""
+    copies nothing (the first pass over a piece reads the page cache directly)."""
     length = count * torch.tensor([], dtype=dtype).element_size()
     if length == 0:
         yield torch.empty(0, dtype=dtype)
@@ -406,9 +394,7 @@ def mapped_range(file, offset: int, count: int, dtype: torch.dtype, shared: bool
         fh = file if hasattr(file, "fileno") else stack.enter_context(open(file, "rb"))
         # ACCESS_COPY: a private mapping, so the buffer is writable for torch (no warning) and a write could
         # never reach the file; pages are shared with the page cache until written
-        options = ({"flags": mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)} if shared
-                   else {"access": mmap.ACCESS_COPY})
-        region, lead = map_bytes(fh.fileno(), offset, length, **options)
+        region, lead = map_bytes(fh.fileno(), offset, length, access=mmap.ACCESS_COPY)
     view = torch.frombuffer(region, dtype=torch.uint8, offset=lead, count=length)
     try:
         yield view.view(dtype)

@@ -4,8 +4,9 @@
 names, and refuses at once (one line, before anything is written) a missing shard, a shard that is
 truncated or not safetensors, or an index naming a tensor its shard does not hold. Tensor data is then read
 in flat pieces through a small private memory map of just that range (artifacts.mapped_range), so streaming
-a 16 GB model keeps one piece resident, not every page read so far. `ShardedWriter` writes tensors into
-output shards of at most `shard_size` bytes plus the index, as `save_pretrained` lays them out, into a
+a 16 GB model keeps one piece resident, not every page read so far, or read straight into a writer's buffer
+(read_into). `ShardedWriter` writes tensors into output shards of at most `shard_size` bytes plus the
+index, as `save_pretrained` lays them out (each shard written front to back, lota_cli.sequential), into a
 temporary directory that is renamed into place only when complete.
 """
 
@@ -14,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Iterator, Mapping
 
+import numpy as np
 import torch
 
 from lota_cli import LotaError
@@ -53,6 +56,7 @@ class Checkpoint:
                     raise LotaError(f"{shard}: tensor {name!r} is stored as {entries[name]['dtype']}, which lota "
                                     "does not stream; give a model stored in float32, bfloat16 or float16")
                 self._where[name] = (shard, entries[name], 8 + len(raw))
+        self._files: dict[Path, object] = {}  # shards opened by read_into
 
     def _shard_files(self) -> dict[Path, list[str] | None]:
         """shard -> the tensor names the index puts there (None: a single file, all of its tensors)."""
@@ -117,18 +121,30 @@ class Checkpoint:
         """(start, flat entries [start, start + piece)) over the tensor, each refused if it holds NaN or Inf,
         as loading the model would be. A piece is a private copy-on-write mapping of the file: the caller may
         change it in place (the file never sees that), and must be done with it before asking for the next."""
-        yield from self.checked_pieces(name, self.mapped, piece)
-
-    def checked_pieces(self, name: str, mapped, piece: int = PIECE) -> Iterator[tuple[int, torch.Tensor]]:
-        """pieces() over mapped(name, start, stop) (this checkpoint's own, or a copy's being written)."""
         n = self.numel(name)
         for start in range(0, n, piece):
-            with mapped(name, start, min(n, start + piece)) as view:
+            with self.mapped(name, start, min(n, start + piece)) as view:
                 if not all_finite(view):
-                    raise LotaError(f"model {str(self.directory)!r}: weight {name!r} holds NaN or Inf values; the "
-                                    "model files are damaged or the model diverged: use an intact copy")
+                    raise self.nonfinite(name)
                 yield start, view
                 del view
+
+    def nonfinite(self, name: str) -> LotaError:
+        return LotaError(f"model {str(self.directory)!r}: weight {name!r} holds NaN or Inf values; the model "
+                         "files are damaged or the model diverged: use an intact copy")
+
+    def read_into(self, name: str, start: int, out: np.ndarray) -> None:
+        """The stored bytes of entries [start, start + out.size) of `name` (out's dtype of the same size as the
+        tensor's) read into `out`: one copy from the page cache, no mapping."""
+        shard, offset = self.location(name)
+        if shard not in self._files:
+            self._files[shard] = open(shard, "rb")
+        view, at = memoryview(out).cast("B"), offset + start * self.dtype(name).itemsize
+        while view.nbytes:
+            done = os.preadv(self._files[shard].fileno(), [view], at)
+            if done == 0:
+                raise LotaError(f"{shard} ends inside tensor {name!r}; the file is truncated: copy it again")
+            view, at = view[done:], at + done
 
 
 class ShardedWriter:
@@ -162,44 +178,21 @@ class ShardedWriter:
         self._shards = iter(zip(self.files, self.groups))
         self._writer = None
         self._left: list[str] = []  # the current shard's tensors still to be written, in order
-        self._open: set[str] = set()  # copied, still being changed in place
         return self
 
     def write_pieces(self, name: str, pieces) -> None:
         self._next(name).write_pieces(name, pieces)
         self._left.pop(0)
 
-    def copy_from(self, name: str, source: Checkpoint) -> None:
-        """Tensor `name` copied as it is from `source` (of the same dtype), by the kernel where it can; then
-        `mapped` changes it in place until `finished(name)`. The next tensor may be copied (on another thread)
-        while this one is changed, if it goes into the same shard (`in_this_shard`)."""
-        shard, offset = source.location(name)
+    def regions(self, name: str, entries: int):
+        """Tensor `name` filled in place, region by region (see TensorFileWriter.regions)."""
         writer = self._next(name)
         self._left.pop(0)
-        self._open.add(name)
-        writer.copy_from(name, shard, offset)
-
-    def in_this_shard(self, name: str) -> bool:
-        """Whether `name` is still to be written into the shard being written now."""
-        return name in self._left
-
-    def mapped(self, name: str, start: int, stop: int):
-        """Flat entries [start, stop) of a tensor copied and not yet finished, a writable view of the output
-        (see TensorFileWriter.mapped)."""
-        if name not in self._open:
-            raise ValueError(f"{name} is not a tensor copied and not yet finished")
-        return self._writer.mapped(name, start, stop)
-
-    def finished(self, name: str) -> None:
-        """Done changing copied tensor `name`: its pages are sent to disk now (see write_back)."""
-        self._open.remove(name)
-        self._writer.write_back(name)
+        yield from writer.regions(name, entries)
 
     def _next(self, name: str) -> TensorFileWriter:
         """The writer of the shard that `name`, the next tensor, goes into."""
         if not self._left:  # the next shard
-            if self._open:
-                raise ValueError(f"{sorted(self._open)} not finished before the next shard")
             if self._writer is not None:
                 self._writer.__exit__(None, None, None)
             file, group = next(self._shards)

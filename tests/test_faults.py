@@ -11,6 +11,7 @@ importing torch and transformers; crashes and signals need a real process and us
 from __future__ import annotations
 
 import ast
+import hashlib
 import builtins
 import errno
 import json
@@ -725,6 +726,31 @@ def test_info_verify_names_the_tensor_whose_data_has_a_flipped_bit(runs, tmp_pat
     path.write_bytes(_flip(path.read_bytes(), middle, 0x10))  # one bit of one value: the header is intact
     assert lota("info", path).code == 0  # without --verify only the header is checked
     refused(lota("info", "--verify", path), "info", f"{path}: tensor {name!r} does not match its checksum")
+
+
+def test_format_2_artifacts_are_still_checked_by_their_sha256(runs, tmp_path, monkeypatch):
+    """Artifacts written before format 3 record SHA-256 checksums: still read, verified and refused when
+    damaged, by the hash they were written with."""
+    import lota_cli.artifacts as artifacts
+    import lota_cli.stored as stored
+
+    source = Artifact(runs["st_a"])
+    monkeypatch.setattr(artifacts, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(artifacts, "tensor_digest", lambda fmt=2: stored.tensor_digest(2))
+    path = save_sparse(tmp_path / "old.safetensors", source.meta, {n: source.shape(n) for n in source.names},
+                       {n: ("idx", source.indices(n)) for n in source.names},
+                       {n: source.values(n) for n in source.names})
+    monkeypatch.undo()
+    old = Artifact(path)
+    key = f"{old.names[2]}::values"
+    assert old.meta.format == 2 and len(old.meta.checksums[key]) == 64  # hex SHA-256
+    assert old.meta.checksums[key] == hashlib.sha256(old.array(key).tobytes()).hexdigest()
+    assert lota("info", "--verify", path).code == 0
+    assert all(torch.equal(old.dense(n), source.dense(n)) for n in source.names)
+    poke(path, key, 3, 0.5)
+    refused(lota("info", "--verify", path), "info", f"{path}: tensor {key!r} does not match its checksum")
+    with pytest.raises(LotaError, match="does not match its checksum"):
+        Artifact(path).values(old.names[2])
 
 
 def _delta_readers(runs, tiny_model, tmp_path, path: Path) -> dict:

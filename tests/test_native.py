@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -34,8 +35,11 @@ def torch_path(base, masks, values, method, weights, scale):
                  for pair in itertools.combinations(range(len(masks)), 2)}
 
 
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
 @pytest.mark.parametrize("trial", range(36))
-def test_the_kernel_is_the_torch_merge_bit_for_bit(trial):
+def test_the_kernel_is_the_torch_merge_bit_for_bit(trial, simd):
+    """Both of the kernel's paths (the AVX-512 one where this CPU has it, for whole words of 64 entries; the
+    scalar one, for the rest and for other CPUs) against the torch arithmetic."""
     rng = np.random.default_rng(trial)
     n, m = int(rng.integers(1, 3000)), 1 + trial % 3
     masks = [rng.random(n) < d for d in rng.random(m)]
@@ -54,10 +58,10 @@ def test_the_kernel_is_the_torch_merge_bit_for_bit(trial):
 
     fused = native.FusedMerge(native.kernels(), [np.packbits(mask, bitorder="little") for mask in masks],
                               [v.view(torch.uint16).numpy() if v.dtype == torch.bfloat16 else v.numpy() for v in values],
-                              weights, scale, piece=64)
+                              weights, scale, piece=64 * int(rng.integers(1, 6)), simd=simd)
     out = base.clone()
     flat = (out.view(torch.uint16) if dtype == torch.bfloat16 else out).numpy()
-    step = 64 * int(rng.integers(1, 5))
+    step = fused.piece * int(rng.integers(1, 5))
     for start in range(0, n, step):
         fused.into(flat[start:start + step], start)
     assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
@@ -73,13 +77,29 @@ def test_a_count_of_values_unlike_the_count_of_positions_is_refused():
     assert err.value.args == (1,)
 
 
-def test_an_overflowing_sum_names_its_entry():
-    base = torch.full((16,), 3e38)
-    fused = native.FusedMerge(native.kernels(), [np.packbits(np.arange(16) == 5, bitorder="little")],
-                              [np.array([1e38], np.float32)], piece=8)
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
+def test_an_overflowing_sum_names_its_entry(simd):
+    base = torch.full((256,), 3e38)
+    held = (np.arange(256) == 5) | (np.arange(256) == 133)
+    fused = native.FusedMerge(native.kernels(), [np.packbits(held, bitorder="little")],
+                              [np.array([1.0, 1e38], np.float32)], piece=256, simd=simd)
     with pytest.raises(OverflowError) as err:
         fused.into(base.numpy(), 0)
-    assert err.value.args == (5,)
+    assert err.value.args == (133,)
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_a_nan_or_inf_value_is_refused_naming_its_input(simd, bad):
+    held = np.arange(200) % 3 == 0
+    values = np.full(int(held.sum()), 1e-3, np.float32)
+    damaged = values.copy()
+    damaged[50] = bad
+    bits = np.packbits(held, bitorder="little")
+    fused = native.FusedMerge(native.kernels(), [bits, bits], [values, damaged], piece=200, simd=simd)
+    with pytest.raises(FloatingPointError) as err:
+        fused.into(np.zeros(200, np.float32), 0)
+    assert err.value.args == (1,)
 
 
 def test_without_a_compiler_kernels_is_none_and_says_so(monkeypatch, tmp_path, caplog):

@@ -216,7 +216,7 @@ def test_a_recorded_base_checkpoint_spares_the_model_skeleton(tmp_path, base, mo
     indirect=["base"])
 def test_the_native_kernel_merges_as_the_numpy_path(tmp_path, base, monkeypatch, caplog, method, dtype):
     """The fused kernel against the numpy path it replaces: the same bits, the same overlap counts. bfloat16
-    (the base's dtype): its tensors are copied, then changed in place; float16: converted piece by piece."""
+    (the base's dtype): its bytes read as they are, then changed in place; float16: converted piece by piece."""
     from lota_cli import native
 
     if native.kernels() is None:
@@ -242,3 +242,31 @@ def test_the_native_kernel_merges_as_the_numpy_path(tmp_path, base, monkeypatch,
     for name in theirs:
         assert torch.equal(ours[name].view(torch.uint8), theirs[name].view(torch.uint8)), name
     assert logs[0] == logs[1] and len(logs[0]) == 1 and "sign conflicts" in logs[0][0]
+
+
+@pytest.mark.parametrize("base", ["sharded"], indirect=True)
+def test_direct_io_and_small_buffers_write_the_same_files(tmp_path, base, monkeypatch):
+    """The output shards written with direct I/O through buffers a fraction of a tensor, regions of a few pages
+    (many flushes, tensors split across buffers, tails of partial blocks) are byte for byte the default
+    write's; so is an artifact (its header rewritten at the end)."""
+    from lota_cli import sequential
+
+    directory, model_cfg, fp, shapes = base
+    da, db = disjoint_deltas(shapes, seed=2, density=0.2)
+    inputs = [write_sparse(tmp_path / "a.safetensors", da, fp, model_cfg),
+              write_sparse(tmp_path / "b.safetensors", db, fp, model_cfg)]
+    outputs = []
+    for small in (False, True):
+        with monkeypatch.context() as patch:
+            if small:
+                patch.setattr(sequential, "DIRECT_MIN", 0)
+                patch.setattr(sequential, "BUFFER", 5 * sequential.ALIGN)
+                patch.setattr(merge_stage, "REGION_BYTES", 3 * sequential.ALIGN)
+            target = _merge(tmp_path / f"small_{small}", inputs, True, monkeypatch, method="sum")
+            # the same out= both times: the artifact records its config
+            task_vector = merge_stage.run(MergeConfig(inputs=[str(p) for p in inputs], out=str(tmp_path / "tv")),
+                                          tmp_path / "tv")[0]
+        outputs.append({p.name: p.read_bytes() for p in [*target.iterdir(), task_vector]})
+    assert outputs[0].keys() == outputs[1].keys() and any(name.endswith(".safetensors") for name in outputs[0])
+    for name in outputs[0]:
+        assert outputs[0][name] == outputs[1][name], name

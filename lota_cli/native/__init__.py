@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from lota_cli import LotaError, cache_root
-from lota_cli.stored import count_bits_per
+from lota_cli.stored import count_bits_per, finite_array
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("merge.c")
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11"]  # portable code: no -march=native (caches can be shared)
 DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype("uint16"): 1, np.dtype(np.float16): 2}  # uint16: bfloat16 bits
+_STORED = {np.dtype(np.float32): "F32", np.dtype("uint16"): "BF16", np.dtype(np.float16): "F16"}
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 
@@ -86,7 +87,18 @@ def kernels() -> ctypes.CDLL | None:
         return None
     lib.lota_merge_into.restype = _I64
     lib.lota_merge_into.argtypes = [_P, ctypes.c_int, _I64, _P]
+    lib.lota_first_nonfinite.restype = _I64
+    lib.lota_first_nonfinite.argtypes = [_P, ctypes.c_int, _I64]
     return lib
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN or Inf in a float32, float16 or bfloat16 (as uint16) array: one vectorized pass of the kernels'
+    where they are built (several times numpy's), else numpy's (stored.finite_array)."""
+    lib = kernels()
+    if lib is None or not array.flags.c_contiguous:
+        return finite_array(array, _STORED[array.dtype])
+    return lib.lota_first_nonfinite(array.ctypes.data, DTYPE_CODES[array.dtype], array.size) < 0
 
 
 MAX_INPUTS = 16  # as merge.c
@@ -96,7 +108,7 @@ class _Inputs(ctypes.Structure):
     _fields_ = [("m", ctypes.c_int), ("bits", _P * MAX_INPUTS), ("values", _P * MAX_INPUTS),
                 ("bf16", ctypes.c_int * MAX_INPUTS), ("left", _I64 * MAX_INPUTS),
                 ("weights", ctypes.c_float * MAX_INPUTS), ("weighted", ctypes.c_int), ("scale", ctypes.c_float),
-                ("apply_scale", ctypes.c_int), ("used", _I64 * MAX_INPUTS), ("nonzero", _I64 * MAX_INPUTS),
+                ("apply_scale", ctypes.c_int), ("simd", ctypes.c_int), ("used", _I64 * MAX_INPUTS), ("nonzero", _I64 * MAX_INPUTS),
                 ("shared", _I64 * (MAX_INPUTS * (MAX_INPUTS - 1) // 2)),
                 ("agree", _I64 * (MAX_INPUTS * (MAX_INPUTS - 1) // 2))]
 
@@ -109,13 +121,15 @@ class FusedMerge:
     bits: each input's packed mask (uint8, little bit order); values: its held values in row-major order
     (float32, or bfloat16 as uint16); weights: None for `sum` (value_0 + value_1 + ...), else
     task_arithmetic's (fma per input, from 0); scale applied after, as merging.merge does. piece: the
-    entries of each run a thread takes (a multiple of 8). Raises ValueError(i) when input i's count of set
-    bits is not its count of values."""
+    entries of each run a thread takes (a multiple of 8). simd: take the kernel's AVX-512 path where the CPU
+    has it (the same bits as the scalar one, which simd=False forces: the tests compare them). Raises ValueError(i) when input i's count of set
+    bits is not its count of values; `into` raises FloatingPointError(i) when a value of input i is NaN or
+    Inf (the kernel checks each as it adds it)."""
 
     _NONE = np.zeros(1, dtype=np.float32)  # a clamped read where an input has no values left: 0 as either dtype
 
     def __init__(self, lib, bits: list[np.ndarray], values: list[np.ndarray], weights=None, scale: float = 1.0,
-                 piece: int = 1 << 22):
+                 piece: int = 1 << 21, simd: bool = True):
         if not 1 <= len(bits) <= MAX_INPUTS:
             raise TypeError(f"the merge kernels take 1 to {MAX_INPUTS} inputs, not {len(bits)}")
         if piece % 8:
@@ -127,20 +141,26 @@ class FusedMerge:
             if int(counts.sum()) != v.size:
                 raise ValueError(i)
             self.first.append(np.concatenate([[0], np.cumsum(counts)]))
-        self.template = _Inputs(m=len(bits), weighted=weights is not None, scale=scale, apply_scale=scale != 1.0)
+        self.template = _Inputs(m=len(bits), weighted=weights is not None, scale=scale, apply_scale=scale != 1.0,
+                                simd=simd)
         for i, v in enumerate(values):
             self.template.bf16[i] = v.dtype == np.uint16
             self.template.weights[i] = 1.0 if weights is None else weights[i]
         self.nonzero, self.shared, self.agree = [0] * len(bits), [0] * _pairs(len(bits)), [0] * _pairs(len(bits))
         self._lock = threading.Lock()
 
-    def into(self, piece: np.ndarray, start: int) -> None:
+    def into(self, piece: np.ndarray, start: int, fill=None) -> None:
         """Add the merged delta to entries [start, start + piece.size) of the tensor, given as `piece`
         (float32, float16, or bfloat16 as uint16), in place, its runs of `self.piece` entries on threads side
-        by side; start a multiple of self.piece. Raises OverflowError(entry) where a sum is not finite in the
-        piece's dtype."""
-        runs = range(0, piece.size, self.piece)
-        list(_threads().map(lambda at: self._run(piece[at:at + self.piece], start + at), runs))  # re-raises
+        by side; start a multiple of self.piece. fill(run, run_start), when given, first fills each run on the
+        thread that then merges it (the entries stay in that core's cache). Raises OverflowError(entry) where a
+        sum is not finite in the piece's dtype."""
+        def run(at: int) -> None:
+            if fill is not None:
+                fill(piece[at:at + self.piece], start + at)
+            self._run(piece[at:at + self.piece], start + at)
+
+        list(_threads().map(run, range(0, piece.size, self.piece)))  # re-raises
 
     def _run(self, piece: np.ndarray, start: int) -> None:
         index, m = start // self.piece, len(self.bits)
@@ -153,6 +173,8 @@ class FusedMerge:
             ins.values[i] = values[at:].ctypes.data if stop > at else self._NONE.ctypes.data
             ins.left[i] = stop - at
         bad = self.lib.lota_merge_into(piece.ctypes.data, DTYPE_CODES[piece.dtype], piece.size, ctypes.byref(ins))
+        if bad <= -100:
+            raise FloatingPointError(-100 - bad)  # input i holds a NaN or Inf value
         if bad == -2:
             raise LotaError("this build of lota's merge kernels has no float16 (a compiler without _Float16): "
                             "set LOTA_NATIVE=0")

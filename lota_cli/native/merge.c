@@ -50,6 +50,18 @@ static inline float keep(float v, unsigned held)
     return v;
 }
 
+/* set bits among the first n (a multiple of 64) of packed bits */
+static int64_t count_set(const uint8_t *bits, int64_t n)
+{
+    int64_t count = 0;
+    for (int64_t word = 0; word * 64 < n; word++) {
+        uint64_t w;
+        memcpy(&w, bits + word * 8, 8);
+        count += __builtin_popcountll(w);
+    }
+    return count;
+}
+
 typedef struct {
     int m;                     /* inputs */
     const uint8_t *bits[MAX_INPUTS];   /* each input's packed mask (little bit order), from the piece's first entry */
@@ -60,6 +72,7 @@ typedef struct {
     int weighted;                      /* 0: acc = value_0 + value_1 + ..., in that order */
     float scale;                       /* applied when apply_scale: acc * scale */
     int apply_scale;
+    int simd;                          /* take the vector path where this CPU has it (else, and for tails: scalar) */
     /* out: values used per input; counts for the overlap statistics (merging.Overlap) */
     int64_t used[MAX_INPUTS];
     int64_t nonzero[MAX_INPUTS];       /* held entries whose value is not 0 */
@@ -93,6 +106,7 @@ INLINE int64_t merge_body(void *piece, const int dtype, int64_t n, lota_inputs *
         shared[p] = agree[p] = 0;
 
     int64_t bad = -1;
+    int bad_value = -1;
     for (int64_t word = 0; word * 64 < n && bad < 0; word++) {
         uint64_t held[MAX_INPUTS], any = 0;
         int64_t first = word * 64, count = n - first < 64 ? n - first : 64;
@@ -116,7 +130,12 @@ INLINE int64_t merge_body(void *piece, const int dtype, int64_t n, lota_inputs *
             for (int i = 0; i < m; i++) {
                 unsigned h = (unsigned)(held[i] >> bit) & 1u;
                 int64_t c = used[i] < last[i] ? used[i] : last[i];
-                float v = keep(load_value(values[i], bf16[i], c), h);  /* read, then keep or zero: no branch */
+                float raw = load_value(values[i], bf16[i], c);
+                if (h & !is_finite_f32(raw)) {  /* a damaged delta: never taken otherwise */
+                    bad_value = i;
+                    goto done;
+                }
+                float v = keep(raw, h);  /* read, then keep or zero: no branch */
                 used[i] += h;
                 got[i] = v;
                 nz[i] = v != 0.0f;
@@ -164,6 +183,7 @@ INLINE int64_t merge_body(void *piece, const int dtype, int64_t n, lota_inputs *
 #endif
         }
     }
+done:
     for (int i = 0; i < m; i++) {
         in->used[i] = used[i];
         in->nonzero[i] += nonzero[i];
@@ -172,6 +192,8 @@ INLINE int64_t merge_body(void *piece, const int dtype, int64_t n, lota_inputs *
         in->shared[p] += shared[p];
         in->agree[p] += agree[p];
     }
+    if (bad_value >= 0)
+        return -100 - bad_value;
     if (bad >= 0)
         return bad;
     for (int i = 0; i < m; i++)
@@ -194,12 +216,8 @@ INLINE int64_t merge_body(void *piece, const int dtype, int64_t n, lota_inputs *
 #define HAVE_F16 0
 #endif
 
-/* The inputs' merged delta added to a base piece of n entries (dtype 0 float32, 1 bfloat16, 2 float16) in
- * place, at the positions any input holds, rounded once: as merging's sum / task_arithmetic over the
- * inputs laid over the union of their positions (zeros elsewhere), then added to the base in float32.
- * Returns -1; or the first entry whose result is not finite (the piece is then partly changed: discard it);
- * -2 for a dtype this build lacks; -3 - i when input i holds more entries than it has values left. */
-int64_t lota_merge_into(void *piece, int dtype, int64_t n, lota_inputs *in)
+/* lota_merge_into entry by entry (see it, below). */
+static int64_t merge_scalar(void *piece, int dtype, int64_t n, lota_inputs *in)
 {
     switch (in->m) {  /* the common input counts get their own unrolled copy */
     case 1: FOR_DTYPE(1)
@@ -210,4 +228,217 @@ int64_t lota_merge_into(void *piece, int dtype, int64_t n, lota_inputs *in)
             return -1000;
         FOR_DTYPE(in->m)
     }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_SIMD 1
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+/* 16 entries' values of one input, expanded to where `held` has its bits (+0.0 elsewhere): the next
+ * popcount(held) stored values, read with a masked load (nothing read past them) */
+TARGET static inline __m512 expand16(const void *values, int bf16, int64_t at, __mmask16 held)
+{
+    int count = __builtin_popcount(held);
+    if (bf16) {
+        __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << count) - 1u), (const uint16_t *)values + at);
+        __m512i f = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+        return _mm512_maskz_expand_ps(held, _mm512_castsi512_ps(f));
+    }
+    return _mm512_maskz_expandloadu_ps(held, (const float *)values + at);
+}
+
+/* merge_body's arithmetic, 16 entries at a time (AVX-512), over the first n entries (a multiple of 64): the
+ * same float32 operations in the same order per entry, so the same bits. Returns as merge_body. */
+TARGET INLINE int64_t simd_body(void *piece, const int dtype, int64_t n, lota_inputs *in, const int m)
+{
+    int64_t used[MAX_INPUTS], nonzero[MAX_INPUTS], shared[MAX_PAIRS], agree[MAX_PAIRS];
+    for (int i = 0; i < m; i++)
+        used[i] = nonzero[i] = 0;
+    for (int p = 0; p < m * (m - 1) / 2; p++)
+        shared[p] = agree[p] = 0;
+    const __m512 scale = _mm512_set1_ps(in->scale);
+    const __m512i exponent32 = _mm512_set1_epi32(0x7f800000);
+    int64_t bad = -1;
+    int bad_value = -1;
+    for (int64_t word = 0; word * 64 < n; word++) {
+        uint64_t held[MAX_INPUTS], any = 0;
+        for (int i = 0; i < m; i++) {
+            memcpy(&held[i], in->bits[i] + word * 8, 8);
+            any |= held[i];
+        }
+        for (int g = 0; g < 4 && any; g++) {
+            __mmask16 u = (__mmask16)(any >> (16 * g));
+            if (!u)
+                continue;
+            __m512 acc = _mm512_setzero_ps();
+            __mmask16 nz[MAX_INPUTS], neg[MAX_INPUTS];
+            for (int i = 0; i < m; i++) {
+                __mmask16 h = (__mmask16)(held[i] >> (16 * g));
+                __m512 v = expand16(in->values[i], in->bf16[i], used[i], h);
+                used[i] += __builtin_popcount(h);
+                __m512i bits = _mm512_castps_si512(v);
+                if (_mm512_mask_cmpeq_epi32_mask(h, _mm512_and_si512(bits, exponent32), exponent32)) {
+                    bad_value = i;
+                    goto done;
+                }
+                nz[i] = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+                neg[i] = _mm512_movepi32_mask(bits);
+                nonzero[i] += __builtin_popcount(nz[i]);
+                if (in->weighted)
+                    acc = _mm512_fmadd_ps(v, _mm512_set1_ps(in->weights[i]), acc);
+                else
+                    acc = i ? _mm512_add_ps(acc, v) : v;
+            }
+            for (int i = 0, pair = 0; i < m; i++)
+                for (int j = i + 1; j < m; j++, pair++) {
+                    __mmask16 both = nz[i] & nz[j];
+                    shared[pair] += __builtin_popcount(both);
+                    agree[pair] += __builtin_popcount(both & (__mmask16)~(neg[i] ^ neg[j]));
+                }
+            if (in->apply_scale)
+                acc = _mm512_mul_ps(acc, scale);
+            int64_t at = word * 64 + g * 16;
+            __mmask16 inf;
+            if (dtype == 0) {
+                float *p = (float *)piece + at;
+                __m512 sum = _mm512_add_ps(_mm512_loadu_ps(p), acc);
+                inf = _mm512_mask_cmpeq_epi32_mask(u, _mm512_and_si512(_mm512_castps_si512(sum), exponent32),
+                                                   exponent32);
+                if (!inf)
+                    _mm512_mask_storeu_ps(p, u, sum);
+            } else {
+                uint16_t *p = (uint16_t *)piece + at;
+                __m256i old = _mm256_loadu_si256((const __m256i *)p), h;
+                if (dtype == 1) {
+                    __m512 base = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(old), 16));
+                    __m512i r = _mm512_castps_si512(_mm512_add_ps(base, acc));
+                    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(r, 16), _mm512_set1_epi32(1));
+                    r = _mm512_add_epi32(_mm512_add_epi32(r, _mm512_set1_epi32(0x7fff)), odd);
+                    h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+                } else {
+                    __m512 sum = _mm512_add_ps(_mm512_cvtph_ps(old), acc);
+                    h = _mm512_cvtps_ph(sum, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                }
+                const __m256i exponent16 = _mm256_set1_epi16(dtype == 1 ? 0x7f80 : 0x7c00);
+                inf = _mm256_mask_cmpeq_epi16_mask(u, _mm256_and_si256(h, exponent16), exponent16);
+                if (!inf)
+                    _mm256_mask_storeu_epi16(p, u, h);
+            }
+            if (inf) {
+                bad = at + __builtin_ctz(inf);
+                goto done;
+            }
+        }
+    }
+done:
+    for (int i = 0; i < m; i++) {
+        in->used[i] = used[i];
+        in->nonzero[i] += nonzero[i];
+    }
+    for (int p = 0; p < m * (m - 1) / 2; p++) {
+        in->shared[p] += shared[p];
+        in->agree[p] += agree[p];
+    }
+    if (bad_value >= 0)
+        return -100 - bad_value;
+    return bad;
+}
+
+TARGET static int64_t merge_simd(void *piece, int dtype, int64_t n, lota_inputs *in)
+{
+    switch (in->m) {
+    case 1: return simd_body(piece, dtype, n, in, 1);
+    case 2: return simd_body(piece, dtype, n, in, 2);
+    case 3: return simd_body(piece, dtype, n, in, 3);
+    default: return simd_body(piece, dtype, n, in, in->m);
+    }
+}
+
+static int have_simd(void)
+{
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    }
+    return known;
+}
+#else
+#define HAVE_SIMD 0
+#endif
+
+/* The inputs' merged delta added to a base piece of n entries (dtype 0 float32, 1 bfloat16, 2 float16) in
+ * place, at the positions any input holds, rounded once: as merging's sum / task_arithmetic over the
+ * inputs laid over the union of their positions (zeros elsewhere), then added to the base in float32.
+ * Returns -1; or the first entry whose result is not finite (the piece is then partly changed: discard it);
+ * -2 for a dtype this build lacks; -3 - i when input i holds more entries than it has values left; -100 - i
+ * when a value of input i is NaN or Inf. Whole words of 64 entries take the vector path where the CPU has
+ * AVX-512 (and in->simd), the rest the scalar one. */
+int64_t lota_merge_into(void *piece, int dtype, int64_t n, lota_inputs *in)
+{
+    if (in->m < 1 || in->m > MAX_INPUTS)
+        return -1000;
+    if (dtype < 0 || dtype > 2 || (dtype == 2 && !HAVE_F16))
+        return -2;
+#if HAVE_SIMD
+    int64_t head = n / 64 * 64;
+    if (!in->simd || !head || !have_simd())
+        return merge_scalar(piece, dtype, n, in);
+    for (int i = 0; i < in->m; i++)  /* the vector path reads only what the bits say: check they say no more */
+        if (count_set(in->bits[i], head) > in->left[i])
+            return -3 - i;
+    int64_t r = merge_simd(piece, dtype, head, in);
+    if (r != -1 || head == n)
+        return r;
+    static const float none = 0.0f;
+    lota_inputs rest = *in;
+    for (int i = 0; i < in->m; i++) {
+        rest.bits[i] = in->bits[i] + head / 8;
+        rest.values[i] = in->used[i] < in->left[i]
+            ? (const char *)in->values[i] + in->used[i] * (in->bf16[i] ? 2 : 4) : (const void *)&none;
+        rest.left[i] = in->left[i] - in->used[i];
+        rest.nonzero[i] = 0;
+    }
+    for (int p = 0; p < MAX_PAIRS; p++)
+        rest.shared[p] = rest.agree[p] = 0;
+    r = merge_scalar((char *)piece + head * (dtype ? 2 : 4), dtype, n - head, &rest);
+    for (int i = 0; i < in->m; i++) {
+        in->used[i] += rest.used[i];
+        in->nonzero[i] += rest.nonzero[i];
+    }
+    for (int p = 0; p < MAX_PAIRS; p++) {
+        in->shared[p] += rest.shared[p];
+        in->agree[p] += rest.agree[p];
+    }
+    return r >= 0 ? r + head : r;
+#else
+    return merge_scalar(piece, dtype, n, in);
+#endif
+}
+
+/* The first of n entries (dtype as lota_merge_into) that is NaN or Inf (every exponent bit set), or -1: each
+ * block of entries is tested without a branch per entry, which the compiler vectorizes; a failing block is
+ * then searched. */
+int64_t lota_first_nonfinite(const void *data, int dtype, int64_t n)
+{
+    const uint32_t *f32 = (const uint32_t *)data;
+    const uint16_t *f16 = (const uint16_t *)data;
+    const uint16_t exponent = dtype == 1 ? 0x7f80u : 0x7c00u;  /* bfloat16's, float16's */
+    for (int64_t block = 0; block < n; block += 4096) {
+        int64_t end = n - block < 4096 ? n : block + 4096;
+        unsigned bad = 0;
+        if (dtype == 0)
+            for (int64_t i = block; i < end; i++)
+                bad |= (f32[i] & 0x7f800000u) == 0x7f800000u;
+        else
+            for (int64_t i = block; i < end; i++)
+                bad |= (uint16_t)(f16[i] & exponent) == exponent;
+        if (bad)
+            for (int64_t i = block; i < end; i++)
+                if (dtype == 0 ? (f32[i] & 0x7f800000u) == 0x7f800000u : (uint16_t)(f16[i] & exponent) == exponent)
+                    return i;
+    }
+    return -1;
 }

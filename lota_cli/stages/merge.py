@@ -12,7 +12,6 @@ model instead, as the log says. The pairwise overlap and sign conflicts of the i
 
 from __future__ import annotations
 
-import collections
 import itertools
 import json
 import logging
@@ -30,6 +29,7 @@ from lota_cli.models import DTYPES
 from lota_cli.overlaps import Overlap
 
 log = logging.getLogger(__name__)
+REGION_BYTES = 8 << 20  # of the output filled at a time: a kernel run's share stays in a core's cache
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".index.json")
 
 
@@ -69,6 +69,7 @@ class _Merger:
         # sparse inputs of an elementwise method merge at the union of their positions
         self.sparse = METHODS[cfg.method].elementwise and all(a.kind == "sparse_delta" for a in inputs)
         self.native = METHODS[cfg.method].native if self.sparse and len(inputs) <= native.MAX_INPUTS else None
+        self.piece = 1 << 21  # entries of a kernel run (FusedMerge.piece): two runs per region of the output
 
     def _merged(self, name: str, deltas: list[torch.Tensor]) -> torch.Tensor:
         for i, j in self.pairs:
@@ -103,14 +104,15 @@ class _Merger:
         """(name, the merge of `name` ready to run over the base's pieces) for native mergers: each input's
         packed mask and values as stored, mapped rather than copied (checked against their checksums;
         bfloat16 values as uint16)."""
-        values = [a.values_array(name) for a in self.inputs]  # mapped, not copied
+        # mapped, not copied; their finiteness is checked by the kernel, as it adds them
+        values = [a.values_array(name, check_finite=False) for a in self.inputs]
         values = [v if v.dtype in (np.float32, np.uint16) else v.astype(np.float32) for v in values]
         bits = [a.packed_bits(name) for a in self.inputs]
         weights = None
         if self.native == "weighted":
             weights = list(self.params.get("weights") or [1.0] * len(self.inputs))
         try:
-            return name, native.FusedMerge(native.kernels(), bits, values, weights, self.cfg.scale)
+            return name, native.FusedMerge(native.kernels(), bits, values, weights, self.cfg.scale, self.piece)
         except ValueError as err:  # an input's count of values is not its count of positions: its own check
             self.inputs[err.args[0]].held(name)
             raise
@@ -155,38 +157,44 @@ def _into_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger) -> Pa
     layout = {name: (dtype, checkpoint.shape(name)) for name in checkpoint.names}
     lib = native.kernels() if merger.native else None
     merge_one = merger.fused if lib else merger.at_positions if merger.sparse else merger.dense
-    names = checkpoint.names
-    copies = {name for name in names if checkpoint.dtype(name) == dtype}  # copied as they are, changed in place
-    with ShardedWriter(cfg.output_model, layout, parse_size(cfg.shard_size)) as writer, \
-            ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as copier:  # threads end before the writer
-        # the next tensor's delta is read on a second thread, and the next tensor copied on a third, while this
-        # one is changed: the copy is bound by the disk, the change by the CPU
+    names, entries = checkpoint.names, REGION_BYTES // dtype.itemsize
+    merger.piece = entries // 2  # a region's two halves merged side by side
+    with ShardedWriter(cfg.output_model, layout, parse_size(cfg.shard_size)) as writer, ThreadPoolExecutor(1) as pool:
+        # the next tensor's delta is read (and checked) on a second thread while this one is written
         merged = _ahead(pool, merge_one, [delta_of[name] for name in names if name in delta_of])
-        copying = None  # (name, future) of the copy ahead
-        for i, name in enumerate(names):
-            if name in copies:
-                (copying[1] if copying and copying[0] == name else copier.submit(writer.copy_from, name,
-                                                                                 checkpoint)).result()
-                after = names[i + 1] if i + 1 < len(names) else None
-                copying = ((after, copier.submit(writer.copy_from, after, checkpoint))
-                           if after in copies and writer.in_this_shard(after) else None)
-                pieces = checkpoint.checked_pieces(name, writer.mapped)
-            else:
-                pieces = ((start, piece.to(dtype)) for start, piece in checkpoint.pieces(name))
-            if name in delta_of and lib:
-                pieces = _fused_into(pieces, *next(merged), merger)
-            elif name in delta_of and merger.sparse:
-                pieces = _add_at(pieces, *next(merged))
-            elif name in delta_of:
-                pieces = _add_dense(pieces, next(merged).reshape(-1))
-            if name in copies:
-                collections.deque(pieces, maxlen=0)  # each piece is changed where it lies
-                writer.finished(name)
-            else:
-                writer.write_pieces(name, (piece for _, piece in pieces))
+        for name in names:
+            delta = next(merged) if name in delta_of else None
+            for start, region in writer.regions(name, entries):  # the output's own buffer: filled in place
+                if lib and delta is not None:  # each thread reads the base into its part, then merges there
+                    _fused_into(region, start, *delta, merger.inputs, dtype,
+                                fill=lambda part, at, name=name: _base_into(checkpoint, name, at, part, dtype))
+                    continue
+                _base_into(checkpoint, name, start, region, dtype)
+                if delta is not None:
+                    piece = torch.from_numpy(region).view(dtype)
+                    _add_at(piece, start, *delta) if merger.sparse else _add_dense(piece, start, delta.reshape(-1))
+            if lib and delta is not None:
+                merger.count(delta[1])
         writer.copy_files(directory, skip={p.name for p in directory.iterdir() if p.name.endswith(WEIGHT_FILES)})
         _set_dtype(writer.tmp / "config.json", cfg.dtype)
     return Path(cfg.output_model)
+
+
+def _base_into(checkpoint, name: str, start: int, region: np.ndarray, dtype: torch.dtype) -> None:
+    """The base's entries [start, start + region.size) of `name`, in `dtype`, into `region`, refused if any is
+    NaN or Inf (as loading the model would refuse them)."""
+    if checkpoint.dtype(name) == dtype:
+        checkpoint.read_into(name, start, region)  # its bytes as they are
+        if not native.all_finite(region):
+            raise checkpoint.nonfinite(name)
+        return
+    with checkpoint.mapped(name, start, start + region.size) as piece:
+        if not all_finite(piece):
+            raise checkpoint.nonfinite(name)
+        torch.from_numpy(region).view(dtype).copy_(piece)
+        del piece
+    if not native.all_finite(region):  # finite in the base's dtype, beyond the range of this one
+        raise _overflow(dtype)
 
 
 def _ahead(pool, fn, items: list):
@@ -232,34 +240,33 @@ def _checked_base(inputs: list[Artifact], checkpoint, model_cfg: ModelConfig) ->
     return delta_of
 
 
-def _add_at(pieces, positions: torch.Tensor, values: torch.Tensor):
-    """Base pieces with float32 `values` added at flat `positions`, rounded once to the pieces' dtype: the same
-    arithmetic, entry by entry, as adding the dense delta (whose other entries are 0)."""
-    for start, piece in pieces:
-        lo, hi = torch.searchsorted(positions, torch.tensor([start, start + piece.numel()])).tolist()
-        local = positions[lo:hi] - start
-        added = (piece[local].float() + values[lo:hi]).to(piece.dtype)
-        _check_finite(added)
-        piece[local] = added
-        yield start, piece
+def _add_at(piece: torch.Tensor, start: int, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """float32 `values` added at flat `positions` to the base's entries [start, start + piece.numel()), in
+    place, rounded once to the piece's dtype: the same arithmetic, entry by entry, as adding the dense delta
+    (whose other entries are 0)."""
+    lo, hi = torch.searchsorted(positions, torch.tensor([start, start + piece.numel()])).tolist()
+    local = positions[lo:hi] - start
+    added = (piece[local].float() + values[lo:hi]).to(piece.dtype)
+    _check_finite(added)
+    piece[local] = added
 
 
-def _fused_into(pieces, name: str, fused: native.FusedMerge, merger: _Merger):
-    """Base pieces with the merged delta added by the native kernel, in place (what _add_at computes)."""
-    for start, piece in pieces:
-        try:
-            fused.into((piece.view(torch.uint16) if piece.dtype == torch.bfloat16 else piece).numpy(), start)
-        except OverflowError:
-            raise _overflow(piece.dtype) from None
-        yield start, piece
-    merger.count(fused)
+def _fused_into(region: np.ndarray, start: int, name: str, fused: native.FusedMerge, inputs: list[Artifact],
+                dtype: torch.dtype, fill) -> None:
+    """The merged delta of `name` added to the base's entries [start, ...) by the native kernel, in place
+    (what _add_at computes), which also refuses a NaN or Inf value of an input; fill: see FusedMerge.into."""
+    try:
+        fused.into(region, start, fill)
+    except OverflowError:
+        raise _overflow(dtype) from None
+    except FloatingPointError as err:
+        raise inputs[err.args[0]].nonfinite_values(name) from None
 
 
-def _add_dense(pieces, delta: torch.Tensor):
-    for start, piece in pieces:
-        added = (piece.float() + delta[start:start + piece.numel()]).to(piece.dtype)
-        _check_finite(added)
-        yield start, piece.copy_(added)
+def _add_dense(piece: torch.Tensor, start: int, delta: torch.Tensor) -> None:
+    added = (piece.float() + delta[start:start + piece.numel()]).to(piece.dtype)
+    _check_finite(added)
+    piece.copy_(added)
 
 
 def _check_finite(tensor: torch.Tensor) -> None:
