@@ -129,3 +129,38 @@ def test_a_damaged_cached_build_is_built_again(tmp_path):
     built.write_bytes(built.read_bytes()[:100])
     assert subprocess.run(load, env=env, capture_output=True, text=True, check=True).stdout.strip() == "True"
     assert built.stat().st_size > 100
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
+@pytest.mark.parametrize("trial", range(12))
+def test_the_scan_is_the_numpy_pass(trial, simd):
+    """native.scan (one pass of top-k selection) against its numpy definition: entries > hi as packed bits,
+    those in [lo, hi] as positions and |values|, excluded entries in neither; ties at lo and hi included."""
+    rng = np.random.default_rng(100 + trial)
+    n = int(rng.integers(1, 5000))
+    values = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+    values[::13] = 0.5  # ties at the bounds
+    values[::17] = -0.25
+    bf16 = trial % 2 == 1
+    if bf16:
+        values = values.to(torch.bfloat16)
+    mag = values.float().abs().numpy()
+    lo, hi = (0.25, 0.5) if trial % 3 else (0.0, float("inf"))
+    excluded = rng.random(n) < 0.3 if trial % 4 else np.zeros(n, bool)
+    mag_free = np.where(excluded, -1.0, mag)
+    buffers = native.ScanBuffers(n)
+    piece = values.view(torch.int16).numpy().view(np.uint16) if bf16 else values.numpy()
+    count = buffers.scan(native.kernels(), piece, lo, hi, np.packbits(excluded, bitorder="little") if trial % 4 else None,
+                         simd=simd)
+    band = np.flatnonzero((mag_free >= lo) & (mag_free <= hi))
+    assert count == band.size
+    assert np.array_equal(buffers.sure[:(n + 7) // 8], np.packbits(mag_free > hi, bitorder="little"))
+    assert np.array_equal(buffers.positions[:count], band)
+    assert np.array_equal(buffers.values[:count], mag[band])
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
+def test_the_scan_refuses_nan_and_inf_naming_the_entry(simd):
+    values = np.zeros(100, np.float32)
+    values[70] = -math.inf
+    assert native.ScanBuffers(100).scan(native.kernels(), values, 0.0, 1.0, None, simd=simd) == -1 - 70

@@ -87,6 +87,8 @@ def kernels() -> ctypes.CDLL | None:
         return None
     lib.lota_merge_into.restype = _I64
     lib.lota_merge_into.argtypes = [_P, ctypes.c_int, _I64, _P]
+    lib.lota_scan.restype = _I64
+    lib.lota_scan.argtypes = [_P, ctypes.c_int, _I64, ctypes.c_float, ctypes.c_float, _P, _P, _P, _P, ctypes.c_int]
     lib.lota_first_nonfinite.restype = _I64
     lib.lota_first_nonfinite.argtypes = [_P, ctypes.c_int, _I64]
     return lib
@@ -99,6 +101,26 @@ def all_finite(array: np.ndarray) -> bool:
     if lib is None or not array.flags.c_contiguous:
         return finite_array(array, _STORED[array.dtype])
     return lib.lota_first_nonfinite(array.ctypes.data, DTYPE_CODES[array.dtype], array.size) < 0
+
+
+class ScanBuffers:
+    """One thread's output buffers for `scan` over pieces of up to `size` entries."""
+
+    def __init__(self, size: int):
+        self.sure = np.empty((size + 7) // 8, np.uint8)
+        self.positions = np.empty(size + 16, np.int64)
+        self.values = np.empty(size + 16, np.float32)
+
+    def scan(self, lib, piece: np.ndarray, lo: float, hi: float, excluded: np.ndarray | None,
+             simd: bool = True) -> int:
+        """One pass of top-k selection over a piece's |values| (float32, or bfloat16 as uint16; contiguous):
+        the bits of entries > hi into `sure`, the positions and |values| of those in [lo, hi] into
+        `positions` / `values`, entries set in `excluded` (packed bits, or None) in neither. Returns the band's
+        count, or -1 - i where entry i is NaN or Inf."""
+        piece = np.ascontiguousarray(piece)
+        return lib.lota_scan(piece.ctypes.data, DTYPE_CODES[piece.dtype], piece.size, lo, hi,
+                             None if excluded is None else np.ascontiguousarray(excluded).ctypes.data,
+                             self.sure.ctypes.data, self.positions.ctypes.data, self.values.ctypes.data, simd)
 
 
 MAX_INPUTS = 16  # as merge.c

@@ -442,3 +442,80 @@ int64_t lota_first_nonfinite(const void *data, int dtype, int64_t n)
     }
     return -1;
 }
+
+/* One pass of masks.top_k_mask over n entries of |value| (dtype 0 float32, 1 bfloat16): an entry > hi sets its
+ * bit in `sure` (packed, little bit order: every byte of the n entries' written), lo <= it <= hi appends its
+ * position (from 0) and |value| to band_pos / band_val (room for n + 16). Entries whose bit is set in `excluded`
+ * (NULL: none) are neither. Returns how many entries the band got, or -1 - i where entry i is NaN or Inf.
+ * n a multiple of 8 but for a tensor's last piece. */
+static int64_t scan_scalar(const void *data, int dtype, int64_t from, int64_t n, float lo, float hi,
+                           const uint8_t *excluded, uint8_t *sure, int64_t *band_pos, float *band_val,
+                           int64_t count)
+{
+    for (int64_t byte = from / 8; byte * 8 < n; byte++) {
+        unsigned bits = 0, skip = excluded ? excluded[byte] : 0;
+        for (int b = 0; b < 8 && byte * 8 + b < n; b++) {
+            int64_t i = byte * 8 + b;
+            uint32_t u = dtype == 0 ? ((const uint32_t *)data)[i] & 0x7fffffffu
+                                    : ((uint32_t)((const uint16_t *)data)[i] & 0x7fffu) << 16;
+            if (u >= 0x7f800000u)
+                return -1 - i;
+            float m;
+            memcpy(&m, &u, 4);
+            unsigned free = !((skip >> b) & 1u), above = free & (m > hi), band = free & (m >= lo) & !above;
+            bits |= above << b;
+            band_pos[count] = i;
+            band_val[count] = m;
+            count += band;
+        }
+        sure[byte] = (uint8_t)bits;
+    }
+    return count;
+}
+
+#if HAVE_SIMD
+TARGET static int64_t scan_simd(const void *data, int dtype, int64_t n, float lo, float hi, const uint8_t *excluded,
+                                uint8_t *sure, int64_t *band_pos, float *band_val)
+{
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), exponent = _mm512_set1_epi32(0x7f800000);
+    const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+    const __m512i step = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    int64_t count = 0, i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i u = dtype == 0 ? _mm512_loadu_si512((const void *)((const uint32_t *)data + i))
+                               : _mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                     _mm256_loadu_si256((const __m256i *)((const uint16_t *)data + i))), 16);
+        u = _mm512_and_si512(u, magnitude);
+        __mmask16 bad = _mm512_cmpge_epu32_mask(u, exponent);
+        if (bad)
+            return -1 - (i + __builtin_ctz(bad));
+        __m512 m = _mm512_castsi512_ps(u);
+        uint16_t skip = 0;
+        if (excluded)
+            memcpy(&skip, excluded + i / 8, 2);
+        __mmask16 above = _mm512_cmp_ps_mask(m, vhi, _CMP_GT_OQ) & (__mmask16)~skip;
+        __mmask16 band = _mm512_cmp_ps_mask(m, vlo, _CMP_GE_OQ) & (__mmask16)~skip & (__mmask16)~above;
+        memcpy(sure + i / 8, &above, 2);
+        if (band) {
+            _mm512_mask_compressstoreu_ps(band_val + count, band, m);
+            __m512i first = _mm512_add_epi64(_mm512_set1_epi64(i), step);
+            _mm512_mask_compressstoreu_epi64(band_pos + count, (__mmask8)band, first);
+            _mm512_mask_compressstoreu_epi64(band_pos + count + __builtin_popcount(band & 0xffu),
+                                             (__mmask8)(band >> 8), _mm512_add_epi64(first, _mm512_set1_epi64(8)));
+            count += __builtin_popcount(band);
+        }
+    }
+    return scan_scalar(data, dtype, i, n, lo, hi, excluded, sure, band_pos, band_val, count);
+}
+#endif
+
+int64_t lota_scan(const void *data, int dtype, int64_t n, float lo, float hi, const uint8_t *excluded, uint8_t *sure,
+                  int64_t *band_pos, float *band_val, int simd)
+{
+#if HAVE_SIMD
+    if (simd && have_simd())
+        return scan_simd(data, dtype, n, lo, hi, excluded, sure, band_pos, band_val);
+#endif
+    (void)simd;
+    return scan_scalar(data, dtype, 0, n, lo, hi, excluded, sure, band_pos, band_val, 0);
+}
