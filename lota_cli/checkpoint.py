@@ -133,15 +133,28 @@ class Checkpoint:
         return LotaError(f"model {str(self.directory)!r}: weight {name!r} holds NaN or Inf values; the model "
                          "files are damaged or the model diverged: use an intact copy")
 
+    def _file(self, shard: Path):
+        if shard not in self._files:
+            self._files[shard] = open(shard, "rb")
+        return self._files[shard]
+
+    def read_ahead(self, name: str) -> None:
+        """Ask the kernel to start reading tensor `name`'s bytes into the page cache now (they are read later
+        with read_into): from a disk, the next tensor arrives while this one is worked on. Where the system
+        cannot, nothing happens."""
+        shard, offset = self.location(name)
+        with contextlib.suppress(AttributeError, OSError):
+            os.posix_fadvise(self._file(shard).fileno(), offset, self.numel(name) * self.dtype(name).itemsize,
+                             os.POSIX_FADV_WILLNEED)
+
     def read_into(self, name: str, start: int, out: np.ndarray) -> None:
         """The stored bytes of entries [start, start + out.size) of `name` (out's dtype of the same size as the
         tensor's) read into `out`: one copy from the page cache, no mapping."""
         shard, offset = self.location(name)
-        if shard not in self._files:
-            self._files[shard] = open(shard, "rb")
+        fd = self._file(shard).fileno()
         view, at = memoryview(out).cast("B"), offset + start * self.dtype(name).itemsize
         while view.nbytes:
-            done = os.preadv(self._files[shard].fileno(), [view], at)
+            done = os.preadv(fd, [view], at)
             if done == 0:
                 raise LotaError(f"{shard} ends inside tensor {name!r}; the file is truncated: copy it again")
             view, at = view[done:], at + done

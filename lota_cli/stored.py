@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -357,6 +358,20 @@ class StoredFile:
         region, lead = map_bytes(self._fh.fileno(), offset, length, prot=mmap.PROT_READ,
                                  flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0))
         return np.frombuffer(region, dtype=dtype, count=stop - start, offset=lead)
+
+    def read_ahead(self, name: str) -> None:
+        """Ask the kernel to start reading the stored tensors of `name` into the page cache now, to be read
+        later: from a disk, the next tensors arrive while this one is worked on. Where the system cannot,
+        nothing happens."""
+        for key in (name, f"{name}::bits", f"{name}::idx", f"{name}::values"):
+            entry = self._entries.get(key)
+            if entry is not None:
+                start, stop = entry["data_offsets"]
+                try:
+                    os.posix_fadvise(self._fh.fileno(), self._data_start + start, stop - start,
+                                     os.POSIX_FADV_WILLNEED)
+                except (AttributeError, OSError):
+                    return
 
     def array(self, key: str) -> np.ndarray:
         """A stored tensor, flat, as a read-only numpy view of the file (no copy: a mapping of just its bytes,

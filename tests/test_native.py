@@ -164,3 +164,21 @@ def test_the_scan_refuses_nan_and_inf_naming_the_entry(simd):
     values = np.zeros(100, np.float32)
     values[70] = -math.inf
     assert native.ScanBuffers(100).scan(native.kernels(), values, 0.0, 1.0, None, simd=simd) == -1 - 70
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.float16], ids=["float32", "bfloat16", "float16"])
+def test_all_finite_finds_nan_and_inf_anywhere(dtype):
+    """native.all_finite (vectorized blocks, then a tail) against numpy's answer, for every position of a bad
+    entry near the blocks' edges and in tails of every length."""
+    rng = np.random.default_rng(7)
+    for n in (1, 15, 16, 31, 32, 33, 100, 4097, 5000):
+        clean = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+        as_dtype = {np.float32: clean, np.uint16: clean.to(torch.bfloat16), np.float16: clean.half()}[dtype]
+        array = as_dtype.view(torch.int16).numpy().view(np.uint16) if dtype is np.uint16 else as_dtype.numpy()
+        assert native.all_finite(array)
+        for at in {0, n // 2, n - 1, min(n - 1, 31), min(n - 1, 4096)}:
+            for bad in (math.nan, -math.inf):
+                damaged = as_dtype.clone()
+                damaged[at] = bad
+                damaged = damaged.view(torch.int16).numpy().view(np.uint16) if dtype is np.uint16 else damaged.numpy()
+                assert not native.all_finite(damaged), (n, at, bad)

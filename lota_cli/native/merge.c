@@ -51,7 +51,7 @@ static inline float keep(float v, unsigned held)
 }
 
 /* set bits among the first n (a multiple of 64) of packed bits */
-static int64_t count_set(const uint8_t *bits, int64_t n)
+static inline __attribute__((always_inline)) int64_t count_set(const uint8_t *bits, int64_t n)
 {
     int64_t count = 0;
     for (int64_t word = 0; word * 64 < n; word++) {
@@ -233,7 +233,7 @@ static int64_t merge_scalar(void *piece, int dtype, int64_t n, lota_inputs *in)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define HAVE_SIMD 1
-#define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,popcnt")))
 
 /* 16 entries' values of one input, expanded to where `held` has its bits (+0.0 elsewhere): the next
  * popcount(held) stored values, read with a masked load (nothing read past them) */
@@ -345,6 +345,34 @@ done:
     return bad;
 }
 
+TARGET static int64_t count_set_simd(const uint8_t *bits, int64_t n)
+{
+    return count_set(bits, n);  /* inlined here, with the popcnt instruction */
+}
+
+TARGET static int64_t nonfinite_simd(const void *data, int dtype, int64_t n)
+{
+    int64_t i = 0;
+    if (dtype == 0) {
+        const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+        for (; i + 16 <= n; i += 16) {
+            __m512i u = _mm512_and_si512(_mm512_loadu_si512((const void *)((const uint32_t *)data + i)), exponent);
+            __mmask16 bad = _mm512_cmpeq_epi32_mask(u, exponent);
+            if (bad)
+                return i + __builtin_ctz(bad);
+        }
+    } else {
+        const __m512i exponent = _mm512_set1_epi16(dtype == 1 ? 0x7f80 : 0x7c00);
+        for (; i + 32 <= n; i += 32) {
+            __m512i u = _mm512_and_si512(_mm512_loadu_si512((const void *)((const uint16_t *)data + i)), exponent);
+            __mmask32 bad = _mm512_cmpeq_epi16_mask(u, exponent);
+            if (bad)
+                return i + __builtin_ctz(bad);
+        }
+    }
+    return -1 - i;  /* none among the first i: the rest is the caller's */
+}
+
 TARGET static int64_t merge_simd(void *piece, int dtype, int64_t n, lota_inputs *in)
 {
     switch (in->m) {
@@ -387,7 +415,7 @@ int64_t lota_merge_into(void *piece, int dtype, int64_t n, lota_inputs *in)
     if (!in->simd || !head || !have_simd())
         return merge_scalar(piece, dtype, n, in);
     for (int i = 0; i < in->m; i++)  /* the vector path reads only what the bits say: check they say no more */
-        if (count_set(in->bits[i], head) > in->left[i])
+        if (count_set_simd(in->bits[i], head) > in->left[i])
             return -3 - i;
     int64_t r = merge_simd(piece, dtype, head, in);
     if (r != -1 || head == n)
@@ -423,10 +451,19 @@ int64_t lota_merge_into(void *piece, int dtype, int64_t n, lota_inputs *in)
  * then searched. */
 int64_t lota_first_nonfinite(const void *data, int dtype, int64_t n)
 {
+    int64_t from = 0;
+#if HAVE_SIMD
+    if (have_simd()) {
+        int64_t r = nonfinite_simd(data, dtype, n);
+        if (r >= 0)
+            return r;
+        from = -1 - r;
+    }
+#endif
     const uint32_t *f32 = (const uint32_t *)data;
     const uint16_t *f16 = (const uint16_t *)data;
     const uint16_t exponent = dtype == 1 ? 0x7f80u : 0x7c00u;  /* bfloat16's, float16's */
-    for (int64_t block = 0; block < n; block += 4096) {
+    for (int64_t block = from; block < n; block += 4096) {
         int64_t end = n - block < 4096 ? n : block + 4096;
         unsigned bad = 0;
         if (dtype == 0)

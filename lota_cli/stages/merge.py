@@ -159,11 +159,20 @@ def _into_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger) -> Pa
     merge_one = merger.fused if lib else merger.at_positions if merger.sparse else merger.dense
     names, entries = checkpoint.names, REGION_BYTES // dtype.itemsize
     merger.piece = entries // 2  # a region's two halves merged side by side
-    with ShardedWriter(cfg.output_model, layout, parse_size(cfg.shard_size)) as writer, ThreadPoolExecutor(1) as pool:
-        # the next tensor's delta is read (and checked) on a second thread while this one is written
-        merged = _ahead(pool, merge_one, [delta_of[name] for name in names if name in delta_of])
-        for name in names:
-            delta = next(merged) if name in delta_of else None
+    deltas = [delta_of[name] for name in names if name in delta_of]
+    with ShardedWriter(cfg.output_model, layout, parse_size(cfg.shard_size)) as writer, \
+            ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as reader:
+        # the next tensor's delta is read (and checked) on a second thread while this one is written; on a
+        # third, the kernel is asked to read from disk the next base tensor and the deltas after that
+        merged, done = _ahead(pool, merge_one, deltas), 0  # done: deltas taken so far
+        for i, name in enumerate(names):
+            if i + 1 < len(names):
+                reader.submit(checkpoint.read_ahead, names[i + 1])
+            delta = None
+            if name in delta_of:
+                if done + 2 < len(deltas):
+                    reader.submit(lambda later=deltas[done + 2]: [a.read_ahead(later) for a in inputs])
+                delta, done = next(merged), done + 1
             for start, region in writer.regions(name, entries):  # the output's own buffer: filled in place
                 if lib and delta is not None:  # each thread reads the base into its part, then merges there
                     _fused_into(region, start, *delta, merger.inputs, dtype,
