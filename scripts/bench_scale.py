@@ -9,8 +9,8 @@ a real model, on a random bf16 Llama saved as a sharded HF directory (no model o
            over the same file (every tensor read, abs, max)
 
 Every command runs as a fresh process; time is wall clock, memory the process's peak RSS. The inputs are
-read once before the timed runs (they were written with direct I/O, so are not in the page cache), so the
-first run is not alone in reading them from disk. The shapes are
+read before every timed run, so each starts from the same page cache (they are written with direct I/O, so
+are not cached at first; and a run that fills the cache, as cp does, would otherwise slow the next). The shapes are
 Llama 3's (8b: 8.0B parameters, 16 GB in bf16); scale.shape=3b or 1b for smaller disks.
 """
 
@@ -186,9 +186,9 @@ def run(cfg) -> list[Figure]:
             in_child("bench_scale", "make_delta", timeout=3600, path=path, base=str(base), seed=i, sparsity=0.9)
         delta_bytes = Path(deltas[0]).stat().st_size
 
-        _warm([*sorted(base.iterdir()), *map(Path, deltas)])
         runs = {"cp": [], "lota": []}
-        for who in ("cp", "lota", "lota", "cp")[:2 * c.rounds]:  # alternated: cp first, as the cache warms
+        for who in ("cp", "lota", "lota", "cp")[:2 * c.rounds]:  # alternated
+            _warm([*sorted(base.iterdir()), *map(Path, deltas)])  # each run starts from the same page cache
             target = root / f"out_{who}"
             cmd = (["bash", "-c", f"cp -r {base} {target} && sync"] if who == "cp" else
                    [sys.executable, "-m", "lota_cli", "merge", *deltas, "method=sum", "dtype=bfloat16",
@@ -224,10 +224,11 @@ def run(cfg) -> list[Figure]:
         tv = root / "task_vector.safetensors"
         log("scale: writing a random bf16 task vector of the attention and MLP matrices")
         tv_info = in_child("bench_scale", "make_task_vector", timeout=3600, path=str(tv), shape=c.shape)
-        _warm([tv])
         plain, extracts = [], []
-        for _ in range(c.rounds):  # alternated, a plain pass first (it warms the page cache)
+        for _ in range(c.rounds):  # alternated, each run from the same page cache
+            _warm([tv])
             plain.append(in_child("bench_extract", "plain_pass", timeout=3600, path=str(tv)))
+            _warm([tv])
             extracts.append(in_child("bench_merge", "timed", timeout=3600,
                                      cmd=[sys.executable, "-m", "lota_cli", "extract", f"extract.task_vector={tv}",
                                           f"out={root / 'extract'}"]))

@@ -82,6 +82,20 @@ typedef struct {
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* A pass's counts handed back: the values used, and the overlap counts added to those of earlier pieces */
+INLINE void report(lota_inputs *in, const int m, const int64_t *used, const int64_t *nonzero, const int64_t *shared,
+                   const int64_t *agree)
+{
+    for (int i = 0; i < m; i++) {
+        in->used[i] = used[i];
+        in->nonzero[i] += nonzero[i];
+    }
+    for (int p = 0; p < m * (m - 1) / 2; p++) {
+        in->shared[p] += shared[p];
+        in->agree[p] += agree[p];
+    }
+}
+
 /* The body of lota_merge_into for m inputs and one dtype, both constants where it is called, so the loops
  * over inputs unroll and the state lives in registers. */
 INLINE int64_t merge_body(void *piece, const int dtype, int64_t n, lota_inputs *in, const int m)
@@ -184,14 +198,7 @@ INLINE int64_t merge_body(void *piece, const int dtype, int64_t n, lota_inputs *
         }
     }
 done:
-    for (int i = 0; i < m; i++) {
-        in->used[i] = used[i];
-        in->nonzero[i] += nonzero[i];
-    }
-    for (int p = 0; p < m * (m - 1) / 2; p++) {
-        in->shared[p] += shared[p];
-        in->agree[p] += agree[p];
-    }
+    report(in, m, used, nonzero, shared, agree);
     if (bad_value >= 0)
         return -100 - bad_value;
     if (bad >= 0)
@@ -332,14 +339,7 @@ TARGET INLINE int64_t simd_body(void *piece, const int dtype, int64_t n, lota_in
         }
     }
 done:
-    for (int i = 0; i < m; i++) {
-        in->used[i] = used[i];
-        in->nonzero[i] += nonzero[i];
-    }
-    for (int p = 0; p < m * (m - 1) / 2; p++) {
-        in->shared[p] += shared[p];
-        in->agree[p] += agree[p];
-    }
+    report(in, m, used, nonzero, shared, agree);
     if (bad_value >= 0)
         return -100 - bad_value;
     return bad;
