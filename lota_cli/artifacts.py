@@ -36,8 +36,8 @@ import torch
 from lota_cli import LotaError, __version__, sequential
 from lota_cli.masks import indices_from_bits, unpack_bits
 from lota_cli.sequential import SequentialFile
-from lota_cli.stored import (_NO_FINGERPRINT, FORMAT_VERSION, KINDS, NUMPY_DTYPES, Meta, StoredFile, finite_array,
-                             is_adapter, map_bytes, tensor_digest, tensors_fingerprint)
+from lota_cli.stored import (_NO_FINGERPRINT, FORMAT_VERSION, KINDS, NUMPY_DTYPES, Meta, StoredFile, is_adapter,
+                             map_bytes, tensor_digest, tensors_fingerprint)
 
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -156,11 +156,6 @@ class TensorFileWriter:
         dtype, shape = self.layout[key]
         return dtype, math.prod(shape)
 
-    def _refuse_nonfinite(self, key: str, dtype: torch.dtype) -> LotaError:
-        return LotaError(f"refusing to write {self.path}: tensor {key!r} holds NaN or Inf values (the run "
-                         f"diverged, or {str(dtype).removeprefix('torch.')} cannot hold them); lower the "
-                         "learning rate or write float32")
-
     def write_pieces(self, key: str, pieces: Iterable[torch.Tensor]) -> None:
         """Tensor `key` as consecutive flat pieces of its dtype (row-major order), in layout order."""
         dtype, numel = self._begin(key)
@@ -169,7 +164,9 @@ class TensorFileWriter:
             if piece.dtype != dtype:
                 raise ValueError(f"writing {key}: a {piece.dtype} piece into a {dtype} tensor")
             if self.checked and not all_finite(piece):
-                raise self._refuse_nonfinite(key, dtype)
+                raise LotaError(f"refusing to write {self.path}: tensor {key!r} holds NaN or Inf values (the run "
+                                f"diverged, or {str(dtype).removeprefix('torch.')} cannot hold them); lower the "
+                                "learning rate or write float32")
             data = piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
             if self.checked:
                 digest.update(data)
@@ -183,20 +180,16 @@ class TensorFileWriter:
         """Tensor `key` (the next of the layout) filled in place: (start, a writable flat numpy view of its
         entries [start, start + entries) in the file's own buffer; bfloat16 as uint16), one after another;
         what a view holds when the caller asks for the next is what the file gets. No copy is made: a merge
-        reads base weights straight into the view and adds the deltas there."""
+        reads base weights straight into the view and adds the deltas there. For unchecked files only (a
+        model's shards): the caller checks what it fills in."""
+        if self.checked:
+            raise ValueError("regions are filled unseen by the writer: only for unchecked files")
         dtype, numel = self._begin(key)
-        digest = tensor_digest()
         as_numpy = NUMPY_DTYPES[_DTYPES[dtype]]
         for start in range(0, numel, entries):
             count = min(entries, numel - start)
-            view = np.frombuffer(self._out.reserve(count * dtype.itemsize), dtype=as_numpy)
-            yield start, view
-            if self.checked:
-                if not finite_array(view, _DTYPES[dtype]):
-                    raise self._refuse_nonfinite(key, dtype)
-                digest.update(view.view(np.uint8))
-            del view
-        self.checksums[key] = digest.hexdigest() if self.checked else ""
+            yield start, np.frombuffer(self._out.reserve(count * dtype.itemsize), dtype=as_numpy)
+        self.checksums[key] = ""
 
     def _finish(self) -> None:
         """Called once every tensor is written, before the file is synced and renamed (header rewrites)."""

@@ -25,7 +25,7 @@ import torch
 
 from lota_cli import LotaError
 from lota_cli.artifacts import _TORCH_DTYPES, TensorFileWriter, all_finite, mapped_range
-from lota_cli.stored import _check_complete, _read_header
+from lota_cli.stored import _check_complete, _read_header, will_need
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -139,13 +139,9 @@ class Checkpoint:
         return self._files[shard]
 
     def read_ahead(self, name: str) -> None:
-        """Ask the kernel to start reading tensor `name`'s bytes into the page cache now (they are read later
-        with read_into): from a disk, the next tensor arrives while this one is worked on. Where the system
-        cannot, nothing happens."""
+        """Have tensor `name`'s bytes read from disk now (stored.will_need), to be read later by read_into."""
         shard, offset = self.location(name)
-        with contextlib.suppress(AttributeError, OSError):
-            os.posix_fadvise(self._file(shard).fileno(), offset, self.numel(name) * self.dtype(name).itemsize,
-                             os.POSIX_FADV_WILLNEED)
+        will_need(self._file(shard).fileno(), offset, self.numel(name) * self.dtype(name).itemsize)
 
     def read_into(self, name: str, start: int, out: np.ndarray) -> None:
         """The stored bytes of entries [start, start + out.size) of `name` (out's dtype of the same size as the

@@ -29,6 +29,7 @@ A source is a mapping from tensor name to a torch tensor, a safetensors slice, o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -142,8 +143,23 @@ class _Stream:
     def _finite(self, name: str, out: np.ndarray) -> None:
         top = out.max() if out.size else 0.0
         if not math.isfinite(top):  # max propagates NaN, and is Inf if any entry is
-            raise LotaError(f"tensor {name!r} holds NaN or Inf values; the run that made it diverged, so redo it "
-                            "(lower train.lr, or enable train.max_grad_norm)")
+            raise self._nonfinite(name)
+
+    @staticmethod
+    def _nonfinite(name: str) -> LotaError:
+        return LotaError(f"tensor {name!r} holds NaN or Inf values; the run that made it diverged, so redo it "
+                         "(lower train.lr, or enable train.max_grad_norm)")
+
+    @contextlib.contextmanager
+    def _piece(self, name: str, start: int, stop: int, flat: torch.Tensor | None) -> Iterator[torch.Tensor]:
+        """Entries [start, stop) of `name` as they are stored: a slice of `flat`, or a mapping of the file
+        (copy-free: what reads it reads the page cache), valid inside the `with`."""
+        if flat is not None:
+            yield flat[start:stop]
+            return
+        with self.source[name].mapped(start, stop) as piece:
+            yield piece
+            del piece  # before the mapping closes
 
     def _exclude(self, name: str, positions: np.ndarray, out: np.ndarray) -> None:
         if name in self.excluded:
@@ -152,12 +168,9 @@ class _Stream:
 
     def read_into(self, name: str, start: int, stop: int, flat: torch.Tensor | None, out: np.ndarray) -> np.ndarray:
         """|values| of entries [start, stop) of `name` into `out` (float32, stop - start long)."""
-        if flat is not None:
-            self._abs(flat[start:stop], out)
-        else:
-            with self.source[name].mapped(start, stop) as piece:  # copy-free: the abs reads the page cache
-                self._abs(piece, out)
-                del piece  # before the mapping closes
+        with self._piece(name, start, stop, flat) as piece:
+            self._abs(piece, out)
+            del piece
         self._finite(name, out)
         if name in self.excluded:  # (start need not be a multiple of 8: sampled rows)
             bits = self.excluded[name].numpy()[start // 8:(start + out.size + 7) // 8]
@@ -196,7 +209,6 @@ class _Stream:
             stop = min(n, start + CHUNK)
             yield start, self.read_into(name, start, stop, flat, mag[:stop - start])
 
-
     def bands(self, name: str, lo: float, hi: float) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
         """(start, packed bits of the entries > hi, positions from start of those in [lo, hi], their |values|)
         per CHUNK of `name`, NaN or Inf refused: one native pass a chunk (lota_cli.native.scan) where the
@@ -220,14 +232,11 @@ class _Stream:
         for start in range(0, n, CHUNK):
             stop = min(n, start + CHUNK)
             skip = None if excluded is None else excluded.numpy()[start // 8:(stop + 7) // 8]
-            if flat is not None:
-                count = local.band.scan(lib, _as_numpy(flat[start:stop]), lo, hi, skip)
-            else:
-                with x.mapped(start, stop) as piece:
-                    count = local.band.scan(lib, _as_numpy(piece), lo, hi, skip)
-                    del piece
+            with self._piece(name, start, stop, flat) as piece:
+                count = local.band.scan(lib, _as_numpy(piece), lo, hi, skip)
+                del piece
             if count < 0:
-                self._finite(name, np.array([np.nan], np.float32))  # raises, naming the tensor
+                raise self._nonfinite(name)
             yield start, local.band.sure[:(stop - start + 7) // 8], local.band.positions[:count], \
                 local.band.values[:count]
 

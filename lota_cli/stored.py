@@ -151,6 +151,15 @@ def map_bytes(fileno: int, offset: int, length: int, **options) -> tuple[mmap.mm
     return mmap.mmap(fileno, offset - aligned + length, offset=aligned, **options), offset - aligned
 
 
+def will_need(fileno: int, offset: int, length: int) -> None:
+    """Ask the kernel to start reading `length` bytes of a file into the page cache now, without waiting: from
+    a disk, what is read next arrives while the current work goes on. Where the system cannot, nothing."""
+    try:
+        os.posix_fadvise(fileno, offset, length, os.POSIX_FADV_WILLNEED)
+    except (AttributeError, OSError):
+        pass
+
+
 def _read_header(path: Path) -> tuple[dict, bytes]:
     """The parsed safetensors header and its raw bytes, refusing anything that is not a well-formed one."""
     def damaged(why: str) -> LotaError:
@@ -360,18 +369,11 @@ class StoredFile:
         return np.frombuffer(region, dtype=dtype, count=stop - start, offset=lead)
 
     def read_ahead(self, name: str) -> None:
-        """Ask the kernel to start reading the stored tensors of `name` into the page cache now, to be read
-        later: from a disk, the next tensors arrive while this one is worked on. Where the system cannot,
-        nothing happens."""
+        """Have the stored tensors of `name` read from disk now (see will_need), to be read later."""
         for key in (name, f"{name}::bits", f"{name}::idx", f"{name}::values"):
-            entry = self._entries.get(key)
-            if entry is not None:
-                start, stop = entry["data_offsets"]
-                try:
-                    os.posix_fadvise(self._fh.fileno(), self._data_start + start, stop - start,
-                                     os.POSIX_FADV_WILLNEED)
-                except (AttributeError, OSError):
-                    return
+            if key in self._entries:
+                start, stop = self._entries[key]["data_offsets"]
+                will_need(self._fh.fileno(), self._data_start + start, stop - start)
 
     def array(self, key: str) -> np.ndarray:
         """A stored tensor, flat, as a read-only numpy view of the file (no copy: a mapping of just its bytes,

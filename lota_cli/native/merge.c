@@ -420,6 +420,8 @@ int64_t lota_merge_into(void *piece, int dtype, int64_t n, lota_inputs *in)
     int64_t r = merge_simd(piece, dtype, head, in);
     if (r != -1 || head == n)
         return r;
+    /* the tail, past the whole words: the scalar path from where the vector one stopped (its counts go on
+     * adding up in `rest`, which is then handed back whole) */
     static const float none = 0.0f;
     lota_inputs rest = *in;
     for (int i = 0; i < in->m; i++) {
@@ -427,19 +429,13 @@ int64_t lota_merge_into(void *piece, int dtype, int64_t n, lota_inputs *in)
         rest.values[i] = in->used[i] < in->left[i]
             ? (const char *)in->values[i] + in->used[i] * (in->bf16[i] ? 2 : 4) : (const void *)&none;
         rest.left[i] = in->left[i] - in->used[i];
-        rest.nonzero[i] = 0;
     }
-    for (int p = 0; p < MAX_PAIRS; p++)
-        rest.shared[p] = rest.agree[p] = 0;
     r = merge_scalar((char *)piece + head * (dtype ? 2 : 4), dtype, n - head, &rest);
-    for (int i = 0; i < in->m; i++) {
+    for (int i = 0; i < in->m; i++)
         in->used[i] += rest.used[i];
-        in->nonzero[i] += rest.nonzero[i];
-    }
-    for (int p = 0; p < MAX_PAIRS; p++) {
-        in->shared[p] += rest.shared[p];
-        in->agree[p] += rest.agree[p];
-    }
+    memcpy(in->nonzero, rest.nonzero, sizeof in->nonzero);
+    memcpy(in->shared, rest.shared, sizeof in->shared);
+    memcpy(in->agree, rest.agree, sizeof in->agree);
     return r >= 0 ? r + head : r;
 #else
     return merge_scalar(piece, dtype, n, in);

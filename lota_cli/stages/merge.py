@@ -69,7 +69,6 @@ class _Merger:
         # sparse inputs of an elementwise method merge at the union of their positions
         self.sparse = METHODS[cfg.method].elementwise and all(a.kind == "sparse_delta" for a in inputs)
         self.native = METHODS[cfg.method].native if self.sparse and len(inputs) <= native.MAX_INPUTS else None
-        self.piece = 1 << 21  # entries of a kernel run (FusedMerge.piece): two runs per region of the output
 
     def _merged(self, name: str, deltas: list[torch.Tensor]) -> torch.Tensor:
         for i, j in self.pairs:
@@ -112,7 +111,9 @@ class _Merger:
         if self.native == "weighted":
             weights = list(self.params.get("weights") or [1.0] * len(self.inputs))
         try:
-            return name, native.FusedMerge(native.kernels(), bits, values, weights, self.cfg.scale, self.piece)
+            # a region's two halves are merged side by side
+            piece = _region_entries(DTYPES[self.cfg.dtype]) // 2
+            return name, native.FusedMerge(native.kernels(), bits, values, weights, self.cfg.scale, piece)
         except ValueError as err:  # an input's count of values is not its count of positions: its own check
             self.inputs[err.args[0]].held(name)
             raise
@@ -157,8 +158,7 @@ def _into_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger) -> Pa
     layout = {name: (dtype, checkpoint.shape(name)) for name in checkpoint.names}
     lib = native.kernels() if merger.native else None
     merge_one = merger.fused if lib else merger.at_positions if merger.sparse else merger.dense
-    names, entries = checkpoint.names, REGION_BYTES // dtype.itemsize
-    merger.piece = entries // 2  # a region's two halves merged side by side
+    names, entries = checkpoint.names, _region_entries(dtype)
     deltas = [delta_of[name] for name in names if name in delta_of]
     with ShardedWriter(cfg.output_model, layout, parse_size(cfg.shard_size)) as writer, \
             ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as reader:
@@ -187,6 +187,11 @@ def _into_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger) -> Pa
         writer.copy_files(directory, skip={p.name for p in directory.iterdir() if p.name.endswith(WEIGHT_FILES)})
         _set_dtype(writer.tmp / "config.json", cfg.dtype)
     return Path(cfg.output_model)
+
+
+def _region_entries(dtype: torch.dtype) -> int:
+    """Entries of the output filled at a time."""
+    return REGION_BYTES // dtype.itemsize
 
 
 def _base_into(checkpoint, name: str, start: int, region: np.ndarray, dtype: torch.dtype) -> None:
