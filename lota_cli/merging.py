@@ -28,16 +28,25 @@ from lota_cli.overlaps import Overlap, overlap
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered method, called as fn(deltas, **{field: value for field in reads}), plus name=<the tensor's
-    name> when fn takes a `name` (dare, to draw each tensor's drop mask independently of the others)."""
+    name> when fn takes a `name` (dare, to draw each tensor's drop mask independently of the others), and
+    numel=<the tensor's entries> when fn takes a `numel` (ties, magnitude: their per-tensor top-k counts every
+    entry, also when it is given only the union of sparse inputs' positions)."""
 
     fn: Callable[..., Tensor]
     reads: tuple[str, ...]  # the MergeConfig fields fn takes as keywords
     help: str
     takes_name: bool
+    takes_numel: bool
     elementwise: bool  # entry by entry, zeros to zero: sparse inputs merge at their union of positions alone
     # the fused kernel of lota_cli/native that computes this method bit for bit on sparse inputs: "sum"
     # (d_0 + d_1 + ...) or "weighted" (fma(d_i, weight_i, acc) from 0, as add_(d, alpha=weight)); None: none
     native: Optional[str] = None
+
+    @property
+    def at_union(self) -> bool:
+        """Merges sparse inputs exactly from their values at the union of their positions (0 elsewhere),
+        given the tensor's numel: elementwise methods, and those whose top-k counts the absent zeros."""
+        return self.elementwise or self.takes_numel
 
 
 METHODS: dict[str, MergeMethod] = {}  # name -> method, in registration order (the order help lists them)
@@ -59,12 +68,13 @@ def merge_method(name: str, *, reads: Sequence[str] = (), help: str, elementwise
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is already registered")
         params = list(inspect.signature(fn).parameters)[1:]
-        if set(params) - {"name"} != set(reads):
+        if set(params) - {"name", "numel"} != set(reads):
             raise TypeError(f"merge method {name!r}: {fn.__name__} takes {params} after the deltas, "
                             f"but declares reads={tuple(reads)}")
         if native not in (None, "sum", "weighted"):
             raise ValueError(f"merge method {name!r}: native={native!r} is not a kernel (sum, weighted)")
-        METHODS[name] = MergeMethod(fn, tuple(reads), help, "name" in params, elementwise, native)
+        METHODS[name] = MergeMethod(fn, tuple(reads), help, "name" in params, "numel" in params, elementwise,
+                                    native)
         return fn
     return register
 
@@ -86,8 +96,10 @@ def methods_help() -> str:
                      for name, spec in METHODS.items())
 
 
-def merge(method: str, deltas: Sequence[Tensor], *, name: str = "", scale: float = 1.0, **fields: Any) -> Tensor:
-    """Merge one tensor's deltas with registered `method`, then multiply by `scale`.
+def merge(method: str, deltas: Sequence[Tensor], *, name: str = "", numel: int | None = None, scale: float = 1.0,
+          **fields: Any) -> Tensor:
+    """Merge one tensor's deltas with registered `method`, then multiply by `scale`. numel: the tensor's
+    entries when `deltas` hold only the union of the inputs' positions (MergeMethod.at_union).
 
     `fields` are MergeConfig fields (weights=, density=, seed=, ...); the method gets the ones it reads, so a
     caller can pass one set for any method. A field no method reads is refused, to catch typos; one the method
@@ -102,35 +114,48 @@ def merge(method: str, deltas: Sequence[Tensor], *, name: str = "", scale: float
     kwargs = {field: fields[field] for field in spec.reads if field in fields}
     if spec.takes_name:
         kwargs["name"] = name
+    if spec.takes_numel:
+        kwargs["numel"] = deltas[0].numel() if numel is None else numel
     out = spec.fn(deltas, **kwargs)
     return out.mul_(scale) if scale != 1.0 else out
 
 
 # --------------------------------------------------------------------------- methods
 
-def top_k(delta: Tensor, density: float) -> Tensor:
-    """`delta` with all but its round(density * numel) largest-|value| entries zeroed.
+def top_k(delta: Tensor, density: float, numel: int | None = None) -> Tensor:
+    """`delta` with all but its round(density * numel) largest-|value| entries zeroed; numel: the whole
+    tensor's entries when `delta` is only some of them, the others being 0 (default: delta's own).
 
     Exact per tensor; ties at the threshold go to the entries that come first (row-major), as in masks.py,
-    so the result does not depend on how topk happens to order equal values.
+    so the result does not depend on how topk happens to order equal values. With more than k nonzeros the
+    threshold is nonzero, so the absent zeros never matter; with at most k, all nonzeros are kept.
     """
     flat = delta.reshape(-1)
-    k = round(density * flat.numel())
-    if k >= flat.numel():
+    numel = flat.numel() if numel is None else numel
+    k = round(density * numel)
+    if k >= numel:
         return delta.clone()
     if k == 0:
         return torch.zeros_like(delta)
     zero = torch.zeros((), dtype=flat.dtype)
     # a sparse input with at most k nonzeros keeps them all: the same result without the k-th value search
     # (unless it holds -0.0, which the search keeps in some places and not in others)
-    if int(flat.count_nonzero()) <= k and not bool((torch.signbit(flat) & (flat == 0)).any()):
-        return flat.clone().view_as(delta)
+    if int(flat.count_nonzero()) <= k:
+        if not has_negative_zero(flat):
+            return flat.clone().view_as(delta)
+        if numel != flat.numel():
+            raise ValueError("top_k of part of a tensor holding -0.0: which zeros it keeps depends on where "
+                             "every zero lies, so give it the whole tensor")
     mag = flat.abs()
     threshold = mag.kthvalue(flat.numel() - k + 1).values
     keep = mag > threshold
     ties = (mag == threshold).nonzero().reshape(-1)
     keep[ties[:k - int(keep.count_nonzero())]] = True
     return torch.where(keep, flat, zero).view_as(delta)
+
+
+def has_negative_zero(tensor: Tensor) -> bool:
+    return bool((torch.signbit(tensor) & (tensor == 0)).any())
 
 
 @merge_method("sum", help="sum of the deltas (disjoint LoTA masks make this the same as applying them in turn)",
@@ -156,10 +181,10 @@ def task_arithmetic(deltas: Sequence[Tensor], weights: Optional[Sequence[float]]
 
 @merge_method("ties", reads=("density",),
               help="trim to top-density, elect a sign per entry, average the agreeing entries (Yadav et al. 2023)")
-def ties(deltas: Sequence[Tensor], density: float = 1.0) -> Tensor:
+def ties(deltas: Sequence[Tensor], density: float = 1.0, numel: int | None = None) -> Tensor:
     """TIES-merging: trim each input to its top-density entries, elect the sign of the summed trimmed values
     per entry, and average (over inputs, not counting zeros) the trimmed entries that carry that sign."""
-    trimmed = [top_k(d, density) for d in deltas]
+    trimmed = [top_k(d, density, numel) for d in deltas]
     elected = torch.sign(sum_deltas(trimmed))
     total = torch.zeros_like(deltas[0])
     count = torch.zeros_like(deltas[0])
@@ -195,9 +220,9 @@ def dare(deltas: Sequence[Tensor], density: float = 1.0, seed: int = 0, name: st
 
 @merge_method("magnitude", reads=("density",),
               help="top-density sparsification of each input after training, then sum (LoTA paper's baseline)")
-def magnitude(deltas: Sequence[Tensor], density: float = 1.0) -> Tensor:
+def magnitude(deltas: Sequence[Tensor], density: float = 1.0, numel: int | None = None) -> Tensor:
     """Post-hoc magnitude pruning: keep each input's top-density entries, then sum."""
-    return sum_deltas([top_k(d, density) for d in deltas])
+    return sum_deltas([top_k(d, density, numel) for d in deltas])
 
 
 # --------------------------------------------------------------------------- overlap statistics

@@ -167,6 +167,47 @@ def test_stage_ties_on_sparse_and_dense_inputs(tmp_path):
     assert artifact.dense(name).reshape(-1).tolist() == [2.0, 4.0, -5.0, 0.0]  # as in test_ties_by_hand
 
 
+
+@pytest.mark.parametrize("method", ["ties", "magnitude"])
+@pytest.mark.parametrize("density", [0.05, 0.15, 0.5])  # below, near and above the inputs' own 0.1-0.2
+@pytest.mark.parametrize("negative_zero", [False, True])
+def test_sparse_inputs_merge_at_their_union_as_the_dense_tensors(tmp_path, monkeypatch, method, density,
+                                                                 negative_zero):
+    """ties and magnitude over sparse deltas see only the union of their positions (never densified), with
+    the same result bit for bit as on the dense deltas: also with ties at the trim's threshold, and with a
+    -0.0 among the values (whose fate depends on every zero's position: that tensor is merged densely)."""
+    gen = torch.Generator().manual_seed(5)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
+    deltas = []
+    for seed in range(3):
+        delta = {}
+        for i, name in enumerate(names):
+            keep = torch.rand(40, 50, generator=gen) < 0.1 + 0.05 * i
+            values = torch.randint(-4, 5, (40, 50), generator=gen).float() / 8  # many ties at any threshold
+            delta[name] = torch.where(keep, values, 0.0)
+        deltas.append(delta)
+    paths = [write_sparse(tmp_path / f"{i}.safetensors", d) for i, d in enumerate(deltas)]
+    if negative_zero:  # a stored value of -0.0: a position held, but nothing added
+        artifact = Artifact(paths[0])
+        held = artifact.values(names[1]).clone()
+        held[3] = -0.0
+        mask = artifact.bits(names[1])
+        paths[0] = save_sparse(tmp_path / "z.safetensors", stage_meta("sparse_delta", "test", {}, "base", FP),
+                               {n: (40, 50) for n in names},
+                               {n: ("bits", mask if n == names[1] else Artifact(paths[0]).bits(n)) for n in names},
+                               {n: held if n == names[1] else Artifact(paths[0]).values(n) for n in names})
+    dense_inputs = [merged(p) for p in paths]
+    calls = []
+    real = merging.merge
+    monkeypatch.setattr(merge_stage, "merge", lambda *args, **kw: calls.append(args[1][0].numel()) or real(*args, **kw))
+    out = merge_stage.run(MergeConfig(inputs=[str(p) for p in paths], out=str(tmp_path), method=method,
+                                      density=density), tmp_path / "out")
+    got = merged(out[0])
+    for name in names:
+        expected = merging.merge(method, [d[name] for d in dense_inputs], density=density)
+        assert torch.equal(got[name], expected) and torch.equal(torch.signbit(got[name]), torch.signbit(expected))
+    dense_calls = [n for n in calls if n == 40 * 50]
+    assert len(dense_calls) == (1 if negative_zero else 0), calls  # the others at the union alone
 @pytest.fixture(scope="module")
 def base(tiny_base):
     return tiny_base

@@ -4,10 +4,12 @@ Streams tensor by tensor: for each tensor, read every input's delta, merge (lota
 out, so peak memory is a few tensors per input rather than whole models. With output_model, the base's
 safetensors shards are streamed the same way (lota_cli.checkpoint): each base tensor is read in pieces, the
 merged delta added where there is one, and the result written to output shards; no model object is built.
-An elementwise method (sum, task_arithmetic) over sparse deltas adds values at their positions alone,
-never densifying; into a model, those two run as one fused native pass per piece of the base (lota_cli.native:
-the masks read as packed bits, the values where they lie), bit for bit what the numpy path computes. A base that cannot be streamed (a GGUF file, or weights renamed on load) is loaded as a
-model instead, as the log says. The pairwise overlap and sign conflicts of the inputs are counted on the way.
+Sparse deltas merge at the union of their positions alone, never densified, under sum, task_arithmetic
+(elementwise) and ties, magnitude (whose per-tensor top-k counts the zeros elsewhere); into a model, sum and
+task_arithmetic run as one fused native pass per piece of the base (lota_cli.native: the masks read as
+packed bits, the values where they lie), bit for bit what the numpy path computes. A base that cannot be
+streamed (a GGUF file, or weights renamed on load) is loaded as a model instead, as the log says. The
+pairwise overlap and sign conflicts of the inputs are counted on the way.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from lota_cli import LotaError, native
 from lota_cli.artifacts import Artifact, ArtifactWriter, all_finite, open_artifact, same_layout, stage_meta
 from lota_cli.config import MergeConfig, ModelConfig, parse_size
-from lota_cli.merging import METHODS, delta_overlap, merge
+from lota_cli.merging import METHODS, delta_overlap, has_negative_zero, merge
 from lota_cli.models import DTYPES
 from lota_cli.overlaps import Overlap
 
@@ -66,29 +68,40 @@ class _Merger:
         self.cfg, self.inputs, self.params = cfg, inputs, params
         self.pairs = list(itertools.combinations(range(len(inputs)), 2))
         self.stats = {pair: Overlap() for pair in self.pairs}
-        # sparse inputs of an elementwise method merge at the union of their positions
-        self.sparse = METHODS[cfg.method].elementwise and all(a.kind == "sparse_delta" for a in inputs)
+        # sparse inputs of an at_union method merge at the union of their positions
+        self.sparse = METHODS[cfg.method].at_union and all(a.kind == "sparse_delta" for a in inputs)
         self.native = METHODS[cfg.method].native if self.sparse and len(inputs) <= native.MAX_INPUTS else None
 
-    def _merged(self, name: str, deltas: list[torch.Tensor]) -> torch.Tensor:
+    def _merged(self, name: str, deltas: list[torch.Tensor], numel: int | None = None) -> torch.Tensor:
         for i, j in self.pairs:
             self.stats[i, j] += delta_overlap(deltas[i], deltas[j])
-        return merge(self.cfg.method, deltas, name=name, scale=self.cfg.scale, **self.params)
+        return merge(self.cfg.method, deltas, name=name, numel=numel, scale=self.cfg.scale, **self.params)
 
     def dense(self, name: str) -> torch.Tensor:
         """The merged delta of `name` as a dense float32 tensor."""
+        if self.sparse:
+            positions, values = self.at_positions(name)
+            return torch.zeros(self.inputs[0].numel(name)).index_put_((positions,), values).view(
+                self.inputs[0].shape(name))
+        return self._merged(name, self._dense_deltas(name))
+
+    def _dense_deltas(self, name: str) -> list[torch.Tensor]:
         deltas = [a.dense(name) for a in self.inputs]
         for artifact, delta in zip(self.inputs, deltas):  # a sparse delta's values were checked as they were read
             if artifact.kind == "task_vector" and not all_finite(delta):
                 raise LotaError(f"{artifact.path}: tensor {name!r} holds NaN or Inf values; the run that made it "
                                 "diverged, so redo it (lower train.lr)")
-        return self._merged(name, deltas)
+        return deltas
 
     def at_positions(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted flat positions, merged float32 values there) of `name`, for `sparse` mergers: each input's
-        values are laid over the union of positions (zeros elsewhere), which an elementwise method merges
+        values are laid over the union of positions (zeros elsewhere), which an at_union method merges
         exactly as it would the dense tensors. The union is the OR of the inputs' masks."""
         held = [a.held(name) for a in self.inputs]
+        numel = self.inputs[0].numel(name)
+        if METHODS[self.cfg.method].takes_numel and any(has_negative_zero(values) for _, values in held):
+            # which zeros a top-k keeps then depends on where every zero lies: merge the whole tensors
+            return torch.arange(numel), self._merged(name, [d.reshape(-1) for d in self._dense_deltas(name)])
         masks = [mask.numpy() for mask, _ in held]
         positions = np.flatnonzero(np.logical_or.reduce(masks) if len(masks) > 1 else masks[0])
         deltas = []
@@ -97,7 +110,7 @@ class _Merger:
             compact = torch.zeros(positions.size, dtype=torch.float32)
             compact[torch.from_numpy(mask[positions])] = values.float()
             deltas.append(compact)
-        return torch.from_numpy(positions), self._merged(name, deltas)  # int64 positions
+        return torch.from_numpy(positions), self._merged(name, deltas, numel)  # int64 positions
 
     def fused(self, name: str) -> tuple[str, native.FusedMerge]:
         """(name, the merge of `name` ready to run over the base's pieces) for native mergers: each input's
