@@ -25,25 +25,66 @@ import math
 import mmap
 import os
 import struct
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
 
-from lota_cli import LotaError, __version__, sequential
+from lota_cli import LotaError, __version__, native, sequential
 from lota_cli.masks import indices_from_bits, unpack_bits
 from lota_cli.sequential import SequentialFile
-from lota_cli.stored import (_NO_FINGERPRINT, FORMAT_VERSION, KINDS, NUMPY_DTYPES, Meta, StoredFile, is_adapter,
+from lota_cli.stored import (_NO_FINGERPRINT, FORMAT_VERSION, KINDS, NUMPY_DTYPES, Meta, StoredFile, finite_array,
+                             is_adapter,
                              map_bytes, tensor_digest, tensors_fingerprint)
 
-_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+# torch's (and numpy's) dtype names -> safetensors'; bfloat16 is held by numpy as uint16
+_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+          "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+_NAMES = {code: name for name, code in _CODES.items()}
+
+
+def dtype_code(dtype) -> str:
+    """safetensors' name ("F32", "BF16", ...) of a torch dtype, a numpy dtype, a dtype's name ("bfloat16") or a
+    safetensors name, without importing torch: the stages that never compute in torch (extract from a task
+    vector, merge of sparse deltas) write numpy arrays."""
+    if isinstance(dtype, str):
+        if dtype not in NUMPY_DTYPES and dtype not in _CODES:
+            raise ValueError(f"unknown dtype {dtype!r}")
+        return _CODES.get(dtype, dtype)
+    return _CODES[str(dtype).removeprefix("torch.") if hasattr(dtype, "is_floating_point") else np.dtype(dtype).name]
+
+
+def torch_dtype(code: str):
+    """The torch dtype of a safetensors name."""
+    import torch
+
+    return getattr(torch, _NAMES[code])
+
+
+def as_torch(array: np.ndarray, code: str):
+    """A torch tensor over the numpy `array` of stored data of safetensors dtype `code` (no copy)."""
+    import torch
+
+    return torch.from_numpy(array).view(torch_dtype(code))
+
+
+def _piece_code(piece, code: str) -> str:
+    """The safetensors dtype of a piece written as `code`: a numpy uint16 piece is bfloat16 where one is due."""
+    if isinstance(piece, np.ndarray) and piece.dtype == np.uint16 and code == "BF16":
+        return code
+    return dtype_code(piece.dtype)
+
+
+def _as_bytes(piece) -> np.ndarray:
+    """A numpy array's or a (CPU) torch tensor's entries as flat bytes, copied only when not contiguous."""
+    if isinstance(piece, np.ndarray):
+        return np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
+    import torch
+
+    return piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
 
 
 def library_versions() -> dict[str, str]:
@@ -51,11 +92,15 @@ def library_versions() -> dict[str, str]:
     start-up for the stages that never use it)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        transformers = version("transformers")
-    except PackageNotFoundError:
-        transformers = "none"
-    return {"lota": __version__, "torch": torch.__version__, "transformers": transformers}
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "none"
+
+    torch = sys.modules.get("torch")  # the running one where imported (its metadata may name another build)
+    return {"lota": __version__, "torch": torch.__version__ if torch else installed("torch"),
+            "transformers": installed("transformers")}
 
 
 def stage_meta(kind: str, stage: str, cfg, base_model: str, base_fingerprint: str, parents: list[str] = (),
@@ -70,12 +115,22 @@ def stage_meta(kind: str, stage: str, cfg, base_model: str, base_fingerprint: st
                 config=config, parents=list(parents), versions=library_versions())
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in a floating-point tensor: one min/max pass (NaN propagates through both), no
+def all_finite(tensor) -> bool:
+    """No NaN or Inf in a floating-point torch tensor: one min/max pass (NaN propagates through both), no
     temporary bool tensor of its size."""
+    import torch
+
     if not tensor.is_floating_point() or not tensor.numel():
         return True
     return all(map(math.isfinite, torch.aminmax(tensor.reshape(-1))))
+
+
+def finite_data(data: np.ndarray, code: str) -> bool:
+    """all_finite for a numpy view of data of safetensors dtype `code` (bfloat16 as uint16): the native
+    kernel's pass where it applies, else numpy's."""
+    if code in ("F32", "F16", "BF16") and data.flags.c_contiguous:
+        return native.all_finite(data)
+    return finite_array(data, code)
 
 
 # --------------------------------------------------------------------------- writing
@@ -92,9 +147,10 @@ class TensorFileWriter:
         for key, tensor in ...: w.write(key, tensor)
     """
 
-    def __init__(self, path: str | Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                 checked: bool = True):
-        self.path, self.layout, self.checked = Path(path), layout, checked
+    def __init__(self, path: str | Path, layout: dict[str, tuple[object, tuple[int, ...]]], checked: bool = True):
+        """layout: key -> (dtype, shape), the dtype torch's, numpy's or safetensors' name ("BF16")."""
+        self.path, self.checked = Path(path), checked
+        self.layout = {key: (dtype_code(dtype), tuple(shape)) for key, (dtype, shape) in layout.items()}
         self._keys = list(layout)
         self.checksums: dict[str, str] = {}
 
@@ -106,9 +162,9 @@ class TensorFileWriter:
         # no sort_keys: keys keep the layout's (model) order, which Artifact.names reports
         header: dict = {"__metadata__": self.metadata()}
         offset = 0
-        for key, (dtype, shape) in self.layout.items():
-            size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
-            header[key] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        for key, (code, shape) in self.layout.items():
+            size = math.prod(shape) * NUMPY_DTYPES[code].itemsize
+            header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         return raw + b" " * (-len(raw) % 8)
@@ -125,7 +181,8 @@ class TensorFileWriter:
             self._tmp = Path(tmp)
             header = self._header()
             self._header_size = len(header)
-            size = 8 + len(header) + sum(math.prod(shape) * dtype.itemsize for dtype, shape in self.layout.values())
+            size = 8 + len(header) + sum(math.prod(shape) * NUMPY_DTYPES[code].itemsize
+                                         for code, shape in self.layout.values())
             self._out = SequentialFile(self._fd, direct=size >= sequential.DIRECT_MIN)
             self._out.write(struct.pack("<Q", len(header)) + header)
         except OSError as err:
@@ -143,35 +200,37 @@ class TensorFileWriter:
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
 
-    def write(self, key: str, tensor: torch.Tensor) -> None:
+    def write(self, key: str, tensor) -> None:
+        """Tensor `key` whole (a torch tensor or a numpy array; bfloat16 as uint16), in layout order."""
         expected = self.layout.get(key)
-        if (tensor.dtype, tuple(tensor.shape)) != expected:
+        if expected is None or (_piece_code(tensor, expected[0]), tuple(tensor.shape)) != expected:
             raise ValueError(f"writing {key} {tensor.dtype} {tuple(tensor.shape)} out of layout {expected}")
         self.write_pieces(key, [tensor])
 
-    def _begin(self, key: str) -> tuple[torch.dtype, int]:
+    def _begin(self, key: str) -> tuple[str, int]:
         """(dtype, entries) of `key`, which must be the next tensor of the layout."""
         if len(self.checksums) >= len(self._keys) or key != self._keys[len(self.checksums)]:
             raise ValueError(f"writing {key} out of layout order")
         dtype, shape = self.layout[key]
         return dtype, math.prod(shape)
 
-    def write_pieces(self, key: str, pieces: Iterable[torch.Tensor]) -> None:
-        """Tensor `key` as consecutive flat pieces of its dtype (row-major order), in layout order."""
-        dtype, numel = self._begin(key)
+    def write_pieces(self, key: str, pieces: Iterable) -> None:
+        """Tensor `key` as consecutive flat pieces of its dtype (row-major order), in layout order: torch
+        tensors or numpy arrays (bfloat16 as uint16)."""
+        code, numel = self._begin(key)
         digest, written = tensor_digest(), 0
         for piece in pieces:
-            if piece.dtype != dtype:
-                raise ValueError(f"writing {key}: a {piece.dtype} piece into a {dtype} tensor")
-            if self.checked and not all_finite(piece):
+            if _piece_code(piece, code) != code:
+                raise ValueError(f"writing {key}: a {piece.dtype} piece into a {_NAMES[code]} tensor")
+            data = _as_bytes(piece)
+            if self.checked and not finite_data(data.view(NUMPY_DTYPES[code]), code):
                 raise LotaError(f"refusing to write {self.path}: tensor {key!r} holds NaN or Inf values (the run "
-                                f"diverged, or {str(dtype).removeprefix('torch.')} cannot hold them); lower the "
-                                "learning rate or write float32")
-            data = piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+                                f"diverged, or {_NAMES[code]} cannot hold them); lower the learning rate or write "
+                                "float32")
             if self.checked:
                 digest.update(data)
             self._out.write(data)
-            written += piece.numel()
+            written += data.size // NUMPY_DTYPES[code].itemsize
         if written != numel:
             raise ValueError(f"writing {key}: {written} entries of {numel}")
         self.checksums[key] = digest.hexdigest() if self.checked else ""
@@ -184,11 +243,11 @@ class TensorFileWriter:
         model's shards): the caller checks what it fills in."""
         if self.checked:
             raise ValueError("regions are filled unseen by the writer: only for unchecked files")
-        dtype, numel = self._begin(key)
-        as_numpy = NUMPY_DTYPES[_DTYPES[dtype]]
+        code, numel = self._begin(key)
+        as_numpy = NUMPY_DTYPES[code]
         for start in range(0, numel, entries):
             count = min(entries, numel - start)
-            yield start, np.frombuffer(self._out.reserve(count * dtype.itemsize), dtype=as_numpy)
+            yield start, np.frombuffer(self._out.reserve(count * as_numpy.itemsize), dtype=as_numpy)
         self.checksums[key] = ""
 
     def _finish(self) -> None:
@@ -224,7 +283,7 @@ class ArtifactWriter(TensorFileWriter):
     per-tensor checksums, the artifact's fingerprint (a SHA-256 over the names and those checksums) and the
     SHA-256 of the header itself, written in place (fixed-width hex digests, so the header keeps its length)."""
 
-    def __init__(self, path: str | Path, meta: Meta, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
+    def __init__(self, path: str | Path, meta: Meta, layout: dict[str, tuple[object, tuple[int, ...]]]):
         if meta.kind not in KINDS:
             raise ValueError(f"unknown artifact kind {meta.kind!r}")
         super().__init__(path, layout)
@@ -245,8 +304,8 @@ class ArtifactWriter(TensorFileWriter):
         self._rewrite_header()
 
 
-def save_dense(path, meta: Meta, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write a task vector (dense tensors under their own names)."""
+def save_dense(path, meta: Meta, tensors: dict) -> Path:
+    """Write a task vector (dense torch tensors, or numpy arrays, under their own names)."""
     meta.shapes = {n: list(t.shape) for n, t in tensors.items()}
     with ArtifactWriter(path, meta, {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}) as w:
         for name, tensor in tensors.items():
@@ -254,11 +313,12 @@ def save_dense(path, meta: Meta, tensors: dict[str, torch.Tensor]) -> Path:
     return Path(path)
 
 
-def save_sparse(path, meta: Meta, shapes: dict[str, tuple[int, ...]], positions: dict[str, tuple[str, torch.Tensor]],
-                values: dict[str, torch.Tensor] | None = None) -> Path:
+def save_sparse(path, meta: Meta, shapes: dict[str, tuple[int, ...]], positions: dict[str, tuple[str, object]],
+                values: dict | None = None) -> Path:
     """Write a mask (positions only) or a sparse delta (positions and values).
 
-    positions: name -> ('bits' | 'idx', tensor), as masks.encode_positions returns.
+    positions: name -> ('bits' | 'idx', array), as masks.encode_positions returns; arrays and values are
+    torch tensors or numpy arrays.
     """
     meta.shapes = {n: list(shapes[n]) for n in positions}
     tensors = {}
@@ -275,35 +335,37 @@ def save_sparse(path, meta: Meta, shapes: dict[str, tuple[int, ...]], positions:
 # --------------------------------------------------------------------------- reading
 
 class Artifact(StoredFile):
-    """A lota artifact opened lazily (memory-mapped); tensors are read one at a time, as torch tensors."""
+    """A lota artifact opened lazily (memory-mapped); tensors are read one at a time: as torch tensors by the
+    methods below (torch imported on first use), as numpy arrays by StoredFile's and by `raw`."""
 
     def raw(self, key: str) -> "StoredTensor":
         """One stored tensor, read lazily: index it (`[:]`, `[a:b]`) like a safetensors slice, or stream it
         in flat pieces with `mapped` (what masks.top_k_mask does)."""
         return StoredTensor(self, key)
 
-    def _checked(self, key: str) -> torch.Tensor:
+    def _checked(self, key: str):
         """A whole (small) stored tensor of a mask or sparse delta, its bytes checked against the checksum
         recorded when it was written: a flipped bit in a position or a value is caught, not used."""
-        return torch.from_numpy(self.array(key).copy()).view(_TORCH_DTYPES[self.stored_dtype(key)]).view(
-            tuple(self._entries[key]["shape"]))
+        return as_torch(self.array(key).copy(), self.stored_dtype(key)).view(tuple(self._entries[key]["shape"]))
 
-    def bits(self, name: str) -> torch.Tensor:
-        """Packed bits of the positions this artifact holds for `name` (dense task vectors: nonzeros)."""
-        return torch.from_numpy(np.require(self.packed_bits(name), requirements="W"))  # a copy where mapped
+    def bits(self, name: str):
+        """Packed bits (a uint8 torch tensor) of the positions this artifact holds for `name` (dense task
+        vectors: nonzeros)."""
+        return as_torch(np.require(self.packed_bits(name), requirements="W"), "U8")  # a copy where mapped
 
-    def indices(self, name: str) -> torch.Tensor:
+    def indices(self, name: str):
         """Sorted flat positions held for `name`; stored positions must lie in the tensor and strictly
         increase (a duplicate would add its value twice in one stage and once in another)."""
         if f"{name}::idx" in self.keys:
-            return torch.from_numpy(self.positions(name).copy())
+            key = f"{name}::idx"
+            return as_torch(self.positions(name).copy(), self.stored_dtype(key))
         return indices_from_bits(self.bits(name), self.numel(name))
 
-    def values(self, name: str) -> torch.Tensor:
+    def values(self, name: str):
         """A sparse delta's values for `name` (in position order, as stored), refused if any is NaN or Inf."""
-        return torch.from_numpy(self.values_array(name).copy()).view(_TORCH_DTYPES[self.stored_dtype(f"{name}::values")])
+        return as_torch(self.values_array(name).copy(), self.stored_dtype(f"{name}::values"))
 
-    def held(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def held(self, name: str):
         """A sparse delta's (flat bool mask of held entries, values in row-major order of the mask), refused
         when the counts differ."""
         mask = unpack_bits(self.bits(name), self.numel(name))
@@ -314,13 +376,17 @@ class Artifact(StoredFile):
                             "file is corrupt: re-create it")
         return mask, values
 
-    def dense(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor as a dense delta (masks: 1.0 at selected positions). A task vector's tensor is copied out
-        of a memory map of just its bytes, so reading a file tensor by tensor keeps one tensor resident, not
-        every page read so far."""
+    def dense(self, name: str, dtype=None):
+        """The tensor as a dense torch delta (float32 unless `dtype`; masks: 1.0 at selected positions). A task
+        vector's tensor is copied out of a memory map of just its bytes, so reading a file tensor by tensor
+        keeps one tensor resident, not every page read so far."""
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
         if self.kind == "task_vector":
-            with self.raw(name).mapped() as flat:
-                return flat.to(dtype, copy=True).view(self.shape(name))
+            raw = self.raw(name)
+            with raw.mapped() as flat:
+                return as_torch(flat, raw.dtype).to(dtype, copy=True).view(self.shape(name))
         out = torch.zeros(self.numel(name), dtype=dtype)
         if self.kind == "mask":
             out.masked_fill_(unpack_bits(self.bits(name), self.numel(name)), 1)
@@ -331,42 +397,39 @@ class Artifact(StoredFile):
             out[self.indices(name).long()] = self.values(name).to(dtype)
         return out.view(self.shape(name))
 
-    def items(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    def items(self, dtype=None) -> Iterator[tuple[str, object]]:
         for name in self.names:
             yield name, self.dense(name, dtype)
 
 
-
-_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
-
-
 class StoredTensor:
-    """A tensor of an Artifact, not yet read. Indexing (`[:]`, `[a:b]`, rows) copies out what it selects;
-    `mapped(start, stop)` gives flat entries [start, stop) over a private memory map (see mapped_range)."""
+    """A tensor of an Artifact, not yet read. Indexing (`[:]`, `[a:b]`, rows) copies out what it selects, as
+    a torch tensor; `mapped(start, stop)` gives flat entries [start, stop) as a numpy array over a private
+    memory map (see mapped_range). dtype: its safetensors name ("F32", "BF16": numpy holds it as uint16)."""
 
     def __init__(self, artifact: "Artifact", key: str):
         self._artifact, self.key = artifact, key
         entry = artifact._entries[key]
-        self.dtype = _TORCH_DTYPES[entry["dtype"]]
+        self.dtype = entry["dtype"]
         self.shape = tuple(entry["shape"])
-        self._itemsize = torch.tensor([], dtype=self.dtype).element_size()
+        self._itemsize = NUMPY_DTYPES[self.dtype].itemsize
         self._offset = artifact._data_start + entry["data_offsets"][0]
 
     def get_shape(self) -> list[int]:
         return list(self.shape)
 
     def get_dtype(self) -> str:
-        return _DTYPES[self.dtype]
+        return self.dtype
 
     def numel(self) -> int:
         return math.prod(self.shape)
 
     def __getitem__(self, index):
         with self.mapped() as flat:
-            return flat.view(self.shape)[index].clone()
+            return as_torch(flat, self.dtype).view(self.shape)[index].clone()
 
     def mapped(self, start: int = 0, stop: int | None = None):
-        """Flat entries [start, stop) as a read-only-by-convention tensor; valid only inside the `with`."""
+        """Flat entries [start, stop) as a read-only-by-convention numpy array; valid only inside the `with`."""
         stop = self.numel() if stop is None else stop
         if not 0 <= start <= stop <= self.numel():
             raise IndexError(f"{self.key}: entries [{start}, {stop}) outside its {self.numel()}")
@@ -374,23 +437,24 @@ class StoredTensor:
 
 
 @contextlib.contextmanager
-def mapped_range(file, offset: int, count: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """`count` entries of `dtype` at byte `offset` of `file` (an open binary file or a path), as a tensor over
-    a private memory map of just that range, unmapped again on leaving the `with`: streaming a large file
-    through it in pieces holds one piece in the process (resident set), not every page read so far, and
-    copies nothing (the first pass over a piece reads the page cache directly)."""
-    length = count * torch.tensor([], dtype=dtype).element_size()
-    if length == 0:
-        yield torch.empty(0, dtype=dtype)
+def mapped_range(file, offset: int, count: int, code: str) -> Iterator[np.ndarray]:
+    """`count` entries of safetensors dtype `code` at byte `offset` of `file` (an open binary file or a path),
+    as a numpy array (bfloat16 as uint16) over a private memory map of just that range, unmapped again on
+    leaving the `with`: streaming a large file through it in pieces holds one piece in the process (resident
+    set), not every page read so far, and copies nothing (the first pass over a piece reads the page cache
+    directly)."""
+    dtype = NUMPY_DTYPES[code]
+    if count == 0:
+        yield np.empty(0, dtype=dtype)
         return
     with contextlib.ExitStack() as stack:
         fh = file if hasattr(file, "fileno") else stack.enter_context(open(file, "rb"))
-        # ACCESS_COPY: a private mapping, so the buffer is writable for torch (no warning) and a write could
-        # never reach the file; pages are shared with the page cache until written
-        region, lead = map_bytes(fh.fileno(), offset, length, access=mmap.ACCESS_COPY)
-    view = torch.frombuffer(region, dtype=torch.uint8, offset=lead, count=length)
+        # ACCESS_COPY: a private mapping, so the buffer is writable (torch wants that, or it warns) and a
+        # write could never reach the file; pages are shared with the page cache until written
+        region, lead = map_bytes(fh.fileno(), offset, count * dtype.itemsize, access=mmap.ACCESS_COPY)
+    view = np.frombuffer(region, dtype=dtype, count=count, offset=lead)
     try:
-        yield view.view(dtype)
+        yield view
     finally:
         del view
         try:
@@ -402,9 +466,9 @@ def mapped_range(file, offset: int, count: int, dtype: torch.dtype) -> Iterator[
 def open_artifact(path: str | Path, kinds: tuple[str, ...] = KINDS) -> Artifact:
     """What the stages read wherever they take artifacts: an artifact file, or a PEFT sparse adapter (its
     directory or its adapter_model.safetensors) converted on read into a sparse delta (lota_cli.peft_io)."""
-    from lota_cli import peft_io
-
     if is_adapter(path):
+        from lota_cli import peft_io
+
         return peft_io.read_adapter(Path(path), kinds)
     return Artifact(path, kinds)
 

@@ -17,15 +17,15 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import numpy as np
-import torch
 
 from lota_cli import LotaError
-from lota_cli.artifacts import _TORCH_DTYPES, TensorFileWriter, all_finite, mapped_range
-from lota_cli.stored import _check_complete, _read_header, will_need
+from lota_cli.artifacts import TensorFileWriter, dtype_code, finite_data, mapped_range
+from lota_cli.stored import NUMPY_DTYPES, _check_complete, _read_header, fingerprint_of, will_need
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -85,8 +85,12 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._where[name][1]["shape"])
 
-    def dtype(self, name: str) -> torch.dtype:
-        return _TORCH_DTYPES[self._where[name][1]["dtype"]]
+    def dtype(self, name: str) -> str:
+        """Its safetensors dtype ("F32", "BF16", "F16")."""
+        return self._where[name][1]["dtype"]
+
+    def itemsize(self, name: str) -> int:
+        return NUMPY_DTYPES[self.dtype(name)].itemsize
 
     def numel(self, name: str) -> int:
         return math.prod(self.shape(name))
@@ -97,15 +101,15 @@ class Checkpoint:
         return shard, data_start + entry["data_offsets"][0]
 
     def mapped(self, name: str, start: int = 0, stop: int | None = None):
-        """Flat entries [start, stop) of `name` over a private memory map (valid inside the `with`)."""
+        """Flat entries [start, stop) of `name` as a numpy array (bfloat16 as uint16) over a private memory map
+        (valid inside the `with`)."""
         shard, offset = self.location(name)
         stop = self.numel(name) if stop is None else stop
-        dtype = self.dtype(name)
-        return mapped_range(shard, offset + start * dtype.itemsize, stop - start, dtype)
+        return mapped_range(shard, offset + start * self.itemsize(name), stop - start, self.dtype(name))
 
-    def flat_tensors(self, sources: Mapping[str, str]) -> Iterator[tuple[str, tuple[int, ...], torch.Tensor]]:
-        """(name, shape, flat memory-mapped tensor) for each name -> checkpoint tensor of `sources`, in its
-        order, one mapping open at a time: what models.fingerprint_of reads a strided sample of."""
+    def flat_tensors(self, sources: Mapping[str, str]) -> Iterator[tuple[str, tuple[int, ...], np.ndarray]]:
+        """(name, shape, flat memory-mapped array) for each name -> checkpoint tensor of `sources`, in its
+        order, one mapping open at a time: what stored.fingerprint_of reads a strided sample of."""
         for name, source in sources.items():
             with self.mapped(source) as flat:
                 yield name, self.shape(source), flat
@@ -113,18 +117,16 @@ class Checkpoint:
     def saved_fingerprint(self) -> str:
         """The fingerprint of the weights as saved (artifacts' base_checkpoint): every tensor, in name order,
         as models.model_saved_fingerprint computes it from a loaded model."""
-        from lota_cli.models import fingerprint_of
-
         return fingerprint_of(self.flat_tensors({name: name for name in sorted(self.names)}))
 
-    def pieces(self, name: str, piece: int = PIECE) -> Iterator[tuple[int, torch.Tensor]]:
+    def pieces(self, name: str, piece: int = PIECE) -> Iterator[tuple[int, np.ndarray]]:
         """(start, flat entries [start, start + piece)) over the tensor, each refused if it holds NaN or Inf,
         as loading the model would be. A piece is a private copy-on-write mapping of the file: the caller may
         change it in place (the file never sees that), and must be done with it before asking for the next."""
         n = self.numel(name)
         for start in range(0, n, piece):
             with self.mapped(name, start, min(n, start + piece)) as view:
-                if not all_finite(view):
+                if not finite_data(view, self.dtype(name)):
                     raise self.nonfinite(name)
                 yield start, view
                 del view
@@ -141,14 +143,14 @@ class Checkpoint:
     def read_ahead(self, name: str) -> None:
         """Have tensor `name`'s bytes read from disk now (stored.will_need), to be read later by read_into."""
         shard, offset = self.location(name)
-        will_need(self._file(shard).fileno(), offset, self.numel(name) * self.dtype(name).itemsize)
+        will_need(self._file(shard).fileno(), offset, self.numel(name) * self.itemsize(name))
 
     def read_into(self, name: str, start: int, out: np.ndarray) -> None:
         """The stored bytes of entries [start, start + out.size) of `name` (out's dtype of the same size as the
         tensor's) read into `out`: one copy from the page cache, no mapping."""
         shard, offset = self.location(name)
         fd = self._file(shard).fileno()
-        view, at = memoryview(out).cast("B"), offset + start * self.dtype(name).itemsize
+        view, at = memoryview(out).cast("B"), offset + start * self.itemsize(name)
         while view.nbytes:
             done = os.preadv(fd, [view], at)
             if done == 0:
@@ -161,15 +163,17 @@ class ShardedWriter:
     tensor larger than that gets a shard of its own), plus `model.safetensors.index.json` when there is more
     than one, into a temporary directory beside `directory`, renamed into place when the `with` ends well.
 
-    layout: name -> (dtype, shape), in the order the tensors will be written.
+    layout: name -> (dtype, shape), in the order the tensors will be written; a dtype is torch's, numpy's or
+    safetensors' name.
     """
 
-    def __init__(self, directory: str | Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], shard_size: int):
-        self.directory, self._layout = Path(directory), layout
+    def __init__(self, directory: str | Path, layout: dict[str, tuple[object, tuple[int, ...]]], shard_size: int):
+        self.directory = Path(directory)
+        self._layout = layout = {name: (dtype_code(dtype), tuple(shape)) for name, (dtype, shape) in layout.items()}
         self.groups: list[dict] = [{}]
         filled = 0
         for name, (dtype, shape) in layout.items():
-            size = math.prod(shape) * dtype.itemsize
+            size = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize
             if self.groups[-1] and filled + size > shard_size:
                 self.groups.append({})
                 filled = 0
@@ -180,8 +184,6 @@ class ShardedWriter:
                                                   for i in range(count)]
 
     def __enter__(self) -> "ShardedWriter":
-        from lota_cli.models import atomic_directory
-
         self._directory = contextlib.ExitStack()
         self.tmp = self._directory.enter_context(atomic_directory(self.directory))
         self._shards = iter(zip(self.files, self.groups))
@@ -228,13 +230,29 @@ class ShardedWriter:
                     raise ValueError(f"{self.directory}: tensors left unwritten")
                 if len(self.files) > 1:
                     weight_map = {name: file for file, group in zip(self.files, self.groups) for name in group}
-                    total = sum(math.prod(s) * d.itemsize for d, s in self._layout.values())
+                    total = sum(math.prod(s) * NUMPY_DTYPES[d].itemsize for d, s in self._layout.values())
                     (self.tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                               "weight_map": weight_map}, indent=2) + "\n")
         except BaseException as err:
             self._directory.__exit__(type(err), err, err.__traceback__)  # the directory is discarded
             raise
         self._directory.__exit__(exc_type, exc, tb)  # renamed into place only if all went well
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: Path) -> Iterator[Path]:
+    """A temporary directory beside `directory` to fill, renamed into its place (replacing an older one) only
+    when the block completes: a failed or killed write never leaves a partial directory there."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield tmp
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def local_directory(cfg) -> tuple[Path | None, str]:

@@ -159,6 +159,27 @@ class ParamsConfig:
                                   "embeddings, lm_head and MoE routers)")
 
 
+def param_matcher(cfg: ParamsConfig):
+    """name -> whether params.include matches it and params.exclude does not."""
+    include = [re.compile(p) for p in cfg.include]
+    exclude = [re.compile(p) for p in cfg.exclude]
+    return lambda name: any(r.fullmatch(name) for r in include) and not any(r.fullmatch(name) for r in exclude)
+
+
+def selected(shapes: dict[str, tuple[int, ...]], cfg: ParamsConfig) -> list[str]:
+    """Names of the tensors of 2 or more dimensions (weight matrices, 3-D stacks of fused MoE experts)
+    matching params.include and not params.exclude, in the given order. Vectors and scalars (biases, norm
+    scales, router biases) are never selected; a hand-made mask over one still trains (sparse.attach takes
+    any parameter)."""
+    matches = param_matcher(cfg)
+    names = [name for name, shape in shapes.items() if len(shape) >= 2 and matches(name)]
+    if not names:
+        sample = ", ".join(list(shapes)[:6])
+        raise LotaError(f"no parameters match params.include={list(cfg.include)} (excluding {list(cfg.exclude)}); "
+                        f"the tensor names look like: {sample}")
+    return names
+
+
 @dataclass
 class OptimConfig:
     name: str = opt("adamw", "adamw or sgd")

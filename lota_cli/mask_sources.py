@@ -8,7 +8,8 @@
 
 Each source is a small function from the stage's config to a Ranking; masks.top_k_mask then selects from
 every source alike, so all keep exactly k entries under either extract.scope. Models and data are imported
-inside the model-based sources only: extract from a task vector never imports transformers or datasets.
+inside the model-based sources only: extract from a task vector imports neither torch, transformers nor
+datasets.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
-
-import torch
 
 from lota_cli import LotaError
 from lota_cli.config import ExtractConfig
@@ -46,7 +45,7 @@ class Ranking:
 def from_task_vector(cfg: ExtractConfig) -> Ranking:
     """|delta| of extract.task_vector, streamed from its file; the mask's base is the task vector's."""
     from lota_cli.artifacts import Artifact
-    from lota_cli.models import selected
+    from lota_cli.config import selected
 
     task_vector = Artifact(cfg.extract.task_vector, kinds=("task_vector",))
     meta = task_vector.meta
@@ -84,7 +83,9 @@ class SeededScores:
     def get_shape(self) -> list[int]:
         return list(self.shape)
 
-    def __getitem__(self, index) -> torch.Tensor:
+    def __getitem__(self, index):
+        import torch
+
         return torch.rand(self.shape, generator=torch.Generator().manual_seed(self.seed))[index]
 
 
@@ -100,7 +101,7 @@ def from_random(cfg: ExtractConfig) -> Ranking:
         {n: tuple(model.get_parameter(n).shape) for n in names}, seed), {"name": "random", "seed": seed})
 
 
-def gradient_batches(cfg: ExtractConfig, tokenizer) -> Iterator[dict[str, torch.Tensor]]:
+def gradient_batches(cfg: ExtractConfig, tokenizer) -> Iterator[dict]:
     """The first extract.gradient_batches batches of task.*'s training rows, in the seeded order training
     uses (batches.MicroBatches with extract.seed), collated as the training loop collates them."""
     from lota_cli.batches import MicroBatches, collate
@@ -114,11 +115,12 @@ def gradient_batches(cfg: ExtractConfig, tokenizer) -> Iterator[dict[str, torch.
         yield collate(items, tokenizer.pad_token_id or 0)
 
 
-def accumulated_gradients(model: torch.nn.Module, names: list[str],
-                          batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def accumulated_gradients(model, names: list[str], batches: Iterator[dict]) -> dict:
     """Sum over batches of |d(mean target-token NLL of the batch)/dw|, per tensor of `names`, in float32 on
     the CPU. The model is in eval mode (no dropout) with gradients on `names` only; nothing else is kept: one
     float32 accumulator per tensor next to the model's gradients."""
+    import torch
+
     from lota_cli.data import IGNORE
     from lota_cli.loop import token_nll_sum
 

@@ -20,26 +20,30 @@ of the model, and each piece is read once per pass straight from the page cache 
 
 Either way exactly k entries are chosen; ties at the threshold go to the entry that comes first (tensor
 order, then row-major position), so the result is deterministic and depends neither on the sample nor on
-the number of threads. The per-piece work is numpy's (SIMD, the GIL released), and the tensors of a pass
-are scanned on torch's intra-op thread count of threads (OMP_NUM_THREADS), each in buffers of its own.
+the number of threads. The per-piece work is numpy's (SIMD, the GIL released) or the native scan's, and the
+tensors of a pass are scanned on torch's intra-op thread count of threads (OMP_NUM_THREADS), each in buffers
+of its own.
 
-A source is a mapping from tensor name to a torch tensor, a safetensors slice, or an Artifact's StoredTensor
-(artifacts.Artifact.raw), which streams from the page cache without copying (see StoredTensor.mapped).
+A source is a mapping from tensor name to a torch tensor, a numpy array, a safetensors slice, or an
+Artifact's StoredTensor (artifacts.Artifact.raw), which streams from the page cache without copying (see
+StoredTensor.mapped). All of it is numpy: selecting from an artifact never imports torch; a torch tensor is
+read through its numpy view (bfloat16 as uint16, as stored).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Mapping
 
 import numpy as np
-import torch
 
 from lota_cli import LotaError, native
-from lota_cli.stored import count_bits
+from lota_cli.stored import NUMPY_DTYPES, count_bits
 
 EXCLUDED = -1.0  # |delta| is never negative, so excluded entries can never be selected
 CHUNK = 1 << 20  # entries per piece of the streaming pass: 4 MiB of float32, small enough to stay in cache
@@ -53,35 +57,45 @@ CANDIDATE_CAP = 1 << 26  # and at most this many (8 bytes each: 512 MiB) whateve
 
 # --------------------------------------------------------------------------- encodings
 
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Flat bool tensor -> uint8, 8 entries a byte (little bit order)."""
-    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy(), bitorder="little"))
+def pack_bits(mask):
+    """Flat bool torch tensor -> uint8 torch tensor, 8 entries a byte (little bit order)."""
+    import torch
+
+    return torch.from_numpy(np.packbits(np.asarray(mask).reshape(-1), bitorder="little"))
 
 
-def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of pack_bits: flat bool tensor of numel entries."""
-    return torch.from_numpy(np.unpackbits(bits.numpy(), count=numel, bitorder="little").view(np.bool_))
+def unpack_bits(bits, numel: int):
+    """Inverse of pack_bits (packed bits as a torch tensor or a numpy array): flat bool torch tensor of numel
+    entries."""
+    import torch
+
+    return torch.from_numpy(np.unpackbits(np.asarray(bits), count=numel, bitorder="little").view(np.bool_))
 
 
-def index_dtype(numel: int) -> torch.dtype:
-    return torch.int32 if numel < 2**31 else torch.int64
+def index_dtype(numel: int) -> np.dtype:
+    return np.dtype(np.int32 if numel < 2**31 else np.int64)
 
 
-def indices_from_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
-    """Sorted flat positions of the set entries (of the first numel), int32 where they fit: few set entries
-    from the bytes that hold them, many through torch's nonzero over them all (faster there)."""
-    if count_bits(bits) * 256 > numel:
-        return unpack_bits(bits, numel).nonzero().reshape(-1).to(index_dtype(numel))
-    positions = set_positions(bits.numpy())
-    positions = positions[:np.searchsorted(positions, numel)]  # bits past numel pad the last byte
-    return torch.tensor(positions, dtype=index_dtype(numel))
+def positions_from_bits(bits, numel: int) -> np.ndarray:
+    """Sorted flat positions of the set entries (of the first numel) of packed bits (numpy or torch), int32
+    where they fit."""
+    positions = set_positions(np.asarray(bits))
+    return positions[:np.searchsorted(positions, numel)].astype(index_dtype(numel))  # bits past numel pad
 
 
-def encode_positions(bits: torch.Tensor, numel: int) -> tuple[str, torch.Tensor]:
-    """The smaller of packed bits and int32 positions: ('bits', uint8) or ('idx', int)."""
+def indices_from_bits(bits, numel: int):
+    """positions_from_bits as a torch tensor."""
+    import torch
+
+    return torch.from_numpy(positions_from_bits(bits, numel))
+
+
+def encode_positions(bits, numel: int) -> tuple[str, np.ndarray]:
+    """The smaller of packed bits and int32 positions, as numpy arrays: ('bits', uint8) or ('idx', int)."""
+    bits = np.asarray(bits)
     count = count_bits(bits)
-    if count * torch.tensor([], dtype=index_dtype(numel)).element_size() < bits.numel():
-        return "idx", indices_from_bits(bits, numel)
+    if count * index_dtype(numel).itemsize < bits.size:
+        return "idx", positions_from_bits(bits, numel)
     return "bits", bits
 
 
@@ -99,12 +113,13 @@ class _Stream:
     as EXCLUDED; a NaN or Inf anywhere is refused, naming the tensor.
     """
 
-    def __init__(self, source: Mapping, excluded: Mapping[str, torch.Tensor] | None):
-        self.source, self.excluded = source, excluded or {}
+    def __init__(self, source: Mapping, excluded: Mapping | None):
+        self.source = source
+        self.excluded = {n: np.asarray(bits) for n, bits in (excluded or {}).items()}
         self.numel = {n: math.prod(_shape(source[n])) for n in source}
         self._size = min(CHUNK, max(self.numel.values(), default=1))
         self._local = threading.local()
-        self.threads = max(1, min(torch.get_num_threads(), len(self.numel)))
+        self.threads = max(1, min(intra_op_threads(), len(self.numel)))
 
     def buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """This thread's (|values|, flags, flags) buffers of CHUNK entries."""
@@ -122,23 +137,27 @@ class _Stream:
             return list(pool.map(fn, names))
 
     @staticmethod
-    def _abs(piece: torch.Tensor, out: np.ndarray) -> None:
-        if piece.dtype == torch.float32:
-            np.abs(piece.numpy(), out=out)
-        elif piece.dtype == torch.bfloat16:  # a bfloat16 is the top half of a float32
+    def _abs(piece: np.ndarray, out: np.ndarray) -> None:
+        if piece.dtype == np.float32:
+            np.abs(piece, out=out)
+        elif piece.dtype == np.uint16:  # bfloat16 as stored: the top half of a float32
             as_int = out.view(np.uint32)
-            np.left_shift(piece.view(torch.int16).numpy().view(np.uint16), 16, out=as_int, dtype=np.uint32)
+            np.left_shift(piece, 16, out=as_int, dtype=np.uint32)
             np.bitwise_and(as_int, 0x7FFFFFFF, out=as_int)
         else:
-            out[:] = piece.float().numpy()
+            out[:] = piece
             np.abs(out, out=out)
 
-    def _flat(self, name: str) -> torch.Tensor | None:
+    def _flat(self, name: str) -> np.ndarray | None:
         """The whole tensor, flat, for sources that cannot be mapped piecewise (None: use mapped)."""
         x = self.source[name]
         if hasattr(x, "mapped"):
             return None
-        return (x if isinstance(x, torch.Tensor) else x[:]).detach().reshape(-1).cpu()
+        return _as_numpy(x if isinstance(x, np.ndarray) or hasattr(x, "detach") else x[:])
+
+    def _stored(self, name: str, flat: np.ndarray | None) -> np.dtype:
+        """The numpy dtype the pieces of `name` come in."""
+        return flat.dtype if flat is not None else NUMPY_DTYPES[self.source[name].dtype]
 
     def _finite(self, name: str, out: np.ndarray) -> None:
         top = out.max() if out.size else 0.0
@@ -151,7 +170,7 @@ class _Stream:
                          "(lower train.lr, or enable train.max_grad_norm)")
 
     @contextlib.contextmanager
-    def _piece(self, name: str, start: int, stop: int, flat: torch.Tensor | None) -> Iterator[torch.Tensor]:
+    def _piece(self, name: str, start: int, stop: int, flat: np.ndarray | None) -> Iterator[np.ndarray]:
         """Entries [start, stop) of `name` as they are stored: a slice of `flat`, or a mapping of the file
         (copy-free: what reads it reads the page cache), valid inside the `with`."""
         if flat is not None:
@@ -163,17 +182,17 @@ class _Stream:
 
     def _exclude(self, name: str, positions: np.ndarray, out: np.ndarray) -> None:
         if name in self.excluded:
-            bits = self.excluded[name].numpy()
+            bits = self.excluded[name]
             out[((bits[positions >> 3] >> (positions & 7)) & 1).astype(np.bool_)] = EXCLUDED
 
-    def read_into(self, name: str, start: int, stop: int, flat: torch.Tensor | None, out: np.ndarray) -> np.ndarray:
+    def read_into(self, name: str, start: int, stop: int, flat: np.ndarray | None, out: np.ndarray) -> np.ndarray:
         """|values| of entries [start, stop) of `name` into `out` (float32, stop - start long)."""
         with self._piece(name, start, stop, flat) as piece:
             self._abs(piece, out)
             del piece
         self._finite(name, out)
         if name in self.excluded:  # (start need not be a multiple of 8: sampled rows)
-            bits = self.excluded[name].numpy()[start // 8:(start + out.size + 7) // 8]
+            bits = self.excluded[name][start // 8:(start + out.size + 7) // 8]
             skip = start % 8
             out[np.unpackbits(bits, count=skip + out.size, bitorder="little")[skip:].view(np.bool_)] = EXCLUDED
         return out
@@ -187,12 +206,11 @@ class _Stream:
         positions = np.minimum(positions, n - 1).reshape(-1)
         out = np.empty(positions.size, dtype=np.float32)
         flat = self._flat(name)
-        index = torch.from_numpy(positions)
         if flat is not None:
-            self._abs(flat[index], out)
+            self._abs(flat[positions], out)
         else:
             with self.source[name].mapped() as whole:
-                self._abs(whole[index], out)
+                self._abs(whole[positions], out)
                 del whole
         self._finite(name, out)
         self._exclude(name, positions, out)
@@ -200,10 +218,10 @@ class _Stream:
         out[~inside] = EXCLUDED
         return out
 
-    def chunks(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, |values| of entries [start, start + CHUNK)) over the tensor; each array is valid until the
-        next step, in this thread's buffer."""
-        n, flat = self.numel[name], self._flat(name)
+    def chunks(self, name: str, flat: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, |values| of entries [start, start + CHUNK)) over the tensor (`flat`: _flat's, if the
+        caller has it); each array is valid until the next step, in this thread's buffer."""
+        n, flat = self.numel[name], self._flat(name) if flat is None else flat
         mag = self.buffers()[0]
         for start in range(0, n, CHUNK):
             stop = min(n, start + CHUNK)
@@ -214,10 +232,10 @@ class _Stream:
         per CHUNK of `name`, NaN or Inf refused: one native pass a chunk (lota_cli.native.scan) where the
         kernels are built and the tensor is float32 or bfloat16 (the same result as numpy's several), else
         numpy's. The arrays are this thread's buffers, valid until the next step."""
-        x, lib = self.source[name], native.kernels()
-        if lib is None or getattr(x, "dtype", None) not in (torch.float32, torch.bfloat16):
+        lib, flat = native.kernels(), self._flat(name)
+        if lib is None or self._stored(name, flat) not in (np.float32, np.uint16):
             _, sure_flags, band_flags = self.buffers()
-            for start, mag in self.chunks(name):
+            for start, mag in self.chunks(name, flat):
                 c = mag.size
                 sure = np.packbits(np.greater(mag, hi, out=sure_flags[:c]), bitorder="little")
                 at_least = np.packbits(np.greater_equal(mag, lo, out=band_flags[:c]), bitorder="little")
@@ -228,12 +246,12 @@ class _Stream:
         local = self._local
         if not hasattr(local, "band"):
             local.band = native.ScanBuffers(self._size)
-        n, flat, excluded = self.numel[name], self._flat(name), self.excluded.get(name)
+        n, excluded = self.numel[name], self.excluded.get(name)
         for start in range(0, n, CHUNK):
             stop = min(n, start + CHUNK)
-            skip = None if excluded is None else excluded.numpy()[start // 8:(stop + 7) // 8]
+            skip = None if excluded is None else excluded[start // 8:(stop + 7) // 8]
             with self._piece(name, start, stop, flat) as piece:
-                count = local.band.scan(lib, _as_numpy(piece), lo, hi, skip)
+                count = local.band.scan(lib, piece, lo, hi, skip)
                 del piece
             if count < 0:
                 raise self._nonfinite(name)
@@ -241,9 +259,28 @@ class _Stream:
                 local.band.values[:count]
 
 
-def _as_numpy(piece: torch.Tensor) -> np.ndarray:
-    """A flat float32 or bfloat16 (as uint16) tensor's entries as a numpy view."""
-    return piece.view(torch.int16).numpy().view(np.uint16) if piece.dtype == torch.bfloat16 else piece.numpy()
+def _as_numpy(x) -> np.ndarray:
+    """A numpy array's or a CPU torch tensor's entries as a flat numpy view (bfloat16 as uint16)."""
+    if isinstance(x, np.ndarray):
+        return x.reshape(-1)
+    x = x.detach().reshape(-1).cpu()
+    if str(x.dtype) == "torch.bfloat16":
+        import torch
+
+        return x.view(torch.int16).numpy().view(np.uint16)
+    return x.numpy()
+
+
+def intra_op_threads() -> int:
+    """torch's intra-op thread count where torch is imported; else what it would be: OMP_NUM_THREADS, or the
+    cores this process may run on."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------- selection
@@ -380,7 +417,7 @@ def _pass(stream: _Stream, names: list[str], k: int, lo: float, hi: float, budge
         return ("miss",)
     need = k - n_sure
     if need == 0:
-        return ("done", {name: torch.from_numpy(b) for name, b in bits.items()})
+        return ("done", bits)
     if n_band > budget:  # narrow: every band entry counted in one histogram, whichever tensor kept it
         hist = np.zeros(1 << 16, dtype=np.int64)
         for _, _, values, part in scans:
@@ -400,7 +437,7 @@ def _pass(stream: _Stream, names: list[str], k: int, lo: float, hi: float, budge
         take[tied] = True
         ties -= tied.size
         _set_bits(bits[name], positions[take])
-    return ("done", {name: torch.from_numpy(b) for name, b in bits.items()})
+    return ("done", bits)
 
 
 def _pass_ties(stream: _Stream, names: list[str], k: int, value: float, above_known: int):
@@ -424,7 +461,7 @@ def _pass_ties(stream: _Stream, names: list[str], k: int, value: float, above_kn
         bits[name] = packed
     if ties_left or n_sure != k:
         return ("miss",)
-    return ("done", {name: torch.from_numpy(b) for name, b in bits.items()})
+    return ("done", bits)
 
 
 def candidate_budget(total: int) -> float:
@@ -432,7 +469,7 @@ def candidate_budget(total: int) -> float:
     return max(min(CANDIDATE_BUDGET * total, CANDIDATE_CAP), 1 << 16)
 
 
-def _resolve(stream: _Stream, names: list[str], k: int, total: int, lo: float, hi: float) -> dict[str, torch.Tensor]:
+def _resolve(stream: _Stream, names: list[str], k: int, total: int, lo: float, hi: float) -> dict[str, np.ndarray]:
     """Passes until the band around the k-th largest value is resolved: one when the bracket holds (the usual
     case), two or three when it is too wide, and a restart from the full range when it misses."""
     budget = candidate_budget(total)
@@ -456,10 +493,12 @@ def _select_exact(source, names, k, excluded, stream: _Stream | None = None):
     return _resolve(stream, names, k, sum(stream.numel[n] for n in names), 0.0, math.inf)
 
 
-def top_k_mask(source: Mapping, k: int, excluded: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Exactly k entries of largest |value| across all tensors of `source`, as packed bits per tensor.
+def top_k_mask(source: Mapping, k: int, excluded: Mapping | None = None) -> dict[str, np.ndarray]:
+    """Exactly k entries of largest |value| across all tensors of `source`, as packed bits per tensor (uint8
+    numpy arrays, little bit order).
 
-    `excluded` maps names to packed bits of entries that may not be chosen (earlier LoTTO masks).
+    `excluded` maps names to packed bits (numpy or torch) of entries that may not be chosen (earlier LoTTO
+    masks).
     """
     names = list(source)
     total = sum(math.prod(_shape(source[n])) for n in names)
@@ -470,7 +509,7 @@ def top_k_mask(source: Mapping, k: int, excluded: Mapping[str, torch.Tensor] | N
             + (" after the earlier masks; lower the density (raise the sparsity) or start a new chain" if excluded else "")
         )
     if k == 0:
-        return {n: pack_bits(torch.zeros(math.prod(_shape(source[n])), dtype=torch.bool)) for n in names}
+        return {n: np.zeros((math.prod(_shape(source[n])) + 7) // 8, dtype=np.uint8) for n in names}
     stream = _Stream(source, excluded)
     lo, hi = _bracket(stream, names, k, total)
     return _resolve(stream, names, k, total, lo, hi)

@@ -7,7 +7,8 @@ per tensor: "density 0.2" keeps the largest 20% of each input's entries of *this
 Methods register themselves with `@merge_method`, declaring the MergeConfig fields they read; `merge` dispatches
 through that registry, MergeConfig refuses fields the chosen method would ignore, the stage logs the ones it
 reads, and `methods_help` lists them, so a new method is one decorated function. `merge` applies the global
-scale to every method's result.
+scale to every method's result. torch is imported by the methods when first run, not with the registry:
+`lota merge` of sparse deltas under sum or task_arithmetic runs in the native kernels alone.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from lota_cli.overlaps import Overlap, overlap
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 # --------------------------------------------------------------------------- registry
@@ -130,6 +131,8 @@ def top_k(delta: Tensor, density: float, numel: int | None = None) -> Tensor:
     so the result does not depend on how topk happens to order equal values. With more than k nonzeros the
     threshold is nonzero, so the absent zeros never matter; with at most k, all nonzeros are kept.
     """
+    import torch
+
     flat = delta.reshape(-1)
     numel = flat.numel() if numel is None else numel
     k = round(density * numel)
@@ -155,6 +158,8 @@ def top_k(delta: Tensor, density: float, numel: int | None = None) -> Tensor:
 
 
 def has_negative_zero(tensor: Tensor) -> bool:
+    import torch
+
     return bool((torch.signbit(tensor) & (tensor == 0)).any())
 
 
@@ -172,6 +177,8 @@ def sum_deltas(deltas: Sequence[Tensor]) -> Tensor:
               native="weighted")
 def task_arithmetic(deltas: Sequence[Tensor], weights: Optional[Sequence[float]] = None) -> Tensor:
     """sum_i weights[i] * deltas[i]; the global scale (lambda) is applied by `merge`."""
+    import torch
+
     weights = [1.0] * len(deltas) if weights is None else list(weights)
     out = torch.zeros_like(deltas[0])
     for weight, delta in zip(weights, deltas):
@@ -184,6 +191,8 @@ def task_arithmetic(deltas: Sequence[Tensor], weights: Optional[Sequence[float]]
 def ties(deltas: Sequence[Tensor], density: float = 1.0, numel: int | None = None) -> Tensor:
     """TIES-merging: trim each input to its top-density entries, elect the sign of the summed trimmed values
     per entry, and average (over inputs, not counting zeros) the trimmed entries that carry that sign."""
+    import torch
+
     trimmed = [top_k(d, density, numel) for d in deltas]
     elected = torch.sign(sum_deltas(trimmed))
     total = torch.zeros_like(deltas[0])
@@ -207,6 +216,8 @@ def dare_seed(seed: int, name: str, index: int) -> int:
 def dare(deltas: Sequence[Tensor], density: float = 1.0, seed: int = 0, name: str = "") -> Tensor:
     """DARE: keep each entry with probability `density` (input i's mask drawn from dare_seed(seed, name, i)),
     rescale kept entries by 1 / density so the expected delta is unchanged, and sum."""
+    import torch
+
     out = torch.zeros_like(deltas[0])
     for index, delta in enumerate(deltas):
         if density >= 1.0:
@@ -229,4 +240,6 @@ def magnitude(deltas: Sequence[Tensor], density: float = 1.0, numel: int | None 
 
 def delta_overlap(a: Tensor, b: Tensor) -> Overlap:
     """Overlap of two dense deltas by their nonzero entries, with signs."""
+    import torch
+
     return overlap(a != 0, b != 0, torch.sign(a), torch.sign(b))

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from lota_cli import LotaError
-from lota_cli.config import ModelConfig, ParamsConfig
+from lota_cli.config import ModelConfig, ParamsConfig, param_matcher, selected  # noqa: F401 (selected: re-exported)
+from lota_cli.checkpoint import atomic_directory
+from lota_cli.stored import fingerprint_of
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FINGERPRINT_SAMPLES = 4096  # values sampled per tensor
 
 
 def _source(cfg: ModelConfig) -> tuple[str, dict]:
@@ -133,18 +129,6 @@ def fingerprint(model: nn.Module) -> str:
     return fingerprint_of((name, t.shape, t.detach().reshape(-1)) for name, t in model.state_dict().items())
 
 
-def fingerprint_of(tensors) -> str:
-    """fingerprint() over (name, shape, flat tensor) in state_dict order: a flat tensor may be a view of a
-    memory-mapped file, of which only the sampled entries are read."""
-    digest = hashlib.sha256()
-    for name, shape, flat in tensors:
-        step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
-        sample = flat[::step][:FINGERPRINT_SAMPLES].to(torch.bfloat16).view(torch.int16)
-        digest.update(f"{name}:{list(shape)}".encode())
-        digest.update(sample.cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def model_saved_fingerprint(model: nn.Module) -> str:
     """fingerprint_of a loaded model as save_pretrained writes it, in name order: each tensor once (tied
     weights under their first name in state_dict order), so that it equals checkpoint.Checkpoint's
@@ -182,31 +166,10 @@ def state_dict_sources(cfg: ModelConfig, checkpoint) -> dict[str, str] | None:
     return sources
 
 
-def _matcher(cfg: ParamsConfig):
-    """name -> whether params.include matches it and params.exclude does not."""
-    include = [re.compile(p) for p in cfg.include]
-    exclude = [re.compile(p) for p in cfg.exclude]
-    return lambda name: any(r.fullmatch(name) for r in include) and not any(r.fullmatch(name) for r in exclude)
-
-
-def selected(shapes: dict[str, tuple[int, ...]], cfg: ParamsConfig) -> list[str]:
-    """Names of the tensors of 2 or more dimensions (weight matrices, 3-D stacks of fused MoE experts)
-    matching params.include and not params.exclude, in the given order. Vectors and scalars (biases, norm
-    scales, router biases) are never selected; a hand-made mask over one still trains (sparse.attach takes
-    any parameter)."""
-    matches = _matcher(cfg)
-    names = [name for name, shape in shapes.items() if len(shape) >= 2 and matches(name)]
-    if not names:
-        sample = ", ".join(list(shapes)[:6])
-        raise LotaError(f"no parameters match params.include={list(cfg.include)} (excluding {list(cfg.exclude)}); "
-                        f"the tensor names look like: {sample}")
-    return names
-
-
 def select_params(model: nn.Module, cfg: ParamsConfig) -> list[str]:
     """selected() over the model's parameters, refusing at once (before anything trains) a selection that
     matches a tensor lota cannot train: a buffer, an integer tensor, tied weights (check_trainable)."""
-    matches = _matcher(cfg)
+    matches = param_matcher(cfg)
     for name, buffer in model.named_buffers():
         if buffer.is_floating_point() and buffer.dim() >= 2 and matches(name):
             raise LotaError(f"params.include matches {name!r}, a buffer of this model, not a parameter: it has no "
@@ -286,22 +249,6 @@ def add_delta(model: nn.Module, artifact, scale: float = 1.0) -> None:
             param.view(-1).index_add_(0, artifact.indices(name).long(), values, alpha=scale)
         else:
             param.add_(artifact.dense(name, param.dtype), alpha=scale)
-
-
-@contextlib.contextmanager
-def atomic_directory(directory: Path) -> Iterator[Path]:
-    """A temporary directory beside `directory` to fill, renamed into its place (replacing an older one) only
-    when the block completes: a failed or killed write never leaves a partial directory there."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        yield tmp
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_model(model: nn.Module, tokenizer, directory: Path, shard_size: str | int = "2GB") -> Path:

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from lota_cli import LotaError
-from lota_cli.artifacts import Artifact, Meta, save_sparse
+from lota_cli.artifacts import Artifact, Meta, save_sparse, torch_dtype
 from lota_cli.stored import ADAPTER_WEIGHTS, _parse_meta
 from lota_cli.masks import encode_positions, pack_bits
 
@@ -94,7 +94,8 @@ def _adapter_tensors(delta: Artifact, linears: dict[str, nn.Linear]) -> tuple[fl
     for name in delta.names:
         positions = delta.indices(name)
         encoding = "bits" if f"{name}::bits" in delta.keys else _dtype_name(positions.dtype)
-        entries[name] = [positions.numel(), encoding, _dtype_name(delta.raw(f"{name}::values").dtype)]
+        values = torch_dtype(delta.stored_dtype(f"{name}::values"))
+        entries[name] = [positions.numel(), encoding, _dtype_name(values)]
         if positions.numel() == 0:  # an untouched tensor is not adapted: PEFT needs an entry per module
             continue
         module, _, attr = name.rpartition(".")
@@ -155,7 +156,7 @@ def write_adapters(deltas: list[Artifact], directory: Path, names: list[str] | N
     adapter directory itself, else each as directory/<name>/ (PEFT's layout for several adapters: load
     the first with PeftModel.from_pretrained(base, directory/<name>, adapter_name=<name>), the others
     with load_adapter). Holds one adapter's tensors in memory at a time, 8 bytes per stored entry."""
-    from lota_cli.models import atomic_directory
+    from lota_cli.checkpoint import atomic_directory
 
     recorded, linears = _linear_modules(deltas[0])
     with atomic_directory(directory) as tmp:

@@ -87,6 +87,39 @@ def finite_array(array: np.ndarray, stored: str) -> bool:
     return math.isfinite(array.min()) and math.isfinite(array.max())  # NaN propagates through both
 
 
+FINGERPRINT_SAMPLES = 4096  # values sampled per tensor by fingerprint_of
+
+
+def bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """A float32 or float16 numpy array rounded to bfloat16 as torch rounds (to nearest, ties to even; NaN as
+    torch's scalar path writes it, 0x7FC0), as uint16; uint16 (bfloat16 as stored) is returned as it is."""
+    if array.dtype == np.uint16:
+        return array
+    single = np.asarray(array, dtype=np.float32)
+    bits = single.view(np.uint32)
+    out = ((bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+    out[np.isnan(single)] = 0x7FC0
+    return out
+
+
+def fingerprint_of(tensors) -> str:
+    """models.fingerprint over (name, shape, flat tensor) in state_dict order: a SHA-256 of the names, shapes
+    and a strided sample of each tensor's values as bfloat16. A flat tensor is a torch tensor, or a numpy view
+    of a memory-mapped file (bfloat16 as uint16), of which only the sampled entries are read."""
+    digest = hashlib.sha256()
+    for name, shape, flat in tensors:
+        step = max(1, math.prod(shape) // FINGERPRINT_SAMPLES)
+        sample = flat[::step][:FINGERPRINT_SAMPLES]
+        digest.update(f"{name}:{list(shape)}".encode())
+        if isinstance(sample, np.ndarray):
+            digest.update(bfloat16_bits(sample).tobytes())
+        else:
+            import torch
+
+            digest.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 

@@ -13,6 +13,7 @@ Parts (each measurement runs in a fresh child process, so peak RSS is that call'
              bfloat16, bytes saved for backward, and lota sparse-train vs a forward-only lota eval
   data       encoding 5,000 Alpaca rows batched (first run) and from the cache (second) vs one row at a time;
              packed vs unpacked real tokens/s of SmolLM2 forward + backward
+  startup    whole-process time of lota info, extract, merge and overlap on tiny inputs (start-up to first work)
   scale      (not in the default parts: ~45 GB of disk, minutes) merge into and extract from a random bf16
              Llama of 8B shape (scale.shape=3b|1b for smaller disks) vs cp of its shards and a plain pass
 
@@ -36,7 +37,7 @@ from bench_common import THREADS, Figure, child_main, fmt, log  # noqa: E402
 
 DEFAULTS = {
     "out": "runs/bench",
-    "parts": ["extract", "artifacts", "train", "merge", "eval", "memory", "data"],
+    "parts": ["extract", "artifacts", "train", "merge", "eval", "memory", "data", "startup"],
     "tmp": None,  # where the large temporary files go (default: the system temp dir)
     # torch intra-op threads in every measured process (null: torch's default, one per core). 1 by default:
     # on a shared 2-core machine the second OpenMP thread waits on other jobs and makes torch ops 5-20x
@@ -52,12 +53,13 @@ DEFAULTS = {
     "mergekit_bin": None,  # a directory holding mergekit-yaml (mergekit's own venv), if not beside python
     "scale": {"shape": "8b", "mergekit": True, "rounds": 2},
     "data": {"encode_rounds": 3, "batch": 8, "rounds": 6},
+    "startup": {"rounds": 5},
     "memory": {"dtypes": ["float32", "bfloat16"], "batch": 1, "seq": 32, "sparsity": 0.9, "cli": True,
                "cli_tokens": 160},
 }
 PARTS = {"extract": "bench_extract", "artifacts": "bench_artifacts", "train": "bench_train",
          "merge": "bench_merge", "eval": "bench_eval", "memory": "bench_memory", "scale": "bench_scale",
-         "data": "bench_data"}
+         "data": "bench_data", "startup": "bench_startup"}
 
 
 def machine(threads) -> dict:

@@ -93,9 +93,10 @@ def make_delta(path: str, base: str, seed: int, sparsity: float) -> dict:
 
     from lota_cli.artifacts import ArtifactWriter, Meta
     from lota_cli.checkpoint import Checkpoint
-    from lota_cli.config import ModelConfig, ParamsConfig
+    from lota_cli.config import ModelConfig, ParamsConfig, selected
     from lota_cli.masks import pack_bits
-    from lota_cli.models import fingerprint_of, selected, state_dict_sources
+    from lota_cli.models import state_dict_sources
+    from lota_cli.stored import fingerprint_of
 
     model_cfg = ModelConfig(path=base, dtype="bfloat16")
     checkpoint = Checkpoint(base)

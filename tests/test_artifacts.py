@@ -94,3 +94,28 @@ def test_header_is_plain_safetensors(tmp_path):
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8:8 + header_len])
     assert json.loads(header["__metadata__"]["lota"])["kind"] == "task_vector"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_numpy_bfloat16_rounding_and_fingerprint_are_torchs(dtype):
+    """stored.bfloat16_bits rounds as torch's .to(bfloat16) does (to nearest, ties to even, overflow to Inf,
+    subnormals, NaN), so a checkpoint fingerprinted from its numpy views matches the loaded model's."""
+    import numpy as np
+
+    from lota_cli.stored import bfloat16_bits, fingerprint_of
+
+    gen = torch.Generator().manual_seed(3)
+    bits = torch.randint(0, 2**31, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    values = bits.view(torch.float32) if dtype == "float32" else torch.randn(200_000, generator=gen).half()
+    special = torch.tensor([0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.3895e38, -3.3895e38, float("inf"),
+                            -float("inf"), 1e-40, -1e-45, 65504.0]).to(values.dtype)
+    values = torch.cat([special, values])
+    finite = torch.isfinite(values) | torch.isinf(values)  # torch writes NaN differently by path: not compared
+    ours = torch.from_numpy(bfloat16_bits(values.numpy()).view(np.int16))
+    theirs = values.to(torch.bfloat16).view(torch.int16)
+    assert torch.equal(ours[finite], theirs[finite])
+    assert (bfloat16_bits(np.array([np.nan], dtype=np.float32)) == 0x7FC0).all()
+    values = values[finite]
+    shape = (400, values.numel() // 400)
+    flat = values[:shape[0] * shape[1]]
+    assert fingerprint_of([("w", shape, flat.numpy())]) == fingerprint_of([("w", shape, flat)])

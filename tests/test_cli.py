@@ -162,22 +162,32 @@ def test_composing_any_stage_imports_no_torch(tmp_path):
 
 
 def test_artifact_stages_import_no_model_or_data_library(tmp_path):
-    """extract, overlap, merge (to a task vector) and info work with safetensors, numpy and torch alone: no
-    second of transformers or datasets before their first work."""
+    """extract from a task vector, overlap, merge of sparse deltas (sum, to a task vector) and info work with
+    numpy and the native kernels alone: not even torch (two seconds here) before their first work. Merging
+    dense task vectors computes in torch, but still imports no model or data library."""
+    import numpy as np
     import torch
 
-    from lota_cli.artifacts import save_dense, stage_meta
+    from lota_cli.artifacts import save_dense, save_sparse, stage_meta
+    from lota_cli.masks import encode_positions, pack_bits
 
     name = "model.layers.0.mlp.up_proj.weight"
     for tag in "ab":
+        delta = torch.randn(16, 8)
         save_dense(tmp_path / f"{tag}.safetensors", stage_meta("task_vector", "test", {}, "base", "f" * 64),
-                   {name: torch.randn(16, 8)})
-    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+                   {name: delta})
+        held = delta.reshape(-1).abs() > 1
+        save_sparse(tmp_path / f"s{tag}.safetensors", stage_meta("sparse_delta", "test", {}, "base", "f" * 64),
+                    {name: (16, 8)}, {name: encode_positions(pack_bits(held), 128)},
+                    {name: delta.reshape(-1)[held].numpy().astype(np.float32)})
+    a, b, sa, sb = (tmp_path / f"{tag}.safetensors" for tag in ("a", "b", "sa", "sb"))
     calls = "\n".join([
         f"run('extract', 'extract.task_vector={a}', 'out={tmp_path / 'e'}')",
         f"run('overlap', '{a}', '{b}', 'out={tmp_path / 'o'}')",
-        f"run('merge', '{a}', '{b}', 'out={tmp_path / 'm'}')",
+        f"run('merge', '{sa}', '{sb}', 'out={tmp_path / 'm'}')",
         f"run('info', '--verify', '{tmp_path / 'e' / 'mask.safetensors'}')",
     ])
-    heavy, _ = _imports(calls, tmp_path)
+    assert _imports(calls, tmp_path) == ([], False)
+    assert (tmp_path / "m" / "merged.safetensors").is_file() and (tmp_path / "e" / "mask.safetensors").is_file()
+    heavy, _ = _imports(f"run('merge', '{a}', '{b}', 'out={tmp_path / 'd'}')", tmp_path)
     assert heavy == []

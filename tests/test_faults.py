@@ -806,7 +806,7 @@ def test_sparse_delta_holding_nan_is_refused_by_every_reader(runs, tiny_model, t
         values[4] = math.nan
 
     # the writer refuses NaN; an older lota's or another tool's would not
-    monkeypatch.setattr(artifacts, "all_finite", lambda tensor: True)
+    monkeypatch.setattr(artifacts, "finite_data", lambda data, code: True)
     path = _rewritten(runs["st_a"], tmp_path / "delta.safetensors", nan)
     monkeypatch.undo()
     name = Artifact(path).names[1]

@@ -155,6 +155,46 @@ def test_stage_writes_a_task_vector_and_dare_draws_per_tensor(tmp_path):
     assert artifact.meta.parents == [Artifact(both).meta.fingerprint]
 
 
+@pytest.mark.parametrize("method,dtype", [("sum", "float32"), ("sum", "bfloat16"), ("task_arithmetic", "float16")])
+def test_native_merge_to_a_task_vector_equals_the_torch_path(tmp_path, monkeypatch, caplog, method, dtype):
+    """sum and task_arithmetic of sparse deltas into a task vector run in the native kernel (adding to zeros,
+    no torch) with the values and the overlap counts of the torch path, also across regions of a tensor."""
+    import logging
+
+    from lota_cli import native
+
+    if native.kernels() is None:
+        pytest.skip("no C compiler to build the kernels")
+    monkeypatch.setattr(merge_stage, "REGION_BYTES", 4096)  # several regions a tensor
+    gen = torch.Generator().manual_seed(7)
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.o_proj.weight"]
+    inputs = []
+    for i in range(3):
+        deltas = {n: torch.where(torch.rand(50, 70, generator=gen) < 0.2, torch.randn(50, 70, generator=gen), 0.0)
+                  for n in names}
+        inputs.append(str(write_sparse(tmp_path / f"{i}.safetensors", deltas)))
+    options = {"method": method, "dtype": dtype, "scale": 0.75}
+    if method == "task_arithmetic":
+        options["weights"] = [0.5, -1.25, 2.0]
+    results, logs, used = [], [], []
+    for kernels in (native.kernels, lambda: None):
+        monkeypatch.setattr(native, "kernels", kernels)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "lota_cli.stages.merge"):
+            out = merge_stage.run(MergeConfig(inputs=inputs, out=str(tmp_path), **options),
+                                  tmp_path / kernels.__name__.strip("<>"))
+        artifact = Artifact(out[0])
+        results.append({n: artifact.raw(n)[:] for n in names})
+        logs.append(sorted(r.getMessage() for r in caplog.records if "Jaccard" in r.getMessage()))
+        used.append(native.kernels() is not None)
+    ours, theirs = results
+    assert used == [True, False]
+    for name in names:
+        assert ours[name].dtype == theirs[name].dtype == getattr(torch, dtype)
+        assert torch.equal(ours[name], theirs[name]) and ours[name].count_nonzero() > 0, name
+    assert logs[0] == logs[1] and len(logs[0]) == 3
+
+
 def test_stage_ties_on_sparse_and_dense_inputs(tmp_path):
     name = "model.layers.0.self_attn.q_proj.weight"
     a = write_sparse(tmp_path / "a.safetensors", {name: A.view(2, 2)})

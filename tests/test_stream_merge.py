@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from lota_cli import checkpoint as checkpoint_module
+from lota_cli import native
 from lota_cli.config import MergeConfig, ModelConfig, ParamsConfig
 from lota_cli.stages import merge as merge_stage
 from lota_cli.testing import lota
@@ -206,6 +207,13 @@ def test_a_recorded_base_checkpoint_spares_the_model_skeleton(tmp_path, base, mo
     monkeypatch.setattr(models, "skeleton", lambda cfg, real=models.skeleton: skeletons.append(cfg) or real(cfg))
     streamed = _merge(tmp_path, [path], True, monkeypatch, dtype="bfloat16")
     assert len(skeletons) == (0 if recorded == "right" else 1)
+    if recorded == "right" and native.kernels() is not None:  # from the command line: numpy and the kernels only
+        from test_cli import _imports
+
+        call = f"run('merge', '{path}', 'output_model={tmp_path / 'cli'}', 'dtype=bfloat16', 'out={tmp_path / 'run'}')"
+        assert _imports(call, tmp_path) == ([], False)
+        from_cli = saved_tensors(tmp_path / "cli")
+        assert all(torch.equal(from_cli[n], t) for n, t in saved_tensors(streamed).items())
     loaded = _merge(tmp_path, [path], False, monkeypatch, dtype="bfloat16")
     ours, theirs = saved_tensors(streamed), saved_tensors(loaded)
     assert all(torch.equal(ours[n], t) for n, t in theirs.items())

@@ -21,14 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lota_cli import LotaError, native
-from lota_cli.artifacts import Artifact, ArtifactWriter, all_finite, open_artifact, same_layout, stage_meta
+from lota_cli.artifacts import (Artifact, ArtifactWriter, all_finite, as_torch, dtype_code, finite_data,
+                                open_artifact, same_layout, stage_meta, torch_dtype)
 from lota_cli.config import MergeConfig, ModelConfig, parse_size
 from lota_cli.merging import METHODS, delta_overlap, has_negative_zero, merge
-from lota_cli.models import DTYPES
 from lota_cli.overlaps import Overlap
+from lota_cli.stored import NUMPY_DTYPES
 
 log = logging.getLogger(__name__)
 REGION_BYTES = 8 << 20  # of the output filled at a time: a kernel run's share stays in a core's cache
@@ -49,16 +49,32 @@ def run(cfg: MergeConfig, out: Path) -> list[Path]:
         merger.log_overlaps()
         return [path]
 
-    dtype = DTYPES[cfg.dtype]
+    code = dtype_code(cfg.dtype)
     meta = stage_meta("task_vector", "merge", cfg, first.meta.base_model, first.meta.base_fingerprint,
                       parents=[a.meta.fingerprint for a in inputs], base_checkpoint=first.meta.base_checkpoint)
     meta.shapes = {n: list(first.shape(n)) for n in first.names}
     path = out / "merged.safetensors"
-    with ArtifactWriter(path, meta, {n: (dtype, first.shape(n)) for n in first.names}) as writer:
+    with ArtifactWriter(path, meta, {n: (code, first.shape(n)) for n in first.names}) as writer:
         for name in first.names:
-            writer.write(name, merger.dense(name).to(dtype))
+            if merger.native and native.kernels():
+                writer.write_pieces(name, _fused_delta(merger, name, first.numel(name), code))
+            else:
+                writer.write(name, merger.dense(name).to(torch_dtype(code)))
     merger.log_overlaps()
     return [path]
+
+
+def _fused_delta(merger: "_Merger", name: str, numel: int, code: str):
+    """The merged delta of `name` in dtype `code`, region by region, from the native kernel adding it to
+    zeros: the same values as merger.dense (a sum that is -0.0 comes out as +0.0, an equal value)."""
+    region = np.empty(_region_entries(code), dtype=NUMPY_DTYPES[code])
+    _, fused = delta = merger.fused(name)
+    for start in range(0, numel, region.size):
+        part = region[:min(region.size, numel - start)]
+        part.fill(0)
+        _fused_into(part, start, *delta, merger.inputs, code)
+        yield part
+    merger.count(fused)
 
 
 class _Merger:
@@ -72,20 +88,22 @@ class _Merger:
         self.sparse = METHODS[cfg.method].at_union and all(a.kind == "sparse_delta" for a in inputs)
         self.native = METHODS[cfg.method].native if self.sparse and len(inputs) <= native.MAX_INPUTS else None
 
-    def _merged(self, name: str, deltas: list[torch.Tensor], numel: int | None = None) -> torch.Tensor:
+    def _merged(self, name: str, deltas: list, numel: int | None = None):
         for i, j in self.pairs:
             self.stats[i, j] += delta_overlap(deltas[i], deltas[j])
         return merge(self.cfg.method, deltas, name=name, numel=numel, scale=self.cfg.scale, **self.params)
 
-    def dense(self, name: str) -> torch.Tensor:
-        """The merged delta of `name` as a dense float32 tensor."""
+    def dense(self, name: str):
+        """The merged delta of `name` as a dense float32 torch tensor."""
+        import torch
+
         if self.sparse:
             positions, values = self.at_positions(name)
             return torch.zeros(self.inputs[0].numel(name)).index_put_((positions,), values).view(
                 self.inputs[0].shape(name))
         return self._merged(name, self._dense_deltas(name))
 
-    def _dense_deltas(self, name: str) -> list[torch.Tensor]:
+    def _dense_deltas(self, name: str) -> list:
         deltas = [a.dense(name) for a in self.inputs]
         for artifact, delta in zip(self.inputs, deltas):  # a sparse delta's values were checked as they were read
             if artifact.kind == "task_vector" and not all_finite(delta):
@@ -93,10 +111,12 @@ class _Merger:
                                 "diverged, so redo it (lower train.lr)")
         return deltas
 
-    def at_positions(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sorted flat positions, merged float32 values there) of `name`, for `sparse` mergers: each input's
-        values are laid over the union of positions (zeros elsewhere), which an at_union method merges
-        exactly as it would the dense tensors. The union is the OR of the inputs' masks."""
+    def at_positions(self, name: str) -> tuple:
+        """(sorted flat positions, merged float32 values there) of `name` as torch tensors, for `sparse`
+        mergers: each input's values are laid over the union of positions (zeros elsewhere), which an at_union
+        method merges exactly as it would the dense tensors. The union is the OR of the inputs' masks."""
+        import torch
+
         held = [a.held(name) for a in self.inputs]
         numel = self.inputs[0].numel(name)
         if METHODS[self.cfg.method].takes_numel and any(has_negative_zero(values) for _, values in held):
@@ -125,7 +145,7 @@ class _Merger:
             weights = list(self.params.get("weights") or [1.0] * len(self.inputs))
         try:
             # a region's two halves are merged side by side
-            piece = _region_entries(DTYPES[self.cfg.dtype]) // 2
+            piece = _region_entries(dtype_code(self.cfg.dtype)) // 2
             return name, native.FusedMerge(native.kernels(), bits, values, weights, self.cfg.scale, piece)
         except ValueError as err:  # an input's count of values is not its count of positions: its own check
             self.inputs[err.args[0]].held(name)
@@ -166,12 +186,12 @@ def _into_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger) -> Pa
                  why_not or "its checkpoint names are not the model's parameter names")
         return _through_model(cfg, inputs, merger, model_cfg)
 
-    dtype = DTYPES[cfg.dtype]
+    code = dtype_code(cfg.dtype)
     log.info("streaming %s (%d tensors) into %s", directory, len(checkpoint.names), cfg.output_model)
-    layout = {name: (dtype, checkpoint.shape(name)) for name in checkpoint.names}
+    layout = {name: (code, checkpoint.shape(name)) for name in checkpoint.names}
     lib = native.kernels() if merger.native else None
     merge_one = merger.fused if lib else merger.at_positions if merger.sparse else merger.dense
-    names, entries = checkpoint.names, _region_entries(dtype)
+    names, entries = checkpoint.names, _region_entries(code)
     deltas = [delta_of[name] for name in names if name in delta_of]
     with ShardedWriter(cfg.output_model, layout, parse_size(cfg.shard_size)) as writer, \
             ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as reader:
@@ -188,12 +208,12 @@ def _into_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger) -> Pa
                 delta, done = next(merged), done + 1
             for start, region in writer.regions(name, entries):  # the output's own buffer: filled in place
                 if lib and delta is not None:  # each thread reads the base into its part, then merges there
-                    _fused_into(region, start, *delta, merger.inputs, dtype,
-                                fill=lambda part, at, name=name: _base_into(checkpoint, name, at, part, dtype))
+                    _fused_into(region, start, *delta, merger.inputs, code,
+                                fill=lambda part, at, name=name: _base_into(checkpoint, name, at, part, code))
                     continue
-                _base_into(checkpoint, name, start, region, dtype)
+                _base_into(checkpoint, name, start, region, code)
                 if delta is not None:
-                    piece = torch.from_numpy(region).view(dtype)
+                    piece = as_torch(region, code)
                     _add_at(piece, start, *delta) if merger.sparse else _add_dense(piece, start, delta.reshape(-1))
             if lib and delta is not None:
                 merger.count(delta[1])
@@ -202,26 +222,27 @@ def _into_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger) -> Pa
     return Path(cfg.output_model)
 
 
-def _region_entries(dtype: torch.dtype) -> int:
-    """Entries of the output filled at a time."""
-    return REGION_BYTES // dtype.itemsize
+def _region_entries(code: str) -> int:
+    """Entries of the output (safetensors dtype `code`) filled at a time."""
+    return REGION_BYTES // NUMPY_DTYPES[code].itemsize
 
 
-def _base_into(checkpoint, name: str, start: int, region: np.ndarray, dtype: torch.dtype) -> None:
-    """The base's entries [start, start + region.size) of `name`, in `dtype`, into `region`, refused if any is
-    NaN or Inf (as loading the model would refuse them)."""
-    if checkpoint.dtype(name) == dtype:
+def _base_into(checkpoint, name: str, start: int, region: np.ndarray, code: str) -> None:
+    """The base's entries [start, start + region.size) of `name`, in safetensors dtype `code`, into `region`,
+    refused if any is NaN or Inf (as loading the model would refuse them)."""
+    stored = checkpoint.dtype(name)
+    if stored == code:
         checkpoint.read_into(name, start, region)  # its bytes as they are
         if not native.all_finite(region):
             raise checkpoint.nonfinite(name)
         return
     with checkpoint.mapped(name, start, start + region.size) as piece:
-        if not all_finite(piece):
+        if not finite_data(piece, stored):
             raise checkpoint.nonfinite(name)
-        torch.from_numpy(region).view(dtype).copy_(piece)
+        as_torch(region, code).copy_(as_torch(piece, stored))  # rounded as torch rounds
         del piece
     if not native.all_finite(region):  # finite in the base's dtype, beyond the range of this one
-        raise _overflow(dtype)
+        raise _overflow(code)
 
 
 def _ahead(pool, fn, items: list):
@@ -244,13 +265,15 @@ def _checked_base(inputs: list[Artifact], checkpoint, model_cfg: ModelConfig) ->
     against the shards alone. Artifacts without one (or a checkpoint that saves tied weights twice) are
     checked by base_fingerprint, in the model's state_dict order, which the weightless skeleton gives:
     a second or more of importing the model's code."""
-    from lota_cli.models import fingerprint_of, state_dict_sources
+    from lota_cli.stored import fingerprint_of
 
     first = inputs[0]
     recorded = first.meta.base_checkpoint
     if (recorded and all(name in checkpoint for name in first.names)
             and recorded == checkpoint.saved_fingerprint()):
         return {name: name for name in first.names}
+    from lota_cli.models import state_dict_sources  # torch and the model's code: only when needed
+
     sources = state_dict_sources(model_cfg, checkpoint)
     if sources is None:
         return None
@@ -267,10 +290,12 @@ def _checked_base(inputs: list[Artifact], checkpoint, model_cfg: ModelConfig) ->
     return delta_of
 
 
-def _add_at(piece: torch.Tensor, start: int, positions: torch.Tensor, values: torch.Tensor) -> None:
+def _add_at(piece, start: int, positions, values) -> None:
     """float32 `values` added at flat `positions` to the base's entries [start, start + piece.numel()), in
     place, rounded once to the piece's dtype: the same arithmetic, entry by entry, as adding the dense delta
     (whose other entries are 0)."""
+    import torch
+
     lo, hi = torch.searchsorted(positions, torch.tensor([start, start + piece.numel()])).tolist()
     local = positions[lo:hi] - start
     added = (piece[local].float() + values[lo:hi]).to(piece.dtype)
@@ -279,31 +304,31 @@ def _add_at(piece: torch.Tensor, start: int, positions: torch.Tensor, values: to
 
 
 def _fused_into(region: np.ndarray, start: int, name: str, fused: native.FusedMerge, inputs: list[Artifact],
-                dtype: torch.dtype, fill) -> None:
+                code: str, fill=None) -> None:
     """The merged delta of `name` added to the base's entries [start, ...) by the native kernel, in place
     (what _add_at computes), which also refuses a NaN or Inf value of an input; fill: see FusedMerge.into."""
     try:
         fused.into(region, start, fill)
     except OverflowError:
-        raise _overflow(dtype) from None
+        raise _overflow(code) from None
     except FloatingPointError as err:
         raise inputs[err.args[0]].nonfinite_values(name) from None
 
 
-def _add_dense(piece: torch.Tensor, start: int, delta: torch.Tensor) -> None:
+def _add_dense(piece, start: int, delta) -> None:
     added = (piece.float() + delta[start:start + piece.numel()]).to(piece.dtype)
     _check_finite(added)
     piece.copy_(added)
 
 
-def _check_finite(tensor: torch.Tensor) -> None:
+def _check_finite(tensor) -> None:
     if not all_finite(tensor):
-        raise _overflow(tensor.dtype)
+        raise _overflow(dtype_code(tensor.dtype))
 
 
-def _overflow(dtype: torch.dtype) -> LotaError:
-    return LotaError(f"the merged weight overflows {str(dtype).removeprefix('torch.')} (Inf); merge in float32 "
-                     "(dtype=float32) or lower scale=")
+def _overflow(code: str) -> LotaError:
+    name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[code]
+    return LotaError(f"the merged weight overflows {name} (Inf); merge in float32 (dtype=float32) or lower scale=")
 
 
 def _set_dtype(config: Path, dtype: str) -> None:
@@ -319,6 +344,8 @@ def _set_dtype(config: Path, dtype: str) -> None:
 
 def _through_model(cfg: MergeConfig, inputs: list[Artifact], merger: _Merger, model_cfg: ModelConfig) -> Path:
     """The base loaded as a model (GGUF, renamed weights), the merged deltas added, the model saved."""
+    import torch
+
     from lota_cli.models import check_tensor, fingerprint, load_model, save_model
 
     model, tokenizer = load_model(model_cfg)
