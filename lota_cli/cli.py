@@ -270,7 +270,7 @@ def run_stage(stage: str, args: list[str]) -> None:
 
         from lota_cli.config import TrainStageConfig, register_schemas
 
-        register_schemas()
+        register_schemas(spec.module)
         _register_resolvers()
         if "--help" in args or "-h" in args:
             print(stage_help(stage, [a for a in args if a not in ("--help", "-h")]))
@@ -300,8 +300,26 @@ def run_stage(stage: str, args: list[str]) -> None:
 
         sys.argv = [f"lota {stage}", *args]
         os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; `reported` prints one line
-        with exclusive(_locked_out(args), stage):  # before Hydra writes out/.hydra and out/lota.log
+        with exclusive(_locked_out(args), stage), _composed_once(args):  # before Hydra writes out/.hydra, lota.log
             hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=spec.module)(task)()
+
+
+@contextlib.contextmanager
+def _composed_once(args: list[str]):
+    """Hydra composes the whole config an extra time before a run only to read hydra.mode (a third of a
+    second of every start-up here), which lota's configs never set. Unless an override sets it, the probe
+    answers "not set", and the command line's -m / --multirun decides, as Hydra does after such an answer."""
+    from hydra._internal.hydra import Hydra
+
+    if any(arg.lstrip("+~").startswith("hydra.mode") for arg in args) or not hasattr(Hydra, "get_mode"):
+        yield
+        return
+    probe = Hydra.get_mode
+    Hydra.get_mode = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        Hydra.get_mode = probe
 
 
 # --------------------------------------------------------------------------- --help
