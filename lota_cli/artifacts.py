@@ -36,9 +36,8 @@ import numpy as np
 from lota_cli import LotaError, __version__, native, sequential
 from lota_cli.masks import indices_from_bits, unpack_bits
 from lota_cli.sequential import SequentialFile
-from lota_cli.stored import (_NO_FINGERPRINT, FORMAT_VERSION, KINDS, NUMPY_DTYPES, Meta, StoredFile, finite_array,
-                             is_adapter,
-                             map_bytes, tensor_digest, tensors_fingerprint)
+from lota_cli.stored import (_NO_FINGERPRINT, FORMAT_VERSION, KINDS, NUMPY_DTYPES, Meta, StoredFile, as_numpy,
+                             finite_array, is_adapter, map_bytes, tensor_digest, tensors_fingerprint)
 
 # torch's (and numpy's) dtype names -> safetensors'; bfloat16 is held by numpy as uint16
 _CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
@@ -55,6 +54,11 @@ def dtype_code(dtype) -> str:
             raise ValueError(f"unknown dtype {dtype!r}")
         return _CODES.get(dtype, dtype)
     return _CODES[str(dtype).removeprefix("torch.") if hasattr(dtype, "is_floating_point") else np.dtype(dtype).name]
+
+
+def dtype_name(code: str) -> str:
+    """The torch/numpy name ("bfloat16") of a safetensors dtype name ("BF16")."""
+    return _NAMES[code]
 
 
 def torch_dtype(code: str):
@@ -76,15 +80,6 @@ def _piece_code(piece, code: str) -> str:
     if isinstance(piece, np.ndarray) and piece.dtype == np.uint16 and code == "BF16":
         return code
     return dtype_code(piece.dtype)
-
-
-def _as_bytes(piece) -> np.ndarray:
-    """A numpy array's or a (CPU) torch tensor's entries as flat bytes, copied only when not contiguous."""
-    if isinstance(piece, np.ndarray):
-        return np.ascontiguousarray(piece).reshape(-1).view(np.uint8)
-    import torch
-
-    return piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
 
 
 def library_versions() -> dict[str, str]:
@@ -127,10 +122,8 @@ def all_finite(tensor) -> bool:
 
 def finite_data(data: np.ndarray, code: str) -> bool:
     """all_finite for a numpy view of data of safetensors dtype `code` (bfloat16 as uint16): the native
-    kernel's pass where it applies, else numpy's."""
-    if code in ("F32", "F16", "BF16") and data.flags.c_contiguous:
-        return native.all_finite(data)
-    return finite_array(data, code)
+    kernel's pass for the dtypes it reads (which falls back to numpy's itself), numpy's for the others."""
+    return native.all_finite(data) if code in ("F32", "F16", "BF16") else finite_array(data, code)
 
 
 # --------------------------------------------------------------------------- writing
@@ -222,7 +215,7 @@ class TensorFileWriter:
         for piece in pieces:
             if _piece_code(piece, code) != code:
                 raise ValueError(f"writing {key}: a {piece.dtype} piece into a {_NAMES[code]} tensor")
-            data = _as_bytes(piece)
+            data = as_numpy(piece).view(np.uint8)
             if self.checked and not finite_data(data.view(NUMPY_DTYPES[code]), code):
                 raise LotaError(f"refusing to write {self.path}: tensor {key!r} holds NaN or Inf values (the run "
                                 f"diverged, or {_NAMES[code]} cannot hold them); lower the learning rate or write "
@@ -357,8 +350,7 @@ class Artifact(StoredFile):
         """Sorted flat positions held for `name`; stored positions must lie in the tensor and strictly
         increase (a duplicate would add its value twice in one stage and once in another)."""
         if f"{name}::idx" in self.keys:
-            key = f"{name}::idx"
-            return as_torch(self.positions(name).copy(), self.stored_dtype(key))
+            return as_torch(self.positions(name).copy(), self.stored_dtype(f"{name}::idx"))
         return indices_from_bits(self.bits(name), self.numel(name))
 
     def values(self, name: str):

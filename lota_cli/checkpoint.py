@@ -24,12 +24,11 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from lota_cli import LotaError
-from lota_cli.artifacts import TensorFileWriter, dtype_code, finite_data, mapped_range
+from lota_cli.artifacts import TensorFileWriter, dtype_code, mapped_range
 from lota_cli.stored import NUMPY_DTYPES, _check_complete, _read_header, fingerprint_of, will_need
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-PIECE = 1 << 24  # entries per piece when a tensor is streamed
 _SUPPORTED = {"F32", "BF16", "F16"}  # the dtypes a checkpoint is streamed in
 
 
@@ -118,18 +117,6 @@ class Checkpoint:
         """The fingerprint of the weights as saved (artifacts' base_checkpoint): every tensor, in name order,
         as models.model_saved_fingerprint computes it from a loaded model."""
         return fingerprint_of(self.flat_tensors({name: name for name in sorted(self.names)}))
-
-    def pieces(self, name: str, piece: int = PIECE) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, flat entries [start, start + piece)) over the tensor, each refused if it holds NaN or Inf,
-        as loading the model would be. A piece is a private copy-on-write mapping of the file: the caller may
-        change it in place (the file never sees that), and must be done with it before asking for the next."""
-        n = self.numel(name)
-        for start in range(0, n, piece):
-            with self.mapped(name, start, min(n, start + piece)) as view:
-                if not finite_data(view, self.dtype(name)):
-                    raise self.nonfinite(name)
-                yield start, view
-                del view
 
     def nonfinite(self, name: str) -> LotaError:
         return LotaError(f"model {str(self.directory)!r}: weight {name!r} holds NaN or Inf values; the model "

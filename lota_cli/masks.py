@@ -43,7 +43,7 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from lota_cli import LotaError, native
-from lota_cli.stored import NUMPY_DTYPES, count_bits
+from lota_cli.stored import NUMPY_DTYPES, as_numpy, count_bits
 
 EXCLUDED = -1.0  # |delta| is never negative, so excluded entries can never be selected
 CHUNK = 1 << 20  # entries per piece of the streaming pass: 4 MiB of float32, small enough to stay in cache
@@ -153,7 +153,7 @@ class _Stream:
         x = self.source[name]
         if hasattr(x, "mapped"):
             return None
-        return _as_numpy(x if isinstance(x, np.ndarray) or hasattr(x, "detach") else x[:])
+        return as_numpy(x if isinstance(x, np.ndarray) or hasattr(x, "detach") else x[:])
 
     def _stored(self, name: str, flat: np.ndarray | None) -> np.dtype:
         """The numpy dtype the pieces of `name` come in."""
@@ -257,18 +257,6 @@ class _Stream:
                 raise self._nonfinite(name)
             yield start, local.band.sure[:(stop - start + 7) // 8], local.band.positions[:count], \
                 local.band.values[:count]
-
-
-def _as_numpy(x) -> np.ndarray:
-    """A numpy array's or a CPU torch tensor's entries as a flat numpy view (bfloat16 as uint16)."""
-    if isinstance(x, np.ndarray):
-        return x.reshape(-1)
-    x = x.detach().reshape(-1).cpu()
-    if str(x.dtype) == "torch.bfloat16":
-        import torch
-
-        return x.view(torch.int16).numpy().view(np.uint16)
-    return x.numpy()
 
 
 def intra_op_threads() -> int:

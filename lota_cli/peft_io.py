@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from lota_cli import LotaError
-from lota_cli.artifacts import Artifact, Meta, save_sparse, torch_dtype
+from lota_cli.artifacts import Artifact, Meta, dtype_name, save_sparse
 from lota_cli.stored import ADAPTER_WEIGHTS, _parse_meta
 from lota_cli.masks import encode_positions, pack_bits
 
@@ -94,8 +94,7 @@ def _adapter_tensors(delta: Artifact, linears: dict[str, nn.Linear]) -> tuple[fl
     for name in delta.names:
         positions = delta.indices(name)
         encoding = "bits" if f"{name}::bits" in delta.keys else _dtype_name(positions.dtype)
-        values = torch_dtype(delta.stored_dtype(f"{name}::values"))
-        entries[name] = [positions.numel(), encoding, _dtype_name(values)]
+        entries[name] = [positions.numel(), encoding, dtype_name(delta.stored_dtype(f"{name}::values"))]
         if positions.numel() == 0:  # an untouched tensor is not adapted: PEFT needs an entry per module
             continue
         module, _, attr = name.rpartition(".")

@@ -87,6 +87,19 @@ def finite_array(array: np.ndarray, stored: str) -> bool:
     return math.isfinite(array.min()) and math.isfinite(array.max())  # NaN propagates through both
 
 
+def as_numpy(x) -> np.ndarray:
+    """A numpy array's or a CPU torch tensor's entries as a flat, contiguous numpy array (bfloat16 as uint16),
+    a view where they already are contiguous."""
+    if isinstance(x, np.ndarray):
+        return x.reshape(-1)
+    x = x.detach().reshape(-1).cpu()
+    if str(x.dtype) == "torch.bfloat16":
+        import torch
+
+        return x.view(torch.int16).numpy().view(np.uint16)
+    return x.numpy()
+
+
 FINGERPRINT_SAMPLES = 4096  # values sampled per tensor by fingerprint_of
 
 

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from lota_cli import LotaError, native
-from lota_cli.artifacts import (Artifact, ArtifactWriter, all_finite, as_torch, dtype_code, finite_data,
+from lota_cli.artifacts import (Artifact, ArtifactWriter, all_finite, as_torch, dtype_code, dtype_name, finite_data,
                                 open_artifact, same_layout, stage_meta, torch_dtype)
 from lota_cli.config import MergeConfig, ModelConfig, parse_size
 from lota_cli.merging import METHODS, delta_overlap, has_negative_zero, merge
 from lota_cli.overlaps import Overlap
-from lota_cli.stored import NUMPY_DTYPES
+from lota_cli.stored import NUMPY_DTYPES, fingerprint_of
 
 log = logging.getLogger(__name__)
 REGION_BYTES = 8 << 20  # of the output filled at a time: a kernel run's share stays in a core's cache
@@ -54,9 +54,10 @@ def run(cfg: MergeConfig, out: Path) -> list[Path]:
                       parents=[a.meta.fingerprint for a in inputs], base_checkpoint=first.meta.base_checkpoint)
     meta.shapes = {n: list(first.shape(n)) for n in first.names}
     path = out / "merged.safetensors"
+    fused = merger.native and native.kernels() is not None
     with ArtifactWriter(path, meta, {n: (code, first.shape(n)) for n in first.names}) as writer:
         for name in first.names:
-            if merger.native and native.kernels():
+            if fused:
                 writer.write_pieces(name, _fused_delta(merger, name, first.numel(name), code))
             else:
                 writer.write(name, merger.dense(name).to(torch_dtype(code)))
@@ -265,8 +266,6 @@ def _checked_base(inputs: list[Artifact], checkpoint, model_cfg: ModelConfig) ->
     against the shards alone. Artifacts without one (or a checkpoint that saves tied weights twice) are
     checked by base_fingerprint, in the model's state_dict order, which the weightless skeleton gives:
     a second or more of importing the model's code."""
-    from lota_cli.stored import fingerprint_of
-
     first = inputs[0]
     recorded = first.meta.base_checkpoint
     if (recorded and all(name in checkpoint for name in first.names)
@@ -327,8 +326,8 @@ def _check_finite(tensor) -> None:
 
 
 def _overflow(code: str) -> LotaError:
-    name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[code]
-    return LotaError(f"the merged weight overflows {name} (Inf); merge in float32 (dtype=float32) or lower scale=")
+    return LotaError(f"the merged weight overflows {dtype_name(code)} (Inf); merge in float32 (dtype=float32) or "
+                     "lower scale=")
 
 
 def _set_dtype(config: Path, dtype: str) -> None:
