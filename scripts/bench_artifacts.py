@@ -19,7 +19,7 @@ def sizes(directory: str, sparsities: list[float]) -> dict:
     from bench_extract import shapes
     from lota_cli.artifacts import Artifact, ArtifactWriter, Meta, save_sparse
     from lota_cli.config import ExtractConfig, ExtractOptions
-    from lota_cli.masks import count_bits, encode_positions
+    from lota_cli.tensors import count_bits, encode_positions
     from lota_cli.stages import extract
 
     root = Path(directory)

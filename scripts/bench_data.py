@@ -69,9 +69,9 @@ def encoding(smollm2: str, rounds: int, cache: str) -> dict:
 
 
 def packing(smollm2: str, batch: int, rounds: int) -> dict:
-    from lota_cli.batches import collate, train_data
+    from lota_cli.data import collate, train_data
     from lota_cli.config import CalibrateConfig, ModelConfig, TrainConfig
-    from lota_cli.loop import token_nll_sum
+    from lota_cli.models import token_nll_sum
     from lota_cli.models import load_model
 
     model, tokenizer = load_model(ModelConfig(path=smollm2))

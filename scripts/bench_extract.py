@@ -80,7 +80,8 @@ def lota_extract(path: str, out: str, sparsity: float) -> dict:
 
     importlib.import_module("transformers")  # the stage imports it to stamp versions: not what is timed
 
-    from lota_cli import masks
+    from lota_cli.ops import _top_k as masks  # its passes counted
+    from lota_cli.tensors import count_bits
     from lota_cli.artifacts import Artifact
     from lota_cli.config import ExtractConfig, ExtractOptions
     from lota_cli.stages import extract
@@ -97,7 +98,7 @@ def lota_extract(path: str, out: str, sparsity: float) -> dict:
     cfg = ExtractConfig(out=out, extract=ExtractOptions(task_vector=path, sparsity=sparsity))
     written, stats = measure(extract.run, cfg, Path(out))
     mask = Artifact(written[0])
-    selected = sum(masks.count_bits(mask.bits(n)) for n in mask.names)
+    selected = sum(count_bits(mask.packed_bits(n)) for n in mask.names)
     return {**stats, "mask": str(written[0]), "selected": selected, "passes": passes,
             "mask_bytes": Path(written[0]).stat().st_size}
 
@@ -109,8 +110,9 @@ def naive(path: str, sparsity: float, mask: str) -> dict:
 
     from lota_cli.artifacts import Artifact
     from lota_cli.config import ParamsConfig
-    from lota_cli.masks import k_for, unpack_bits
-    from lota_cli.models import selected
+    from lota_cli.ops import k_for
+    from lota_cli.tensors import unpack_bits
+    from lota_cli.config import selected
 
     ours = Artifact(mask)
     with safe_open(path, framework="pt") as f:
@@ -130,7 +132,7 @@ def naive(path: str, sparsity: float, mask: str) -> dict:
     min_selected, max_unselected = math.inf, -math.inf
     for name in names:
         n = ours.numel(name)
-        mine = unpack_bits(ours.bits(name), n)
+        mine = unpack_bits(ours.packed_bits(name), n)
         vals, other = values[offset:offset + n], theirs[offset:offset + n]
         ours_count += int(mine.count_nonzero())
         if mine.any():

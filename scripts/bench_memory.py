@@ -32,7 +32,8 @@ def save_large(directory: str) -> dict:
     from bench_models import load
     from lota_cli.artifacts import save_sparse, stage_meta
     from lota_cli.config import ParamsConfig
-    from lota_cli.masks import encode_positions, k_for, pack_bits
+    from lota_cli.tensors import encode_positions, pack_bits
+    from lota_cli.ops import k_for
     from lota_cli.models import fingerprint, save_model, select_params
 
     rows = Path(directory) / "rows.jsonl"

@@ -23,7 +23,8 @@ def prepare(base: str, work: str, sparsity: float) -> dict:
 
     from lota_cli.artifacts import Artifact, Meta, save_sparse
     from lota_cli.config import ModelConfig, ParamsConfig
-    from lota_cli.masks import encode_positions, k_for, pack_bits
+    from lota_cli.tensors import encode_positions, pack_bits
+    from lota_cli.ops import k_for
     from lota_cli.models import add_delta, fingerprint, load_model, model_saved_fingerprint, save_model, select_params
 
     model_cfg = ModelConfig(path=base)
@@ -179,7 +180,7 @@ def in_memory(method: str, base: str, models: list[str], density: float, out: st
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lota_cli.merging import merge
+    from lota_cli.ops import merge
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     state = model.state_dict()

@@ -3,7 +3,7 @@
   saved      bytes autograd saves beyond the model's parameters and buffers, one forward + backward of a
              Llama (default hidden 512, 4 layers, 16 tokens, density 0.1), full fine-tuning against sparse
   grad       the values' gradient of one layer (default 2048x2048 weight, density 0.1, 512 tokens), two ways:
-             dense  (grad_out^T @ x).view(-1)[index], what sparse.py does (one weight-sized temporary)
+             dense  (grad_out^T @ x).view(-1)[index], what the sparse layers do (one weight-sized temporary)
              gather sum over tokens of grad_out[:, row] * x[:, col] for each masked entry, in chunks of
                     `--chunk` entries (no weight-sized temporary; k*tokens products instead of out*in*tokens;
                     on one CPU thread 1024 was the fastest chunk, a GPU wants far larger ones)
@@ -19,7 +19,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lota_cli import sparse
+from lota_cli.training import attach_sparse
 from lota_cli.testing import saved_bytes
 
 MiB = 1 << 20
@@ -38,7 +38,7 @@ def bench_saved(args) -> None:
             positions = {n: torch.randperm(p.numel())[:int(args.density * p.numel())].int()
                          for n, p in model.named_parameters() if n.endswith("proj.weight")}
             selected = sum(model.get_parameter(n).nbytes for n in positions)
-            sparse.attach(model, positions)
+            attach_sparse(model, positions)
         extra = saved_bytes(model, lambda: model(input_ids=ids, labels=ids).loss.backward())
         share = f" = {extra / selected:.1%} of {selected / MiB:.1f} MiB selected weights" if selected else ""
         print(f"saved  {method:6s} {extra / MiB:8.2f} MiB{share}")

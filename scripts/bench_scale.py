@@ -65,7 +65,7 @@ def make_base(directory: str, shape: str, shard_size: str = "5GB") -> dict:
     """A random bf16 model written shard by shard (the same 16M random values, scaled per tensor)."""
     import torch
 
-    from lota_cli.checkpoint import ShardedWriter
+    from lota_cli.io import ShardedWriter
     from lota_cli.config import parse_size
 
     layout = _layout(shape)
@@ -92,14 +92,14 @@ def make_delta(path: str, base: str, seed: int, sparsity: float) -> dict:
     import torch
 
     from lota_cli.artifacts import ArtifactWriter, Meta
-    from lota_cli.checkpoint import Checkpoint
+    from lota_cli.io import SavedModel
     from lota_cli.config import ModelConfig, ParamsConfig, selected
-    from lota_cli.masks import pack_bits
+    from lota_cli.tensors import pack_bits
     from lota_cli.models import state_dict_sources
-    from lota_cli.stored import fingerprint_of
+    from lota_cli.tensors import fingerprint_of
 
     model_cfg = ModelConfig(path=base, dtype="bfloat16")
-    checkpoint = Checkpoint(base)
+    checkpoint = SavedModel(base)
     sources = state_dict_sources(model_cfg, checkpoint)
 
     names = selected({n: checkpoint.shape(n) for n in checkpoint.names}, ParamsConfig())
@@ -131,7 +131,7 @@ def make_task_vector(path: str, shape: str) -> dict:
 
     from lota_cli.artifacts import ArtifactWriter, Meta
     from lota_cli.config import ParamsConfig
-    from lota_cli.models import selected
+    from lota_cli.config import selected
 
     layout = _layout(shape)
     names = selected(layout, ParamsConfig())

@@ -58,7 +58,7 @@ def prepare(work: str) -> dict:
     import torch
 
     from lota_cli.artifacts import save_dense, save_sparse, stage_meta
-    from lota_cli.masks import encode_positions, pack_bits
+    from lota_cli.tensors import encode_positions, pack_bits
 
     gen = torch.Generator().manual_seed(0)
     paths = {}

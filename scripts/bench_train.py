@@ -36,11 +36,12 @@ def train_steps(model: str, method: str, batch: int, seq: int, steps: int, spars
 
     from bench_common import PeakRSS, status
     from bench_models import load
-    from lota_cli import loop, sparse
+    from lota_cli.models import token_nll_sum
+    from lota_cli.training import attach_sparse, make_optimizer
     from lota_cli.cli import return_freed_memory
     from lota_cli.testing import saved_bytes
     from lota_cli.config import OptimConfig, ParamsConfig, TrainConfig
-    from lota_cli.masks import k_for
+    from lota_cli.ops import k_for
     from lota_cli.models import select_params
 
     return_freed_memory()  # as every lota process does at start
@@ -64,13 +65,13 @@ def train_steps(model: str, method: str, batch: int, seq: int, steps: int, spars
             for n in names:
                 numel = net.get_parameter(n).numel()
                 positions[n] = torch.randperm(numel, generator=gen)[:k_for(sparsity, numel)].sort().values.int()
-            trainable = sparse.attach(net, positions)
+            trainable = attach_sparse(net, positions)
         params = list(trainable.values())
-        optimizer = loop.make_optimizer(params, tcfg, ocfg)
+        optimizer = make_optimizer(params, tcfg, ocfg)
         times, state, saved = [], None, 0
 
         def forward_backward():
-            (loop.token_nll_sum(net, data) / targets).backward()
+            (token_nll_sum(net, data) / targets).backward()
 
         for step in range(steps + 1):
             start = time.perf_counter()

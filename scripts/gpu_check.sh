@@ -148,9 +148,10 @@ import sys, time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from lota_cli import loop, sparse
+from lota_cli.models import token_nll_sum
+from lota_cli.training import attach_sparse, make_optimizer
 from lota_cli.config import OptimConfig, ParamsConfig, TrainConfig
-from lota_cli.masks import k_for
+from lota_cli.ops import k_for
 from lota_cli.models import select_params
 
 tiny, cap_gb = sys.argv[1] == "1", 40
@@ -178,15 +179,15 @@ for method in ("lota", "fft"):
             gen = torch.Generator(device).manual_seed(0)
             positions = {n: torch.randperm(model.get_parameter(n).numel(), generator=gen, device=device)
                          [:k_for(0.9, model.get_parameter(n).numel())].sort().values.int() for n in names}
-            trainable = sparse.attach(model, positions)
+            trainable = attach_sparse(model, positions)
         else:
             trainable = {n: model.get_parameter(n).requires_grad_(True) for n in names}
-        optimizer = loop.make_optimizer(list(trainable.values()), TrainConfig(lr=1e-5), OptimConfig())
+        optimizer = make_optimizer(list(trainable.values()), TrainConfig(lr=1e-5), OptimConfig())
         ids = torch.randint(0, 128256, (1, 512), device=device)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
         model.train()
         for step in range(3):
-            (loop.token_nll_sum(model, batch) / ids.numel()).backward()
+            (token_nll_sum(model, batch) / ids.numel()).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")

@@ -52,11 +52,12 @@ def safetensors_digest(path: Path) -> dict:
         begin, end = info["data_offsets"]
         out["tensors"][key] = [info["dtype"], info["shape"],
                                hashlib.sha256(raw[8 + n + begin:8 + n + end]).hexdigest()[:16]]
-    if "lota" in meta:
-        lota_meta = json.loads(meta.pop("lota"))
-        for key in ("versions", "header_sha256"):  # the code that wrote it, and a digest over those
-            lota_meta.pop(key, None)
-        out["lota"] = lota_meta
+    for key in ("lota", "lota_source"):  # an artifact's metadata; a PEFT adapter's copy of its delta's
+        if key in meta:
+            lota_meta = json.loads(meta.pop(key))
+            for field in ("versions", "header_sha256"):  # the code that wrote it, and a digest over those
+                lota_meta.pop(field, None)
+            out[key] = lota_meta
     out["metadata"] = meta
     return out
 

@@ -328,7 +328,7 @@ def chance(tensors: list[dict]) -> dict:
 
 def overlap_groups(pair: dict) -> dict[str, dict[str, dict]]:
     """Per layer and per module type (q_proj, ..., down_proj: a tensor name's last module) against chance."""
-    from lota_cli.stored import layer_of
+    from lota_cli.ops import layer_of
 
     groups: dict[str, dict[str, list[dict]]] = {"layer": {}, "module": {}}
     for name, t in pair["per_tensor"].items():

@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import DATA, make_tokenizer, tiny_overrides
-from lota_cli import LotaError, sparse
+from lota_cli import LotaError
+from lota_cli.training import _sparse as sparse
 from lota_cli.artifacts import Artifact
 from lota_cli.config import ParamsConfig
-from lota_cli.masks import unpack_bits
-from lota_cli.models import select_params, selected
+from lota_cli.models import select_params
+from lota_cli.config import selected
 from lota_cli.testing import in_process, lota, paths
 
 MODELS = ("qwen3_moe", "mixtral", "gpt2")
@@ -210,7 +211,7 @@ def test_value_gradients_are_the_dense_gradients_at_the_mask(case):
     positions = random_positions(model, names, density=0.3)
     values = random_values(positions)
     reference = dense_reference(make(), positions, values)
-    trainable = sparse.attach(model, positions, values)
+    trainable = sparse.attach_sparse(model, positions, values)
     run = toy_loss if kind == "toy" else lambda m: model_loss(m, ids)
     loss, ref_loss = run(model), run(reference)
     loss.backward()
@@ -227,13 +228,13 @@ def test_values_live_on_the_owning_module_and_fold_restores_it():
     experts = model.model.layers[0].mlp.experts
     cls, keys = type(experts), list(model.state_dict())
     names = select_params(model, ParamsConfig())
-    trainable = sparse.attach(model, random_positions(model, names))
+    trainable = sparse.attach_sparse(model, random_positions(model, names))
     assert trainable["model.layers.0.mlp.experts.gate_up_proj"] is experts.lota_values_gate_up_proj
     assert dict(experts.named_parameters(recurse=False)).keys() == {"gate_up_proj", "down_proj",
                                                                     "lota_values_gate_up_proj", "lota_values_down_proj"}
     assert isinstance(experts, cls) and type(experts).__name__ == cls.__name__
     assert experts.gate_up_proj is model.get_parameter("model.layers.0.mlp.experts.gate_up_proj")  # outside forward
-    sparse.fold(model, names)
+    sparse.fold_sparse(model, names)
     assert type(experts) is cls and list(model.state_dict()) == keys
     assert not any("lota" in n for n in [*experts.__dict__, *dict(model.named_buffers())])
 
@@ -246,7 +247,7 @@ def test_entries_outside_the_mask_never_move(kind):
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     names = select_params(model, ParamsConfig())
     positions = random_positions(model, names)
-    trainable = sparse.attach(model, positions, random_values(positions))
+    trainable = sparse.attach_sparse(model, positions, random_values(positions))
     start = {n: p.detach().clone() for n, p in trainable.items()}
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.1)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -259,7 +260,7 @@ def test_entries_outside_the_mask_never_move(kind):
             assert torch.equal(p, base[name]), name
     assert all(not torch.equal(p, start[n]) for n, p in trainable.items())
     values = {n: p.detach().clone() for n, p in trainable.items()}
-    sparse.fold(model, names)
+    sparse.fold_sparse(model, names)
     for name, p in model.named_parameters():
         expected = base[name].reshape(-1).clone()
         if name in positions:
@@ -321,7 +322,7 @@ def test_backward_keeps_no_merged_copy(case):
         full.get_parameter(n).requires_grad_(True)
     full_bytes = saved_bytes(full, ids)
     model = make()
-    sparse.attach(model, random_positions(model, names))
+    sparse.attach_sparse(model, random_positions(model, names))
     merged = sum(model.get_parameter(n).nbytes for n in general)
     assert saved_bytes(model, ids) <= min(full_bytes, 0.05 * merged)
 
@@ -348,7 +349,7 @@ class WithList(nn.Module):
 def test_attach_refuses_what_it_cannot_train(name, says):
     model = WithList()
     with pytest.raises(LotaError, match=re.escape(says)) as err:
-        sparse.attach(model, {name: torch.tensor([0], dtype=torch.int32)})
+        sparse.attach_sparse(model, {name: torch.tensor([0], dtype=torch.int32)})
     assert "\n" not in str(err.value) and name in str(err.value)
 
 
@@ -358,7 +359,7 @@ def test_tied_weights_and_buffers_are_refused_at_selection():
                                         r"\(tied weights\).*params\.exclude.*tie_word_embeddings=false"):
         select_params(gpt2, ParamsConfig(include=[r".*\.weight"], exclude=[r".*(ln_|wpe).*"]))
     with pytest.raises(LotaError, match="tied weights"):
-        sparse.attach(gpt2, {"transformer.wte.weight": torch.tensor([0], dtype=torch.int32)})
+        sparse.attach_sparse(gpt2, {"transformer.wte.weight": torch.tensor([0], dtype=torch.int32)})
     with pytest.raises(LotaError, match=r"params\.include matches 'table', a buffer"):
         select_params(WithList(), ParamsConfig(include=[".*"], exclude=[]))
 
@@ -416,9 +417,9 @@ def test_pipeline_mask_covers_the_experts_and_no_router(pipeline):
         assert len(names) == 8 and all(".c_" in n for n in names)  # every Conv1D weight
     else:
         assert len(experts) == 4 and all(len(mask.shape(n)) == 3 for n in experts)
-        assert all(mask.bits(n) is not None and unpack_bits(mask.bits(n), mask.numel(n)).any() for n in experts)
+        assert all(mask.bits(n) is not None and mask.mask(n).any() for n in experts)
     total = sum(mask.numel(n) for n in names)
-    held = sum(int(unpack_bits(mask.bits(n), mask.numel(n)).sum()) for n in names)
+    held = sum(int(mask.mask(n).sum()) for n in names)
     assert held == round(total - 0.9 * total)
 
 
@@ -437,7 +438,7 @@ def test_pipeline_saved_model_differs_from_the_base_only_inside_the_mask(pipelin
     for name, weight in base.items():
         changed = (tuned[name] != weight).reshape(-1)
         if name in mask.meta.shapes:
-            inside = unpack_bits(mask.bits(name), mask.numel(name))
+            inside = mask.mask(name)
             assert not changed[~inside].any(), name
             trained += int(changed[inside].sum())
         else:
@@ -448,8 +449,8 @@ def test_pipeline_saved_model_differs_from_the_base_only_inside_the_mask(pipelin
 def test_pipeline_lotto_merge_and_eval(pipeline):
     first, second = Artifact(pipeline["delta"]), Artifact(pipeline["delta_b"])
     for name in first.names:
-        assert not (unpack_bits(first.bits(name), first.numel(name))
-                    & unpack_bits(second.bits(name), second.numel(name))).any(), name
+        assert not (first.mask(name)
+                    & second.mask(name)).any(), name
     merged = Artifact(pipeline["merged"])
     for name in first.names:  # disjoint: the sum holds each delta's values at its own entries
         assert torch.equal(merged.dense(name), first.dense(name) + second.dense(name)), name

@@ -7,7 +7,7 @@ import torch
 
 from lota_cli import LotaError
 from lota_cli.artifacts import Artifact, ArtifactWriter, Meta, save_dense, save_sparse
-from lota_cli.masks import encode_positions, pack_bits
+from lota_cli.tensors import encode_positions, pack_bits
 
 
 def _meta(kind="task_vector", base="f" * 64):
@@ -102,7 +102,7 @@ def test_numpy_bfloat16_rounding_and_fingerprint_are_torchs(dtype):
     subnormals, NaN), so a checkpoint fingerprinted from its numpy views matches the loaded model's."""
     import numpy as np
 
-    from lota_cli.stored import bfloat16_bits, fingerprint_of
+    from lota_cli.tensors import bfloat16_bits, fingerprint_of
 
     gen = torch.Generator().manual_seed(3)
     bits = torch.randint(0, 2**31, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)

@@ -15,8 +15,12 @@ from lota_cli.testing import lota, paths
 HYDRA_STAGES = [name for name in STAGES if name != "info"]
 
 
-def test_version():
-    assert lota("--version").stdout.strip() == f"lota {__version__}"
+def test_version_says_the_artifact_format():
+    """One version: its minor number is the artifact format this lota writes, and --version says so."""
+    from lota_cli.artifacts import FORMAT_VERSION
+
+    assert int(__version__.split(".")[1]) == FORMAT_VERSION
+    assert lota("--version").stdout.strip() == f"lota {__version__} (artifact format {FORMAT_VERSION})"
 
 
 @pytest.mark.parametrize("stage", HYDRA_STAGES)
@@ -113,7 +117,7 @@ def test_a_mask_that_does_not_fit_is_refused_before_the_model_loads(tiny_model, 
 
     from conftest import tiny_overrides
     from lota_cli.artifacts import save_sparse, stage_meta
-    from lota_cli.masks import encode_positions, pack_bits
+    from lota_cli.tensors import encode_positions, pack_bits
 
     bits = torch.zeros(torch.Size(shape).numel(), dtype=torch.bool)
     bits[:10] = True
@@ -169,7 +173,7 @@ def test_artifact_stages_import_no_model_or_data_library(tmp_path):
     import torch
 
     from lota_cli.artifacts import save_dense, save_sparse, stage_meta
-    from lota_cli.masks import encode_positions, pack_bits
+    from lota_cli.tensors import encode_positions, pack_bits
 
     name = "model.layers.0.mlp.up_proj.weight"
     for tag in "ab":

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 
 import synthetic_tasks
 from lota_cli import LotaError, testing
-from lota_cli.batches import MicroBatches, collate, mixture_draw, pack, targets, train_data
+from lota_cli.data import collate, MicroBatches, mixture_draw, pack, targets, train_data
 from lota_cli.config import CalibrateConfig, ModelConfig, TaskConfig, TrainConfig
 from lota_cli.data import encode, load_rows
-from lota_cli.loop import token_nll_sum
+from lota_cli.models import token_nll_sum
 
 # ChatML-like, with the tiny tokenizer's </s> ending each turn
 TINY_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"

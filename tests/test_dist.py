@@ -22,10 +22,9 @@ from conftest import tiny_overrides
 from lota_cli import LotaError
 from lota_cli.artifacts import Artifact
 from lota_cli.config import ExtractConfig, ExtractOptions
-from lota_cli.masks import unpack_bits
 from lota_cli import testing
 from lota_cli.stages import extract
-from lota_cli.testing import OFFLINE_ENV, lota, paths
+from lota_cli.testing import lota, OFFLINE_ENV, paths
 from test_pipeline import model_weights
 
 pytestmark = pytest.mark.dist
@@ -111,14 +110,14 @@ def test_two_processes_train_like_one(engine, reference, tiny_model, tmp_path):
     for name, weight in base.items():
         changed = (tuned[name] != weight).reshape(-1)
         if name in mask.meta.shapes:
-            assert not changed[~unpack_bits(mask.bits(name), mask.numel(name))].any(), name
+            assert not changed[~mask.mask(name)].any(), name
         else:
             assert not changed.any(), name
 
 
 
 def bits(artifact: Artifact, name: str):
-    return unpack_bits(artifact.bits(name), artifact.numel(name))
+    return artifact.mask(name)
 
 
 def test_fsdp_lotto_trains_like_one_process(reference, tiny_model, tmp_path):
@@ -169,7 +168,7 @@ def test_fsdp_resumes_bitwise_from_its_shards(reference, tiny_model, tmp_path):
 def test_a_checkpoint_resumes_only_under_its_engine():
     from types import SimpleNamespace
 
-    from lota_cli.engines import FullyShardedV2, Replicated
+    from lota_cli.training import FullyShardedV2, Replicated
 
     fsdp = FullyShardedV2(SimpleNamespace(num_processes=4), "no")
     with pytest.raises(LotaError, match=r"holds the FSDP shards of 2 processes, this run has 4: resume it with "
@@ -214,7 +213,8 @@ def test_two_machines_train_like_one(engine, reference, tiny_model, tmp_path):
     assert losses(out) == pytest.approx(losses(reference["root"] / "cal"), rel=1e-5)
 
 def test_engine_errors_are_one_line(monkeypatch):
-    from lota_cli import dist
+    from lota_cli import training as dist
+    from lota_cli.training import _launch
     from lota_cli.config import DistConfig, TrainConfig, TrainStageConfig
 
     def cfg(**kw):
@@ -245,7 +245,7 @@ def test_engine_errors_are_one_line(monkeypatch):
         monkeypatch.delenv(name)
     with pytest.raises(LotaError, match="needs an engine"):
         dist.check(cfg(num_processes=2))
-    monkeypatch.setattr(dist.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(_launch.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(LotaError, match=r"needs DeepSpeed, which is not installed: .*pip install"):
         dist.check(cfg(engine="zero2"))
     assert dist.needs_launch(cfg(engine="ddp", num_processes=2)) and not dist.needs_launch(cfg())
@@ -253,7 +253,7 @@ def test_engine_errors_are_one_line(monkeypatch):
 
 def test_deepspeed_batch_follows_train_config():
     from lota_cli.config import DistConfig, TrainConfig, TrainStageConfig
-    from lota_cli.engines import deepspeed_config
+    from lota_cli.training import deepspeed_config
 
     cfg = TrainStageConfig(out="x", train=TrainConfig(batch_size=8, grad_accum=3, max_grad_norm=None),
                            dist=DistConfig(engine="zero3", offload_optimizer=True))

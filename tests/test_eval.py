@@ -12,7 +12,7 @@ import torch
 
 from conftest import ALPACA, DATA, GSM8K_TEST, GSM8K_TRAIN, make_task_vector, needs_shared_data
 from lota_cli import LotaError
-from lota_cli.evaluation import ROUGE_TYPES, extract_number, generate, nll, rouge, same_answer
+from lota_cli.evaluation import extract_number, generate, nll, rouge, ROUGE_TYPES, same_answer
 from lota_cli.testing import in_process, lota, paths
 
 GSM8K_PATTERN = r"####\s*([-\d,\.]+)"
@@ -342,7 +342,7 @@ def _stock_task(name: str, **files):
     """A task as conf/task/NAME.yaml ships it, reading local files instead of the hub."""
     from omegaconf import OmegaConf
 
-    from lota_cli.cli import CONF_DIR
+    from lota_cli.config import CONF_DIR
     from lota_cli.config import TaskConfig
 
     return TaskConfig(**{**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "task" / f"{name}.yaml")), **files})

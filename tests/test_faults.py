@@ -31,9 +31,9 @@ import pytest
 import torch
 
 from conftest import DATA, tiny_overrides
-from lota_cli import LotaError, cli, testing
+from lota_cli import LotaError, testing
 from lota_cli.artifacts import Artifact, library_versions, save_sparse
-from lota_cli.masks import encode_positions, pack_bits
+from lota_cli.tensors import encode_positions, pack_bits
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread everywhere: the tiny model gains nothing from more, a busy machine makes OpenMP threads spin (10x
@@ -618,12 +618,12 @@ def test_trust_remote_code_is_off_by_default():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from lota_cli.config import register_schemas
+    from lota_cli.config import CONF_DIR, register_resolvers, register_schemas
 
     GlobalHydra.instance().clear()  # left initialised by the in-process runs
     register_schemas()
-    cli._register_resolvers()
-    with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for name in ("calibrate", "sparse_train", "lotto", "eval"):
             for conf in ([], ["conf=gsm8k"] if name != "eval" else []):
                 cfg = compose(config_name=name, overrides=["out=x", *conf])
@@ -731,12 +731,11 @@ def test_info_verify_names_the_tensor_whose_data_has_a_flipped_bit(runs, tmp_pat
 def test_format_2_artifacts_are_still_checked_by_their_sha256(runs, tmp_path, monkeypatch):
     """Artifacts written before format 3 record SHA-256 checksums: still read, verified and refused when
     damaged, by the hash they were written with."""
-    import lota_cli.artifacts as artifacts
-    import lota_cli.stored as stored
+    from lota_cli.artifacts import _writers, tensor_digest
 
     source = Artifact(runs["st_a"])
-    monkeypatch.setattr(artifacts, "FORMAT_VERSION", 2)
-    monkeypatch.setattr(artifacts, "tensor_digest", lambda fmt=2: stored.tensor_digest(2))
+    monkeypatch.setattr(_writers, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(_writers, "tensor_digest", lambda fmt=2: tensor_digest(2))
     path = save_sparse(tmp_path / "old.safetensors", source.meta, {n: source.shape(n) for n in source.names},
                        {n: ("idx", source.indices(n)) for n in source.names},
                        {n: source.values(n) for n in source.names})
@@ -800,13 +799,13 @@ def test_sparse_delta_with_duplicate_positions_is_refused_by_every_reader(runs, 
 
 
 def test_sparse_delta_holding_nan_is_refused_by_every_reader(runs, tiny_model, tmp_path, monkeypatch):
-    import lota_cli.artifacts as artifacts
+    from lota_cli import native
 
     def nan(idx, values):
         values[4] = math.nan
 
     # the writer refuses NaN; an older lota's or another tool's would not
-    monkeypatch.setattr(artifacts, "finite_data", lambda data, code: True)
+    monkeypatch.setattr(native, "all_finite", lambda *args: True)
     path = _rewritten(runs["st_a"], tmp_path / "delta.safetensors", nan)
     monkeypatch.undo()
     name = Artifact(path).names[1]

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from conftest import DATA, make_task_vector
 from lota_cli.artifacts import Artifact
 from lota_cli.config import ExtractConfig, ExtractOptions, ModelConfig, ParamsConfig, TaskConfig
-from lota_cli.mask_sources import gradient_batches, random_scores
-from lota_cli.masks import k_for, unpack_bits
+from lota_cli.workflows import gradient_batches, random_scores
+from lota_cli.ops import k_for
 from lota_cli.models import fingerprint, load_model, select_params
 from lota_cli.testing import in_process, paths
 
@@ -54,7 +54,7 @@ def base(tiny_model):
 
 
 def chosen(mask: Artifact) -> dict[str, torch.Tensor]:
-    return {n: unpack_bits(mask.bits(n), mask.numel(n)) for n in mask.names}
+    return {n: mask.mask(n) for n in mask.names}
 
 
 def assert_top_k(mask: Artifact, scores: dict[str, torch.Tensor], rtol: float = 0.0) -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lota_cli import merging
+from lota_cli.ops import _merge_methods as merging
+from lota_cli.workflows import _merge as merge_module
 from lota_cli.artifacts import Artifact, save_dense, save_sparse, stage_meta
 from lota_cli.config import MergeConfig
-from lota_cli.masks import encode_positions, pack_bits
+from lota_cli.tensors import encode_positions, pack_bits
 from lota_cli.stages import merge as merge_stage
 from lota_cli.testing import lota
 
@@ -165,7 +166,7 @@ def test_native_merge_to_a_task_vector_equals_the_torch_path(tmp_path, monkeypat
 
     if native.kernels() is None:
         pytest.skip("no C compiler to build the kernels")
-    monkeypatch.setattr(merge_stage, "REGION_BYTES", 4096)  # several regions a tensor
+    monkeypatch.setattr(merge_module, "REGION_BYTES", 4096)  # several regions a tensor
     gen = torch.Generator().manual_seed(7)
     names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.o_proj.weight"]
     inputs = []
@@ -239,7 +240,7 @@ def test_sparse_inputs_merge_at_their_union_as_the_dense_tensors(tmp_path, monke
     dense_inputs = [merged(p) for p in paths]
     calls = []
     real = merging.merge
-    monkeypatch.setattr(merge_stage, "merge", lambda *args, **kw: calls.append(args[1][0].numel()) or real(*args, **kw))
+    monkeypatch.setattr(merge_module, "merge", lambda *args, **kw: calls.append(args[1][0].numel()) or real(*args, **kw))
     out = merge_stage.run(MergeConfig(inputs=[str(p) for p in paths], out=str(tmp_path), method=method,
                                       density=density), tmp_path / "out")
     got = merged(out[0])

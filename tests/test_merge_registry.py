@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lota_cli import LotaError, merging
+from lota_cli import LotaError
+from lota_cli.ops import _merge_methods as merging
 from lota_cli.artifacts import Artifact, save_dense, stage_meta
 from lota_cli.config import MergeConfig
 from lota_cli.stages import merge as merge_stage
@@ -137,7 +138,7 @@ def test_stage_output_is_bitwise_the_pre_registry_formula(tmp_path, method, capl
         paths.append(str(save_dense(tmp_path / f"in{i}.safetensors", meta, deltas)))
     fields = {"weights": [0.5, 2.0, -1.0], "density": 0.5, "seed": 3}
     fields = {k: v for k, v in fields.items() if k in merging.METHODS[method].reads}
-    with caplog.at_level(logging.INFO, logger="lota_cli.stages.merge"):
+    with caplog.at_level(logging.INFO, logger="lota_cli.workflows"):
         [path] = merge_stage.run(MergeConfig(inputs=paths, out=str(tmp_path), method=method, scale=0.5, **fields),
                                  tmp_path / "out")
     artifact = Artifact(path)

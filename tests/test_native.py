@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lota_cli import native
-from lota_cli.merging import delta_overlap, merge
+from lota_cli.ops import delta_overlap, merge
 
 pytestmark = pytest.mark.skipif(native.kernels() is None, reason="no C compiler to build the kernels")
 

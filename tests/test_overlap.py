@@ -11,7 +11,7 @@ import torch
 from lota_cli import LotaError
 from lota_cli.artifacts import save_dense, save_sparse, stage_meta
 from lota_cli.config import OverlapConfig
-from lota_cli.masks import encode_positions, pack_bits
+from lota_cli.tensors import encode_positions, pack_bits
 from lota_cli.stages import overlap as overlap_stage
 from lota_cli.testing import lota, paths
 

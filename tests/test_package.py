@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_overrides
-from lota_cli import __version__
+from lota_cli import ARTIFACT_FORMAT, __version__
 from lota_cli.testing import OFFLINE_ENV
 
 
@@ -70,7 +70,7 @@ def test_installed_lota_is_the_wheel_and_composes_every_stage(installed):
                            capture_output=True, env={**OFFLINE_ENV, "PYTHONPATH": str(installed["site"])},
                            cwd=installed["cwd"]).stdout.strip()
     assert Path(where).is_relative_to(installed["site"])
-    assert run(installed, "--version").stdout.strip() == f"lota {__version__}"
+    assert run(installed, "--version").stdout.strip() == f"lota {__version__} (artifact format {ARTIFACT_FORMAT})"
     for stage in ("calibrate", "extract", "sparse-train", "lotto", "merge", "overlap", "export", "eval"):
         composed = run(installed, stage, "--cfg", "job")
         assert composed.returncode == 0 and "out:" in composed.stdout, composed.stderr

@@ -18,12 +18,13 @@ from safetensors.torch import load_file, save_file
 
 from conftest import DATA
 from lota_cli import LotaError
-from lota_cli.artifacts import Artifact, open_artifact, save_dense, save_sparse, stage_meta
-from lota_cli.config import (EvalConfig, EvalOptions, ExportConfig, LottoConfig, LottoOptions, MergeConfig, ModelConfig,
-                             TaskConfig)
-from lota_cli.masks import encode_positions, k_for, top_k_mask, unpack_bits
+from lota_cli.artifacts import Artifact, save_dense, save_sparse, stage_meta
+from lota_cli.inputs import open_artifact
+from lota_cli.config import (EvalConfig, EvalOptions, ExportConfig, LottoConfig, LottoOptions, MergeConfig, ModelConfig, TaskConfig)
+from lota_cli.tensors import encode_positions, unpack_bits
+from lota_cli.ops import k_for, top_k_mask
 from lota_cli.models import add_delta
-from lota_cli.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDICES, PREFIX, VALUES
+from lota_cli.interop import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDICES, PREFIX, VALUES
 from lota_cli.stages import eval as eval_stage
 from lota_cli.stages import export as export_stage
 from lota_cli.stages import lotto as lotto_stage
@@ -54,7 +55,7 @@ def make_delta(path: Path, base, task: str, seed: int, dtype: torch.dtype, exclu
     positions, values = {}, {}
     for name in names:
         held = unpack_bits(chosen[name], math.prod(shapes[name]))
-        positions[name] = encode_positions(chosen[name], held.numel())
+        positions[name] = encode_positions(chosen[name], held.size)
         values[name] = (task_vector[name].reshape(-1)[held] * 0.05).to(dtype)
     values[names[0]][0] = 0.0
     meta = stage_meta("sparse_delta", "sparse-train", {"model": model_cfg, "task": {"name": task}},

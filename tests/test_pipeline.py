@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from conftest import tiny_overrides
 from lota_cli.artifacts import Artifact
-from lota_cli.masks import unpack_bits
 from lota_cli.testing import in_process, lota, paths
 
 
@@ -56,8 +55,8 @@ def test_mask_holds_exactly_k_of_the_largest_entries(pipeline):
     tv, mask = Artifact(pipeline["task_vector"]), Artifact(pipeline["mask"])
     total = sum(mask.numel(n) for n in mask.names)
     k = round(total - 0.9 * total)
-    chosen = [tv.dense(n).reshape(-1).abs()[unpack_bits(mask.bits(n), mask.numel(n))] for n in mask.names]
-    rest = [tv.dense(n).reshape(-1).abs()[~unpack_bits(mask.bits(n), mask.numel(n))] for n in mask.names]
+    chosen = [tv.dense(n).reshape(-1).abs()[mask.mask(n)] for n in mask.names]
+    rest = [tv.dense(n).reshape(-1).abs()[~mask.mask(n)] for n in mask.names]
     assert sum(c.numel() for c in chosen) == k
     assert torch.cat(chosen).min() >= torch.cat(rest).max()
     assert all("norm" not in n and "embed" not in n and "lm_head" not in n for n in mask.names)
@@ -70,7 +69,7 @@ def test_sparse_trained_model_differs_from_base_only_inside_the_mask(pipeline, t
     for name, weight in base.items():
         changed = (tuned[name] != weight).reshape(-1)
         if name in mask.meta.shapes:
-            inside = unpack_bits(mask.bits(name), mask.numel(name))
+            inside = mask.mask(name)
             assert not changed[~inside].any(), name
             assert changed[inside].float().mean() > 0.9, name  # the masked entries did train
         else:
@@ -89,7 +88,7 @@ def test_lotto_chain_of_three_tasks_has_disjoint_masks(pipeline, tiny_model, dat
     (delta_c,) = paths(c)
     chain = [Artifact(p) for p in (pipeline["delta"], delta_b, delta_c)]
     for name in chain[0].names:
-        masks = [unpack_bits(a.bits(name), a.numel(name)) for a in chain]
+        masks = [a.mask(name) for a in chain]
         assert not (masks[0] & masks[1]).any() and not (masks[0] & masks[2]).any() and not (masks[1] & masks[2]).any()
     assert abs(chain[2].density() - 0.2) < 1e-3
     # the chain's model differs from the first task's model only inside the new mask
@@ -97,7 +96,7 @@ def test_lotto_chain_of_three_tasks_has_disjoint_masks(pipeline, tiny_model, dat
     for name, weight in first.items():
         changed = (second[name] != weight).reshape(-1)
         if name in chain[1].meta.shapes:
-            assert not changed[~unpack_bits(chain[1].bits(name), chain[1].numel(name))].any(), name
+            assert not changed[~chain[1].mask(name)].any(), name
         else:
             assert not changed.any(), name
     # capacity: 30% of the entries are taken, so 80% more cannot fit

@@ -1,4 +1,4 @@
-"""lota_cli.sequential: a file written front to back from aligned buffers (direct I/O where the file system
+"""lota_cli.io's SequentialFile: a file written front to back from aligned buffers (direct I/O where the file system
 takes it) holds exactly the bytes given, in order, whatever the sizes of the writes; failures surface."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from lota_cli import sequential
+from lota_cli.io import _sequential as sequential
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "cached"])

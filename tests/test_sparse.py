@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lota_cli import sparse
+from lota_cli.training import _sparse as sparse
 from lota_cli.testing import saved_bytes
-from lota_cli.sparse import _SparseLinear
+from lota_cli.training._sparse import _SparseLinear
 
 
 def reference_forward(module, x):
@@ -43,7 +43,7 @@ def attached(model, density=0.1, seed=0, reference=False):
     positions = random_positions(model, density, seed)
     g = torch.Generator().manual_seed(seed + 1)
     values = {n: torch.randn(len(i), generator=g) * 0.02 for n, i in positions.items()}
-    trainable = sparse.attach(model, positions, values)
+    trainable = sparse.attach_sparse(model, positions, values)
     if reference:
         for name in positions:
             module = model.get_submodule(name.rpartition(".")[0])
@@ -124,7 +124,7 @@ def test_entries_outside_the_mask_never_move(dtype):
     assert all(v.dtype == torch.float32 for state in optimizer.state.values() for v in state.values() if v.dim())
     positions = {n: model.get_submodule(n.rpartition(".")[0]).lota_index.long() for n in trainable}
     values = {n: p.detach().clone() for n, p in trainable.items()}
-    sparse.fold(model, list(trainable))
+    sparse.fold_sparse(model, list(trainable))
     for name, index in positions.items():
         weight, expected = model.get_parameter(name).reshape(-1), base[name].reshape(-1).clone()
         expected.index_add_(0, index, values[name].to(dtype))

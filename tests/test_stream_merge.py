@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lota_cli import checkpoint as checkpoint_module
+from lota_cli.workflows import _merge as merge_module
 from lota_cli import native
 from lota_cli.config import MergeConfig, ModelConfig, ParamsConfig
 from lota_cli.stages import merge as merge_stage
@@ -66,9 +66,9 @@ def _merge(tmp_path, inputs, streamed: bool, monkeypatch, **options) -> Path:
     target = tmp_path / ("streamed" if streamed else "loaded")
     with monkeypatch.context() as patch:
         if not streamed:  # today's path: the base loaded as a model, deltas added, saved
-            patch.setattr(checkpoint_module, "local_directory", lambda cfg: (None, "test"))
+            patch.setattr(merge_module, "local_directory", lambda cfg: (None, "test"))
         else:  # and never that path when streaming
-            patch.setattr(merge_stage, "_through_model", lambda *args: pytest.fail("the base was loaded"))
+            patch.setattr(merge_module, "_through_model", lambda *args: pytest.fail("the base was loaded"))
         merge_stage.run(MergeConfig(inputs=[str(p) for p in inputs], out=str(tmp_path), output_model=str(target),
                                     **options), tmp_path / "run")
     return target
@@ -177,11 +177,11 @@ def test_nan_in_the_base_is_refused_naming_the_weight(tmp_path):
 
 def test_saved_fingerprint_of_the_loaded_model_equals_the_checkpoints(base):
     """What training records (base_checkpoint) is what the streaming merge computes from the shards alone."""
-    from lota_cli.checkpoint import Checkpoint
+    from lota_cli.io import SavedModel
     from lota_cli.models import load_model, model_saved_fingerprint
 
     directory, model_cfg, _, _ = base
-    checkpoint = Checkpoint(directory)
+    checkpoint = SavedModel(directory)
     model, _ = load_model(ModelConfig(**model_cfg))
     assert model_saved_fingerprint(model) == checkpoint.saved_fingerprint()
 
@@ -190,21 +190,22 @@ def test_saved_fingerprint_of_the_loaded_model_equals_the_checkpoints(base):
 def test_a_recorded_base_checkpoint_spares_the_model_skeleton(tmp_path, base, monkeypatch, recorded):
     """With the base_checkpoint training records, the base is checked from its shards and no model code is
     imported; a base_checkpoint that does not match falls back to the skeleton and base_fingerprint."""
-    from lota_cli import models
+    from lota_cli.models import _loading  # state_dict_sources asks it for the skeleton
+    from lota_cli.models import load_model, model_saved_fingerprint
     from lota_cli.artifacts import Artifact, save_sparse
-    from lota_cli.masks import encode_positions
+    from lota_cli.tensors import encode_positions
 
     directory, model_cfg, fp, shapes = base
     da, _ = disjoint_deltas(shapes, seed=5)
     a = Artifact(write_sparse(tmp_path / "a0.safetensors", da, fp, model_cfg))
     meta = a.meta
-    meta.base_checkpoint = models.model_saved_fingerprint(models.load_model(ModelConfig(**model_cfg))[0])
+    meta.base_checkpoint = model_saved_fingerprint(load_model(ModelConfig(**model_cfg))[0])
     if recorded == "wrong":
         meta.base_checkpoint = "f" * 64
     path = save_sparse(tmp_path / "a.safetensors", meta, {n: a.shape(n) for n in a.names},
                        {n: encode_positions(a.bits(n), a.numel(n)) for n in a.names}, {n: a.values(n) for n in a.names})
     skeletons = []
-    monkeypatch.setattr(models, "skeleton", lambda cfg, real=models.skeleton: skeletons.append(cfg) or real(cfg))
+    monkeypatch.setattr(_loading, "skeleton", lambda cfg, real=_loading.skeleton: skeletons.append(cfg) or real(cfg))
     streamed = _merge(tmp_path, [path], True, monkeypatch, dtype="bfloat16")
     assert len(skeletons) == (0 if recorded == "right" else 1)
     if recorded == "right" and native.kernels() is not None:  # from the command line: numpy and the kernels only
@@ -257,7 +258,7 @@ def test_direct_io_and_small_buffers_write_the_same_files(tmp_path, base, monkey
     """The output shards written with direct I/O through buffers a fraction of a tensor, regions of a few pages
     (many flushes, tensors split across buffers, tails of partial blocks) are byte for byte the default
     write's; so is an artifact (its header rewritten at the end)."""
-    from lota_cli import sequential
+    from lota_cli.io import _sequential as sequential
 
     directory, model_cfg, fp, shapes = base
     da, db = disjoint_deltas(shapes, seed=2, density=0.2)
@@ -269,7 +270,7 @@ def test_direct_io_and_small_buffers_write_the_same_files(tmp_path, base, monkey
             if small:
                 patch.setattr(sequential, "DIRECT_MIN", 0)
                 patch.setattr(sequential, "BUFFER", 5 * sequential.ALIGN)
-                patch.setattr(merge_stage, "REGION_BYTES", 3 * sequential.ALIGN)
+                patch.setattr(merge_module, "REGION_BYTES", 3 * sequential.ALIGN)
             target = _merge(tmp_path / f"small_{small}", inputs, True, monkeypatch, method="sum")
             # the same out= both times: the artifact records its config
             task_vector = merge_stage.run(MergeConfig(inputs=[str(p) for p in inputs], out=str(tmp_path / "tv")),

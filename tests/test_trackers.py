@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_overrides
-from lota_cli.metrics import Metrics
+from lota_cli.training import Metrics
 from lota_cli.testing import lota, paths
 
 SCALARS = {"loss", "lr", "grad_norm", "tokens_per_s", "step_s"}  # what metrics.py logs per step (on CPUs)

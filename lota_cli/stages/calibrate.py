@@ -9,12 +9,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from lota_cli import lora
 from lota_cli.artifacts import save_dense, stage_meta
 from lota_cli.config import CalibrateConfig
-from lota_cli.loop import train
-from lota_cli.models import DTYPES, select_params
-from lota_cli.train_stage import export_model, setup
+from lota_cli.models import attach_lora, merge_lora, select_params
+from lota_cli.tensors import torch_dtype
+from lota_cli.training import export_model, setup, train
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +34,16 @@ def run(cfg: CalibrateConfig, out: Path) -> list[Path]:
     if cfg.method == "lora":  # the LoRA baseline: train adapters on the frozen weights, then fold BA into them
         for p in trainable.values():
             p.requires_grad_(False)
-        model, fitted = lora.attach(model, names, cfg.lora)
+        model, fitted = attach_lora(model, names, cfg.lora)
     result = train(model, fitted, run.data, run.tokenizer.pad_token_id, cfg, out, run.engine,
                    depends={"stage": "calibrate", "method": cfg.method, "base": run.base_fingerprint})
     if cfg.method == "lora":
-        model = lora.merge(run.engine.accelerator.unwrap_model(model))
+        model = merge_lora(run.engine.accelerator.unwrap_model(model))
     trained = run.engine.trained_values(trainable)
 
     written = []
     if main:
-        dtype = DTYPES[cfg.artifact_dtype]
+        dtype = torch_dtype(cfg.artifact_dtype)
         delta = {n: (trained[n] - base[n].float()).to(dtype) for n in names}
         meta = stage_meta("task_vector", "calibrate", cfg, cfg.model.path, run.base_fingerprint,
                           base_checkpoint=run.base_checkpoint)

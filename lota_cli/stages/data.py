@@ -18,11 +18,10 @@ import numpy as np
 from rich.table import Table
 from rich.text import Text
 
-from lota_cli.batches import Fixed, train_data
 from lota_cli.config import DataConfig
-from lota_cli.data import Encoded
+from lota_cli.console import stderr
+from lota_cli.data import Encoded, Fixed, train_data
 from lota_cli.models import load_tokenizer
-from lota_cli.progress import stderr
 
 log = logging.getLogger(__name__)
 

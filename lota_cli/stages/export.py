@@ -1,10 +1,11 @@
 """lota export DELTA ...: sparse deltas in a form other tools load.
 
-format=peft (default): each sparse delta as a PEFT Super-Tuning adapter, exact (lota_cli.peft_io says how and
+format=peft (default): each sparse delta as a PEFT Super-Tuning adapter, exact (lota_cli.interop says how and
 what it costs). One delta: out/peft is the adapter (`PeftModel.from_pretrained(base, "out/peft")`). Several, a
 LoTTO chain say: out/peft/NAME/ for each, named by `names=` or by the tasks the deltas were trained on.
-format=model: base + every delta as a Hugging Face model directory out/model, through `lota merge`'s sum with
-output_model, which loads the base the deltas record and checks it by fingerprint.
+format=model: base + every delta as a Hugging Face model directory out/model: the streaming merge's sum
+(lota_cli.workflows.Merger, as `lota merge ... output_model=`), which reads the base the deltas record and
+checks it by fingerprint.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lota_cli import peft_io
-from lota_cli.artifacts import Artifact, open_artifact
-from lota_cli.config import ADAPTER_NAME, ExportConfig, MergeConfig
-from lota_cli.stages import merge
+from lota_cli import interop
+from lota_cli.artifacts import Artifact, same_layout
+from lota_cli.config import ADAPTER_NAME, ExportConfig, parse_size
+from lota_cli.inputs import open_artifact
+from lota_cli.io import DEFAULT_SHARD_SIZE
+from lota_cli.workflows import Merger
 
 
 def _default_names(deltas: list[Artifact]) -> list[str]:
@@ -31,7 +34,10 @@ def run(cfg: ExportConfig, out: Path) -> list[Path]:
     for other in deltas[1:]:
         other.check_base(deltas[0].meta.base_fingerprint, deltas[0].meta.base_model)
     if cfg.format == "model":
-        return merge.run(MergeConfig(inputs=list(cfg.inputs), out=cfg.out, method="sum", dtype=cfg.dtype,
-                                     output_model=str(out / "model")), out)
+        same_layout(deltas)
+        merger = Merger(deltas, "sum", dtype=cfg.dtype)
+        path = merger.into_model(out / "model", parse_size(DEFAULT_SHARD_SIZE))
+        merger.log_overlaps()
+        return [path]
     names = list(cfg.names) if cfg.names else _default_names(deltas) if len(deltas) > 1 else None
-    return [peft_io.write_adapters(deltas, out / "peft", names)]
+    return [interop.write_adapters(deltas, out / "peft", names)]

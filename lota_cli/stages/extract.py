@@ -1,10 +1,11 @@
 """lota extract: a mask of the k entries of largest score, the scores chosen by extract.source.
 
 Default: |delta| of a task vector (LoTA); or |w| of the base (weights), seeded uniform scores (random), or
-accumulated |gradient| of the task's loss (gradient): lota_cli/mask_sources.py. One global threshold over the
+accumulated |gradient| of the task's loss (gradient): lota_cli.workflows' mask sources. One global threshold over the
 selected tensors (attention and MLP weight matrices, fused MoE experts) keeps exactly
 k = round((1 - sparsity) * N) entries; extract.scope=per_tensor keeps that fraction of each tensor instead.
-Selection streams tensor by tensor (see masks.top_k_mask), from the memory-mapped artifact for a task vector.
+Selection streams tensor by tensor (ops.top_k_mask), from the memory-mapped artifact for a task vector. A
+preset (conf=...) gives its model and params; its training settings are ignored, with a line in the log.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ from pathlib import Path
 from lota_cli import LotaError
 from lota_cli.artifacts import save_sparse, stage_meta
 from lota_cli.config import ExtractConfig
-from lota_cli.mask_sources import SOURCES
-from lota_cli.masks import count_bits, encode_positions, k_for, top_k_mask
-from lota_cli.stored import density_by_layer
+from lota_cli.ops import density_by_layer, k_for, top_k_mask
+from lota_cli.tensors import count_bits, encode_positions
+from lota_cli.workflows import SOURCES
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: ExtractConfig, out: Path) -> list[Path]:
     opts = cfg.extract
+    if cfg.train is not None:
+        log.info("the preset's train.* settings are ignored: extract trains nothing (it reads model.*, params.* "
+                 "and, for extract.source=gradient, task.*)")
     ranking = SOURCES[opts.source](cfg)
     names, numel = list(ranking.shapes), {n: math.prod(s) for n, s in ranking.shapes.items()}
 

@@ -10,8 +10,9 @@ import json
 
 from rich.table import Table
 
-from lota_cli.progress import stderr
-from lota_cli.stored import StoredFile, density_by_layer
+from lota_cli.artifacts import StoredFile
+from lota_cli.console import stderr
+from lota_cli.ops import density_by_layer
 
 
 def describe(artifact: StoredFile) -> dict:

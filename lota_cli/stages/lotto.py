@@ -16,20 +16,22 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from lota_cli import LotaError, sparse
-from lota_cli.artifacts import Artifact, open_artifact, save_sparse, stage_meta
+from lota_cli import LotaError
+from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import LottoConfig
-from lota_cli.loop import train
-from lota_cli.masks import count_bits, encode_positions, k_for, pack_bits, top_k_mask, unpack_bits
-from lota_cli.models import DTYPES, add_delta, select_params
-from lota_cli.train_stage import export_model, load_base, setup
+from lota_cli.inputs import open_artifact
+from lota_cli.models import add_delta, select_params
+from lota_cli.ops import k_for, top_k_mask
+from lota_cli.tensors import count_bits, encode_positions, pack_bits, torch_dtype, unpack_bits
+from lota_cli.training import attach_sparse, export_model, load_base, setup, train
 
 log = logging.getLogger(__name__)
 
 
-def _frozen_union(previous: list[Artifact], names: list[str]) -> dict[str, torch.Tensor]:
+def _frozen_union(previous: list[Artifact], names: list[str]) -> dict[str, np.ndarray]:
     """Packed bits of every entry an earlier adapter owns, refusing earlier masks that overlap."""
     union = {}
     for name in names:
@@ -37,7 +39,7 @@ def _frozen_union(previous: list[Artifact], names: list[str]) -> dict[str, torch
         for prev in previous:
             if name not in prev.meta.shapes:
                 continue
-            mask = unpack_bits(prev.bits(name), prev.numel(name))
+            mask = unpack_bits(prev.packed_bits(name), prev.numel(name))
             if owned is not None and bool((owned & mask).any()):
                 raise LotaError(f"earlier adapters overlap in {name!r} ({prev.path}); a LoTTO chain needs "
                                 "disjoint masks: build each with lota lotto after the ones before it")
@@ -82,7 +84,7 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
         for p in model.parameters():
             p.requires_grad_(False)
         trainable = {n: model.get_parameter(n).requires_grad_(True) for n in names}
-        frozen_index = {n: unpack_bits(b, numel[n]).nonzero().reshape(-1) for n, b in frozen.items()}
+        frozen_index = {n: torch.from_numpy(np.flatnonzero(unpack_bits(b, numel[n]))) for n, b in frozen.items()}
         frozen_values = {n: trainable[n].detach().reshape(-1)[i].clone() for n, i in frozen_index.items()}
 
         def restore_frozen() -> None:
@@ -97,34 +99,38 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
         if main:
             delta = {n: trained[n] - start[n].float() for n in names}
             chosen = top_k_mask(delta, k, excluded=frozen)
+            source = {"name": "task_vector", "stage": "lotto", "calibrate_steps": steps,
+                      "excluded": depends["previous"]}  # the earlier adapters' entries, left out
             meta = stage_meta("mask", "lotto", cfg, cfg.model.path, run.base_fingerprint,
                               parents=depends["previous"], sparsity=cfg.lotto.sparsity,
-                              base_checkpoint=run.base_checkpoint)
+                              base_checkpoint=run.base_checkpoint, source=source)
             save_sparse(mask_path, meta, shapes, {n: encode_positions(chosen[n], numel[n]) for n in names})
         del start, trained, trainable, model
         engine.accelerator.wait_for_everyone()  # every process reads the mask the main one chose
         # back to base + earlier deltas for the sparse phase, in a fresh model: an engine takes a model once
         engine.accelerator.free_memory()
         model = load_base(cfg, engine, previous)
-    new_mask = {n: Artifact(mask_path, kinds=("mask",)).bits(n) for n in names}
+    chosen_mask = Artifact(mask_path, kinds=("mask",))
+    new_mask = {n: chosen_mask.packed_bits(n) for n in names}
 
     for prev in previous:  # verified, not assumed
-        shared = sum(int((unpack_bits(new_mask[n], numel[n]) & unpack_bits(prev.bits(n), prev.numel(n)))
-                         .count_nonzero()) for n in names if n in prev.meta.shapes)
+        shared = sum(int(np.count_nonzero(unpack_bits(new_mask[n], numel[n]) & unpack_bits(prev.packed_bits(n),
+                                                                                            prev.numel(n))))
+                     for n in names if n in prev.meta.shapes)
         if shared:
             raise LotaError(f"internal error: the new mask shares {shared} entries with {prev.path}")
         log.info("overlap with %s: 0 entries", prev.path)
 
     # Phase 2: sparse-train the new mask from base + earlier deltas.
-    positions = {n: unpack_bits(new_mask[n], numel[n]).nonzero().reshape(-1).int() for n in names}
-    trainable = sparse.attach(model, positions)
+    positions = {n: torch.from_numpy(np.flatnonzero(unpack_bits(new_mask[n], numel[n]))).int() for n in names}
+    trainable = attach_sparse(model, positions)
     result = train(model, trainable, run.data, run.tokenizer.pad_token_id, cfg, out / "sparse-train",
                    engine, depends={"phase": "sparse-train", **depends})
     trained = engine.trained_values(trainable)
 
     written = []
     if main:
-        dtype = DTYPES[cfg.artifact_dtype]
+        dtype = torch_dtype(cfg.artifact_dtype)
         values = {n: v.to(dtype) for n, v in trained.items()}
         meta = stage_meta("sparse_delta", "lotto", cfg, cfg.model.path, run.base_fingerprint,
                           parents=depends["previous"], sparsity=cfg.lotto.sparsity,

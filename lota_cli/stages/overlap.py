@@ -20,10 +20,11 @@ import numpy as np
 from rich.table import Table
 
 from lota_cli import LotaError
+from lota_cli.artifacts import StoredFile
 from lota_cli.config import OverlapConfig
-from lota_cli.overlaps import Overlap, overlap
-from lota_cli.progress import stderr
-from lota_cli.stored import StoredFile, layer_of, open_stored
+from lota_cli.console import stderr
+from lota_cli.inputs import open_stored
+from lota_cli.ops import Overlap, layer_of, overlap
 
 
 def _natural(name: str) -> list:

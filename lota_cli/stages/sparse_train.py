@@ -1,7 +1,7 @@
 """lota sparse-train: start again from w_base and train only the entries of a mask.
 
 The result is the LoTA adapter: a sparse delta (positions + values). Outside the mask every weight stays
-bitwise equal to the base (see sparse.py for how).
+bitwise equal to the base (lota_cli.training's sparse layers say how).
 """
 
 from __future__ import annotations
@@ -9,13 +9,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from lota_cli import sparse
 from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import SparseTrainConfig
-from lota_cli.loop import train
-from lota_cli.masks import encode_positions
-from lota_cli.models import DTYPES, check_tensor, check_trainable
-from lota_cli.train_stage import export_model, setup
+from lota_cli.models import check_tensor, check_trainable
+from lota_cli.tensors import encode_positions, torch_dtype
+from lota_cli.training import attach_sparse, export_model, setup, train
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +30,7 @@ def run(cfg: SparseTrainConfig, out: Path) -> list[Path]:
     mask.check_base(run.base_fingerprint, cfg.model.path)
     fits(run.model)
     positions = {n: mask.indices(n) for n in mask.names}
-    trainable = sparse.attach(run.model, positions)
+    trainable = attach_sparse(run.model, positions)
     log.info("sparse training %d entries in %d tensors (density %.4f)",
              sum(p.numel() for p in trainable.values()), len(trainable), mask.density())
 
@@ -42,9 +40,9 @@ def run(cfg: SparseTrainConfig, out: Path) -> list[Path]:
 
     written = []
     if run.is_main:
-        dtype = DTYPES[cfg.artifact_dtype]
+        dtype = torch_dtype(cfg.artifact_dtype)
         values = {n: v.to(dtype) for n, v in trained.items()}
-        encoded = {n: encode_positions(mask.bits(n), mask.numel(n)) for n in mask.names}
+        encoded = {n: encode_positions(mask.packed_bits(n), mask.numel(n)) for n in mask.names}
         meta = stage_meta("sparse_delta", "sparse-train", cfg, cfg.model.path, run.base_fingerprint,
                           parents=[mask.meta.fingerprint], sparsity=mask.meta.sparsity,
                           base_checkpoint=run.base_checkpoint)

@@ -1,0 +1,149 @@
+"""Hugging Face causal LMs loaded (hub ids, local directories, GGUF files), as skeletons of their config alone
+(meta device: names and shapes in a second, before gigabytes of weights load), and saved."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lota_cli import LotaError, first_line, native
+from lota_cli.config import ModelConfig
+from lota_cli.io import atomic_directory
+from lota_cli.tensors import nonfinite, torch_dtype
+
+log = logging.getLogger(__package__)
+
+
+def _source(cfg: ModelConfig) -> tuple[str, dict]:
+    """Where from_pretrained looks, and the GGUF keyword if any."""
+    if not cfg.gguf_file:
+        return cfg.path, {}
+    gguf = Path(cfg.gguf_file)
+    if gguf.is_absolute():
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    return cfg.path, {"gguf_file": cfg.gguf_file}
+
+
+def _checked_source(cfg: ModelConfig) -> tuple[str, dict]:
+    """Where from_pretrained looks and its keywords, a local path checked to be a directory."""
+    path, gguf = _source(cfg)
+    if _looks_local(path) and not Path(path).is_dir():
+        what = "not a directory" if Path(path).exists() else "no such directory"
+        raise LotaError(f"model.path={path}: {what}; give a local model directory or a hub id")
+    return path, dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **gguf)
+
+
+@contextlib.contextmanager
+def _loading(cfg: ModelConfig):
+    """transformers' loading errors (OSError, ValueError, safetensors' and tokenizers' own for damaged files)
+    as one line naming the model."""
+    try:
+        yield
+    except Exception as err:
+        text = str(err)
+        if "trust_remote_code" in text:
+            raise LotaError(f"model {cfg.path!r} runs its own Python code (auto_map in its config.json), which lota "
+                            "does not run by default; read that code, and only if you trust it set "
+                            "model.trust_remote_code=true") from err
+        raise LotaError(f"cannot load model {cfg.path!r}{' / ' + cfg.gguf_file if cfg.gguf_file else ''}: "
+                        f"{first_line(err)} (give a complete local model directory or a reachable hub id)") from err
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer alone (what `lota data` needs), with a pad token (its EOS where it has none)."""
+    from transformers import AutoTokenizer
+
+    path, common = _checked_source(cfg)
+    with _loading(cfg):
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig):
+    """(model, tokenizer) from a hub id or local directory (or GGUF file), in cfg.dtype, on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    path, common = _checked_source(cfg)
+    with _loading(cfg):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype), **common)
+    tokenizer = load_tokenizer(cfg)
+    _check_finite(model, cfg.path)
+    if cfg.gguf_file:  # dequantized on load: drop the quantizer so the model trains and saves as plain weights
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    if cfg.gradient_checkpointing:
+        # transformers 5 renamed it (the old name warns that it is deprecated); older ones have only the old
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def skeleton(cfg: ModelConfig) -> nn.Module | None:
+    """The model's modules and parameter shapes without its weights (on the meta device, from its config
+    alone), so that names, shapes and what can train are checked in a second, before gigabytes of weights
+    load. None where the config cannot be built that way; the same checks then run on the loaded model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, gguf = _source(cfg)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                            **gguf)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # a missing or unusual model: load_model says what is wrong
+        log.debug("no skeleton of %s", cfg.path, exc_info=True)
+        return None
+
+
+@torch.no_grad()
+def _check_finite(model: nn.Module, path: str) -> None:
+    """Refuse weights holding NaN or Inf: training would stop at its first step with a NaN loss and blame the
+    learning rate. One pass over the weights, small next to reading them from disk."""
+    for name, tensor in model.state_dict().items():
+        if not native.all_finite(tensor):
+            raise nonfinite(f"model {path!r}: weight {name!r}",
+                            "the model files are damaged or the model diverged: use an intact copy")
+
+
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id ('org/name')."""
+    return path.startswith(("/", "./", "../", "~")) or os.path.isabs(path) or Path(path).exists()
+
+
+def state_dict_sources(cfg: ModelConfig, checkpoint) -> dict[str, str] | None:
+    """For each key of the model's state_dict, in its order, the checkpoint tensor that holds it (a tied
+    weight saved once is found under the name it is saved as), from the weightless skeleton; None when the
+    checkpoint's names are not the model's (an architecture whose weights are renamed or fused on load)."""
+    model = skeleton(cfg)
+    if model is None:
+        return None
+    owner: dict[int, str] = {}  # id(parameter) -> the name the checkpoint holds it under
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in checkpoint:
+            owner.setdefault(id(param), name)
+    sources = {}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in model.state_dict().items():
+        source = name if name in checkpoint else owner.get(id(params[name])) if name in params else None
+        if source is None or tuple(checkpoint.shape(source)) != tuple(tensor.shape):
+            log.info("the checkpoint has no tensor %r as the model names it", name)
+            return None
+        sources[name] = source
+    return sources
+
+
+def save_model(model: nn.Module, tokenizer, directory: Path, shard_size: str | int = "2GB") -> Path:
+    """Write a Hugging Face model directory (sharded safetensors + tokenizer) atomically."""
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp, max_shard_size=shard_size)
+        tokenizer.save_pretrained(tmp)
+    return Path(directory)

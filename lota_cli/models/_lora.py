@@ -1,0 +1,28 @@
+"""LoRA as a baseline in the same trainer, through peft: its merged ΔW is a task vector like any other."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lota_cli import LotaError
+from lota_cli.config import LoraOptions
+
+
+def attach_lora(model: nn.Module, names: list[str], cfg: LoraOptions):
+    """Wrap the modules owning `names` (or cfg.target_modules) with LoRA adapters; returns (model, trainable)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(cfg.target_modules) if cfg.target_modules else [n.rpartition(".")[0] for n in names]
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                        bias="none", task_type="CAUSAL_LM")
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as err:
+        raise LotaError(f"LoRA could not wrap lora.target_modules={targets}: {err}") from err
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    return peft_model, trainable
+
+
+def merge_lora(peft_model) -> nn.Module:
+    """Fold the adapters into the base weights in place (the original Parameter objects get w + BA·scale)."""
+    return peft_model.merge_and_unload()
