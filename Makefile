@@ -2,6 +2,9 @@
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# the suite runs on this many processes, each test file in one (pytest-xdist): the two-process tests share
+# their launched runs within their file
+TEST_WORKERS ?= 2
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
@@ -22,10 +25,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow and not dist"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not dist"
 
 demo: install
 	$(BIN)/python scripts/demo.py

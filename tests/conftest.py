@@ -129,3 +129,135 @@ def tiny_overrides(model: Path, out: Path, **extra) -> list[str]:
     }
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
+
+
+# --------------------------------------------------------------------------- helpers shared by the test files
+
+FP = "a" * 64  # the base fingerprint of artifacts written by hand for a made-up base
+
+
+def saved_weights(directory: Path) -> dict:
+    """Every tensor of the safetensors files in a model directory, by the name it is saved under."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        weights.update(load_file(shard))
+    return weights
+
+
+def changed_inside(base: dict, tuned: dict, artifact) -> dict[str, float]:
+    """Assert that `tuned` is bitwise `base` outside the entries `artifact` (a mask or sparse delta) holds, and
+    in every tensor it does not cover; returns, per tensor it covers, the fraction of its entries that changed."""
+    fractions = {}
+    for name, weight in base.items():
+        changed = (tuned[name] != weight).reshape(-1)
+        if name in artifact.meta.shapes:
+            inside = artifact.mask(name)
+            assert not changed[~inside].any(), name
+            fractions[name] = float(changed[inside].float().mean()) if inside.any() else 0.0
+        else:
+            assert not changed.any(), name
+    return fractions
+
+
+def losses(out: Path) -> list[float]:
+    """The loss of each step a training run logged (out/metrics.jsonl)."""
+    return [json.loads(line)["loss"] for line in open(Path(out) / "metrics.jsonl")]
+
+
+def random_positions(params: dict, density: float = 0.1, seed: int = 0) -> dict:
+    """Unsorted random flat positions (int32) in each named tensor, density of its entries (at least one)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randperm(p.numel(), generator=g)[:max(1, int(density * p.numel()))].int()
+            for n, p in params.items()}
+
+
+def write_dense(path: Path, deltas: dict, fingerprint: str = FP, model: dict | None = None,
+                kind: str = "task_vector") -> Path:
+    """A task vector of dense deltas (model: the config recorded as the base's, for stages that read it)."""
+    from lota_cli.artifacts import save_dense, stage_meta
+
+    return save_dense(path, stage_meta(kind, "test", {"model": model} if model else {}, "base", fingerprint), deltas)
+
+
+def write_sparse(path: Path, deltas: dict, fingerprint: str = FP, model: dict | None = None,
+                 kind: str = "sparse_delta") -> Path:
+    """A sparse delta (or, kind="mask", a mask) holding the nonzero entries of each dense delta."""
+    from lota_cli.artifacts import save_sparse, stage_meta
+    from lota_cli.tensors import encode_positions, pack_bits
+
+    positions, values = {}, {}
+    for name, delta in deltas.items():
+        held = delta.reshape(-1) != 0
+        positions[name] = encode_positions(pack_bits(held), delta.numel())
+        values[name] = delta.reshape(-1)[held]
+    meta = stage_meta(kind, "test", {"model": model} if model else {}, "base", fingerprint)
+    return save_sparse(path, meta, {n: tuple(d.shape) for n, d in deltas.items()}, positions,
+                       values if kind == "sparse_delta" else None)
+
+
+def disjoint_deltas(shapes: dict, seed: int = 0, density: float = 0.1) -> tuple[dict, dict]:
+    """Two dense deltas per tensor whose nonzero entries never overlap."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    a, b = {}, {}
+    for name, shape in shapes.items():
+        numel = torch.Size(shape).numel()
+        order = torch.randperm(numel, generator=gen)
+        k = max(1, int(density * numel))
+        values = torch.randn(numel, generator=gen) * 0.01
+        a[name] = torch.zeros(numel).index_put_((order[:k],), values[order[:k]]).view(shape)
+        b[name] = torch.zeros(numel).index_put_((order[k:2 * k],), values[order[k:2 * k]]).view(shape)
+    return a, b
+
+
+def refused(result, stage: str, *needles: str, target: Path | None = None) -> str:
+    """Assert the one-line refusal contract on a finished `lota` run (a CompletedProcess, from lota() or
+    in_process()): exit 1, exactly one line `lota STAGE: error: ...`, the last of stderr, holding each needle,
+    no traceback, and nothing (not even a temporary) at `target`; returns the line (printed, for the record)."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith(f"lota {stage}")]
+    assert result.returncode == 1, f"exit {result.returncode}:\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"lota {stage}: error: "), result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == lines[0], f"the message spans lines:\n{result.stderr[-3000:]}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    if target is not None:
+        assert not target.exists(), f"{target} was written"
+        assert not list(target.parent.glob(f".{target.name}.*")), "a temporary file was left behind"
+    print(lines[0])
+    return lines[0]
+
+
+HEAVY = ("transformers", "datasets", "accelerate", "peft", "deepspeed")
+_IMPORTS = """
+import sys
+from lota_cli import cli
+
+def run(*args):
+    try:
+        cli.main(list(args))
+    except SystemExit as exit_:
+        assert not exit_.code, (args, exit_.code)
+
+{calls}
+print(sorted(m for m in {heavy!r} if m in sys.modules), "torch" in sys.modules)
+"""
+
+
+def imported_by(calls: str, cwd) -> tuple[list[str], bool]:
+    """(which of HEAVY, whether torch) a fresh interpreter has imported after running `calls`, lines calling
+    run(stage, *args), the CLI's main in that process."""
+    import subprocess
+
+    from lota_cli.testing import OFFLINE_ENV
+
+    code = _IMPORTS.format(calls=calls, heavy=HEAVY)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=OFFLINE_ENV, cwd=cwd,
+                            timeout=120, check=True)
+    heavy, torch = result.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    return eval(heavy), torch == "True"

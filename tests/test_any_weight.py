@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import DATA, make_tokenizer, tiny_overrides
+from conftest import DATA, changed_inside, losses, make_tokenizer, random_positions, tiny_overrides
 from lota_cli import LotaError
 from lota_cli.training import _sparse as sparse
 from lota_cli.artifacts import Artifact
 from lota_cli.config import ParamsConfig
 from lota_cli.models import select_params
 from lota_cli.config import selected
-from lota_cli.testing import in_process, lota, paths
+from lota_cli.testing import in_process, paths
 
 MODELS = ("qwen3_moe", "mixtral", "gpt2")
 EXPERTS = re.compile(r".*\.mlp\.experts\.(gate_up_proj|down_proj)")
@@ -54,12 +54,6 @@ def build(kind: str, vocab: int = 128, seed: int = 0, experts_implementation: st
         config._experts_implementation = experts_implementation
     torch.manual_seed(seed)
     return cls(config).eval()
-
-
-def random_positions(model, names, density=0.1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {n: torch.randperm(model.get_parameter(n).numel(), generator=g)[:max(1, int(density * model.get_parameter(n).numel()))].int()
-            for n in names}
 
 
 def random_values(positions, seed=1):
@@ -208,7 +202,7 @@ def test_value_gradients_are_the_dense_gradients_at_the_mask(case):
         params = ParamsConfig(exclude=[r".*(norm|embed|lm_head).*"]) if variant == "routers" else ParamsConfig()
         names = select_params(model, params)
         assert any(ROUTER.fullmatch(n) for n in names) == (variant == "routers")
-    positions = random_positions(model, names, density=0.3)
+    positions = random_positions({n: model.get_parameter(n) for n in names}, density=0.3)
     values = random_values(positions)
     reference = dense_reference(make(), positions, values)
     trainable = sparse.attach_sparse(model, positions, values)
@@ -228,7 +222,7 @@ def test_values_live_on_the_owning_module_and_fold_restores_it():
     experts = model.model.layers[0].mlp.experts
     cls, keys = type(experts), list(model.state_dict())
     names = select_params(model, ParamsConfig())
-    trainable = sparse.attach_sparse(model, random_positions(model, names))
+    trainable = sparse.attach_sparse(model, random_positions({n: model.get_parameter(n) for n in names}))
     assert trainable["model.layers.0.mlp.experts.gate_up_proj"] is experts.lota_values_gate_up_proj
     assert dict(experts.named_parameters(recurse=False)).keys() == {"gate_up_proj", "down_proj",
                                                                     "lota_values_gate_up_proj", "lota_values_down_proj"}
@@ -246,7 +240,7 @@ def test_entries_outside_the_mask_never_move(kind):
     model = build(kind)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     names = select_params(model, ParamsConfig())
-    positions = random_positions(model, names)
+    positions = random_positions({n: model.get_parameter(n) for n in names})
     trainable = sparse.attach_sparse(model, positions, random_values(positions))
     start = {n: p.detach().clone() for n, p in trainable.items()}
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.1)
@@ -322,7 +316,7 @@ def test_backward_keeps_no_merged_copy(case):
         full.get_parameter(n).requires_grad_(True)
     full_bytes = saved_bytes(full, ids)
     model = make()
-    sparse.attach_sparse(model, random_positions(model, names))
+    sparse.attach_sparse(model, random_positions({n: model.get_parameter(n) for n in names}))
     merged = sum(model.get_parameter(n).nbytes for n in general)
     assert saved_bytes(model, ids) <= min(full_bytes, 0.05 * merged)
 
@@ -384,10 +378,6 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
     return {n: t.clone() for n, t in AutoModelForCausalLM.from_pretrained(directory).state_dict().items()}
 
 
-def losses(directory: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in open(directory / "metrics.jsonl")]
-
-
 @pytest.fixture(scope="module", params=MODELS)
 def pipeline(request, data, tmp_path_factory):
     kind = request.param
@@ -408,6 +398,7 @@ def pipeline(request, data, tmp_path_factory):
                 merged=merged, results=results)
 
 
+@pytest.mark.slow
 def test_pipeline_mask_covers_the_experts_and_no_router(pipeline):
     mask = Artifact(pipeline["mask"])
     names = list(mask.meta.shapes)
@@ -423,29 +414,25 @@ def test_pipeline_mask_covers_the_experts_and_no_router(pipeline):
     assert held == round(total - 0.9 * total)
 
 
+@pytest.mark.slow
 def test_pipeline_losses_fall(pipeline):
     for stage in ("cal", "st"):
         curve = losses(pipeline["root"] / stage)
         assert len(curve) == 8 and curve[-1] < curve[0], (stage, curve)
 
 
+@pytest.mark.slow
 def test_pipeline_saved_model_differs_from_the_base_only_inside_the_mask(pipeline):
     """Bitwise, with weight decay on; the masked entries did train."""
     base, tuned = weights(pipeline["model"]), weights(pipeline["tuned"])
     mask = Artifact(pipeline["mask"])
     assert base.keys() == tuned.keys()
-    trained = 0
-    for name, weight in base.items():
-        changed = (tuned[name] != weight).reshape(-1)
-        if name in mask.meta.shapes:
-            inside = mask.mask(name)
-            assert not changed[~inside].any(), name
-            trained += int(changed[inside].sum())
-        else:
-            assert not changed.any(), name
+    fractions = changed_inside(base, tuned, mask)
+    trained = sum(fractions[n] * mask.held_count(n) for n in fractions)
     assert trained > 0.9 * mask.density() * sum(mask.numel(n) for n in mask.meta.shapes)
 
 
+@pytest.mark.slow
 def test_pipeline_lotto_merge_and_eval(pipeline):
     first, second = Artifact(pipeline["delta"]), Artifact(pipeline["delta_b"])
     for name in first.names:
@@ -460,7 +447,7 @@ def test_pipeline_lotto_merge_and_eval(pipeline):
 
 def test_cli_refuses_tied_weights_before_training(data, tmp_path):
     model = save_tiny("gpt2", tmp_path / "gpt2")  # lm_head tied to the token embedding
-    bad = lota("calibrate", *tiny_overrides(model, tmp_path / "cal", **{
+    bad = in_process("calibrate", *tiny_overrides(model, tmp_path / "cal", **{
         "params.include": "[.*wte.*]", "params.exclude": "[]"}), check=False)
     lines = [line for line in bad.stderr.splitlines() if "tied weights" in line]
     assert bad.returncode == 1 and len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr[-2000:]

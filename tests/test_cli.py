@@ -9,8 +9,9 @@ import json
 import pytest
 
 from lota_cli import __version__
+from conftest import imported_by, write_dense, write_sparse
 from lota_cli.cli import LOCK_FILE, STAGES
-from lota_cli.testing import lota, paths
+from lota_cli.testing import in_process, lota, paths
 
 HYDRA_STAGES = [name for name in STAGES if name != "info"]
 
@@ -59,9 +60,9 @@ def test_preset_composes_for_every_stage_with_a_model_and_a_task(stage):
 
 def test_eval_evaluates_the_chosen_task(tiny_model, data, tmp_path):
     """task=NAME in eval takes the task.* overrides a training stage takes, and is what eval.tasks defaults to."""
-    (results,) = paths(lota("eval", f"model.path={tiny_model}", "task=alpaca",
-                            f"task.eval_data_files={data['reverse_test']}", "eval.max_examples=2",
-                            "eval.generate=false", f"out={tmp_path}"))
+    (results,) = paths(in_process("eval", f"model.path={tiny_model}", "task=alpaca",
+                                  f"task.eval_data_files={data['reverse_test']}", "eval.max_examples=2",
+                                  "eval.generate=false", f"out={tmp_path}"))
     tasks = json.loads(results.read_text())["tasks"]
     assert list(tasks) == ["alpaca"] and tasks["alpaca"]["n"] == 2
 
@@ -85,6 +86,7 @@ def test_every_failure_is_one_line(args, says, tmp_path):
     assert not any(line.startswith(("Error executing job", "Traceback")) for line in lines), failed.stderr
 
 
+@pytest.mark.slow  # two real processes at once
 def test_a_second_command_on_the_same_out_refuses(tiny_model, tmp_path):
     """While one run holds out/.lota.lock, another given the same out= refuses in one line naming the first and
     writes nothing; once the first ends (the lock is an flock, so also when it is killed) the out is free."""
@@ -123,67 +125,30 @@ def test_a_mask_that_does_not_fit_is_refused_before_the_model_loads(tiny_model, 
     bits[:10] = True
     mask = save_sparse(tmp_path / "mask.safetensors", stage_meta("mask", "test", {}, "other", "f" * 64),
                        {name: shape}, {name: encode_positions(pack_bits(bits), bits.numel())})
-    failed = lota("sparse-train", *tiny_overrides(tiny_model, tmp_path / "st", **{"sparse_train.mask": mask}),
-                  check=False)
+    failed = in_process("sparse-train", *tiny_overrides(tiny_model, tmp_path / "st", **{"sparse_train.mask": mask}),
+                        check=False)
     last = failed.stderr.strip().splitlines()[-1]
     assert failed.returncode == 1 and last.startswith("lota sparse-train: error: ") and says in last, failed.stderr
     assert "training examples" not in failed.stderr and "Loading weights" not in failed.stderr  # never loaded
     assert not (tmp_path / "st" / "sparse_delta.safetensors").exists()
 
 
-HEAVY = ("transformers", "datasets", "accelerate", "peft", "deepspeed")
-IMPORTS = """
-import sys
-from lota_cli import cli
-
-def run(*args):
-    try:
-        cli.main(list(args))
-    except SystemExit as exit_:
-        assert not exit_.code, (args, exit_.code)
-
-{calls}
-print(sorted(m for m in {heavy!r} if m in sys.modules), "torch" in sys.modules)
-"""
-
-
-def _imports(calls: str, cwd) -> tuple[list[str], bool]:
-    import subprocess
-    import sys
-
-    from lota_cli.testing import OFFLINE_ENV
-
-    code = IMPORTS.format(calls=calls, heavy=HEAVY)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=OFFLINE_ENV, cwd=cwd,
-                            timeout=120, check=True)
-    heavy, torch = result.stdout.strip().splitlines()[-1].rsplit(" ", 1)
-    return eval(heavy), torch == "True"
-
-
 def test_composing_any_stage_imports_no_torch(tmp_path):
     calls = "\n".join(f"run({stage!r}, '--cfg', 'job', 'out={tmp_path}')" for stage in HYDRA_STAGES)
-    assert _imports(calls, tmp_path) == ([], False)
+    assert imported_by(calls, tmp_path) == ([], False)
 
 
 def test_artifact_stages_import_no_model_or_data_library(tmp_path):
     """extract from a task vector, overlap, merge of sparse deltas (sum, to a task vector) and info work with
     numpy and the native kernels alone: not even torch (two seconds here) before their first work. Merging
     dense task vectors computes in torch, but still imports no model or data library."""
-    import numpy as np
     import torch
-
-    from lota_cli.artifacts import save_dense, save_sparse, stage_meta
-    from lota_cli.tensors import encode_positions, pack_bits
 
     name = "model.layers.0.mlp.up_proj.weight"
     for tag in "ab":
         delta = torch.randn(16, 8)
-        save_dense(tmp_path / f"{tag}.safetensors", stage_meta("task_vector", "test", {}, "base", "f" * 64),
-                   {name: delta})
-        held = delta.reshape(-1).abs() > 1
-        save_sparse(tmp_path / f"s{tag}.safetensors", stage_meta("sparse_delta", "test", {}, "base", "f" * 64),
-                    {name: (16, 8)}, {name: encode_positions(pack_bits(held), 128)},
-                    {name: delta.reshape(-1)[held].numpy().astype(np.float32)})
+        write_dense(tmp_path / f"{tag}.safetensors", {name: delta})
+        write_sparse(tmp_path / f"s{tag}.safetensors", {name: delta * (delta.abs() > 1)})
     a, b, sa, sb = (tmp_path / f"{tag}.safetensors" for tag in ("a", "b", "sa", "sb"))
     calls = "\n".join([
         f"run('extract', 'extract.task_vector={a}', 'out={tmp_path / 'e'}')",
@@ -191,7 +156,7 @@ def test_artifact_stages_import_no_model_or_data_library(tmp_path):
         f"run('merge', '{sa}', '{sb}', 'out={tmp_path / 'm'}')",
         f"run('info', '--verify', '{tmp_path / 'e' / 'mask.safetensors'}')",
     ])
-    assert _imports(calls, tmp_path) == ([], False)
+    assert imported_by(calls, tmp_path) == ([], False)
     assert (tmp_path / "m" / "merged.safetensors").is_file() and (tmp_path / "e" / "mask.safetensors").is_file()
-    heavy, _ = _imports(f"run('merge', '{a}', '{b}', 'out={tmp_path / 'd'}')", tmp_path)
+    heavy, _ = imported_by(f"run('merge', '{a}', '{b}', 'out={tmp_path / 'd'}')", tmp_path)
     assert heavy == []

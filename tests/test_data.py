@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ALPACA, DATA, GSM8K_TRAIN, make_tokenizer, tiny_overrides
+from conftest import ALPACA, DATA, GSM8K_TRAIN, make_tokenizer, refused, tiny_overrides
 from safetensors.torch import load_file
 
 import synthetic_tasks
@@ -355,15 +355,13 @@ def _write(path: Path, rows: list) -> Path:
     ([{"text": "hi"}], "has no field 'messages'"),
 ])
 def test_bad_conversations_are_refused_in_one_line(rows, needle, tiny_model, tmp_path):
-    from test_faults import Result, refused
-
     data = _write(tmp_path / "bad.jsonl", [*[{"messages": [{"role": "user", "content": "q"},
                                                            {"role": "assistant", "content": "a"}]}] * 3, *rows]
                   if "messages" in rows[0] else rows)
     args = tiny_overrides(tiny_model, tmp_path / "c", **{"task.format": "messages", "task.data_files": str(data),
                                                          "task.metric": "rouge", "task.cache": "false"})
     result = testing.in_process("calibrate", *args, f"task.chat_template={TEMPLATE_FILE}", check=False)
-    line = refused(Result(result.returncode, result.stdout, result.stderr), "calibrate", needle,
+    line = refused(result, "calibrate", needle,
                    target=tmp_path / "c" / "task_vector.safetensors")
     if "row" in line:
         assert "row 3 of" in line  # named by its place in the file, not in the shuffled order
@@ -378,13 +376,11 @@ def test_bad_conversations_are_refused_in_one_line(rows, needle, tiny_model, tmp
     ({"task.streaming": "true", "train.max_steps": "null", "train.epochs": 1}, "set train.max_steps"),
 ])
 def test_bad_settings_are_refused_in_one_line(extra, needle, tiny_model, tmp_path, chats):
-    from test_faults import Result, refused
-
     base = {"task.format": "messages", "task.data_files": str(chats["openai"]), "task.metric": "rouge"} \
         if "chat_template" in needle else {}
     args = tiny_overrides(tiny_model, tmp_path / "c", **base, **extra)
     result = testing.in_process("calibrate", *args, check=False)
-    refused(Result(result.returncode, result.stdout, result.stderr), "calibrate", needle,
+    refused(result, "calibrate", needle,
             target=tmp_path / "c" / "task_vector.safetensors")
 
 

@@ -1,15 +1,15 @@
 """Training stages on 2 processes (DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3, over gloo on CPUs) against 1 process
 at the same global batch: the same artifacts to float tolerance, frozen entries bitwise the base's, and only
 the main process prints. The 1-process reference runs are shared by the engines; calibrate goes through
-lota's own launch (dist=...), sparse-train through `accelerate launch -m lota_cli` (a user's launcher).
-FSDP2 also: lotto, a bitwise resume from a checkpoint of shards; and two "machines" (two lota commands on
-this one) for ddp and fsdp."""
+lota's own launch (dist=...), sparse-train through `accelerate launch -m lota_cli` (a user's launcher), each
+engine's two runs made once (`launched`) and shared by the tests that read them: DDP's calibrate runs with
+its stderr on a terminal, where the main process's progress bar must show; FSDP2's sparse-train keeps its
+checkpoints, which a resumed run must continue bitwise. FSDP2 also: lotto; and two "machines" (two lota
+commands on this one) for ddp and fsdp."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
-from lota_cli import LotaError
+from conftest import changed_inside, losses, saved_weights, tiny_overrides
+from lota_cli import LotaError, training
 from lota_cli.artifacts import Artifact
 from lota_cli.config import ExtractConfig, ExtractOptions
 from lota_cli import testing
 from lota_cli.stages import extract
-from lota_cli.testing import lota, OFFLINE_ENV, paths
-from test_pipeline import model_weights
+from lota_cli.testing import OFFLINE_ENV, in_process, lota, paths
 
 pytestmark = pytest.mark.dist
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -48,25 +47,74 @@ def max_abs_diff(a, b) -> float:
                if left[k].is_floating_point())
 
 
-def losses(out) -> list[float]:
-    return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory):
-    """calibrate -> extract -> sparse-train on one process."""
+    """calibrate -> extract -> sparse-train on one process (this one)."""
     root = tmp_path_factory.mktemp("one")
-    (task_vector,) = paths(lota("calibrate", *overrides(tiny_model, root / "cal")))
+    (task_vector,) = paths(in_process("calibrate", *overrides(tiny_model, root / "cal")))
     (mask,) = extract.run(ExtractConfig(extract=ExtractOptions(task_vector=str(task_vector))), root / "ext")
-    delta, _ = paths(lota("sparse-train", *overrides(tiny_model, root / "st", **{
+    delta, _ = paths(in_process("sparse-train", *overrides(tiny_model, root / "st", **{
         "sparse_train.mask": mask, "save_model": "true", "train.weight_decay": 0.1})))
     return {"root": root, "task_vector": task_vector, "mask": mask, "delta": delta}
 
 
 def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    return str(training.free_port())
+
+
+def on_terminal(*lota_args) -> tuple[subprocess.CompletedProcess, str]:
+    """`lota ARGS` with its stderr on a terminal (a pseudo-terminal this process reads): the process, with
+    stdout captured, and what the terminal showed."""
+    import os
+    import pty
+    import select
+
+    main, child = pty.openpty()
+    proc = subprocess.Popen(testing.command(*lota_args), stdout=subprocess.PIPE, stderr=child, text=True,
+                            env={**OFFLINE_ENV, "OMP_NUM_THREADS": "1", "COLUMNS": "120"})
+    os.close(child)
+    shown = bytearray()
+    while True:
+        ready, _, _ = select.select([main], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(main, 1 << 16)
+            except OSError:  # the other end closed: the process and its children are done writing
+                chunk = b""
+            if not chunk:
+                break
+            shown += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(main)
+    stdout, _ = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, ""), shown.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def launched(reference, tiny_model, tmp_path_factory):
+    """engine -> its 2-process calibrate (lota's launch) and sparse-train (a user's launcher), each run once."""
+    made = {}
+
+    def runs(engine: str) -> dict:
+        if engine not in made:
+            root = tmp_path_factory.mktemp(f"two-{engine}")
+            dist = {"dist": engine, "dist.num_processes": 2}
+            if engine == "ddp":  # on a terminal: the main process's progress bar reaches it through the launcher
+                cal, shown = on_terminal("calibrate", *overrides(tiny_model, root / "cal", **dist))
+                assert cal.returncode == 0, shown[-3000:]
+            else:
+                cal, shown = lota("calibrate", *overrides(tiny_model, root / "cal", **dist)), None
+            # zero2: lota's engine under the user's launcher; ddp, fsdp, zero3: the engine the launcher set up
+            # (dist=single); fsdp keeps a checkpoint after every step, for the resume test
+            st_args = {"sparse_train.mask": reference["mask"], "save_model": "true", "train.weight_decay": 0.1,
+                       **({"dist": "zero2"} if engine == "zero2" else {}),
+                       **({"train.save_every": 1, "train.keep_checkpoints": 5} if engine == "fsdp" else {})}
+            delta, model_dir = launch(engine, "sparse-train", *overrides(tiny_model, root / "st", **st_args))
+            made[engine] = {"root": root, "cal": cal, "shown": shown, "delta": Path(delta), "st_args": st_args}
+        return made[engine]
+
+    return runs
 
 
 def launch(engine: str, *lota_args) -> list[str]:
@@ -88,14 +136,10 @@ def launch(engine: str, *lota_args) -> list[str]:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_two_processes_train_like_one(engine, reference, tiny_model, tmp_path):
-    dist = {"dist": engine, "dist.num_processes": 2}
-    cal = lota("calibrate", *overrides(tiny_model, tmp_path / "cal", **dist))
-    assert cal.stdout == f"{tmp_path / 'cal' / 'task_vector.safetensors'}\n"  # the main process alone prints
-    # zero2: lota's engine under the user's launcher; ddp, fsdp, zero3: the engine the launcher set up (dist=single)
-    delta, model_dir = launch(engine, "sparse-train", *overrides(tiny_model, tmp_path / "st", **{
-        "sparse_train.mask": reference["mask"], "save_model": "true", "train.weight_decay": 0.1,
-        **({"dist": "zero2"} if engine == "zero2" else {})}))
+def test_two_processes_train_like_one(engine, reference, launched, tiny_model):
+    run = launched(engine)
+    tmp_path, delta = run["root"], run["delta"]
+    assert run["cal"].stdout == f"{tmp_path / 'cal' / 'task_vector.safetensors'}\n"  # the main process alone prints
 
     tv_diff = max_abs_diff(reference["task_vector"], tmp_path / "cal" / "task_vector.safetensors")
     delta_diff = max_abs_diff(reference["delta"], delta)
@@ -105,19 +149,18 @@ def test_two_processes_train_like_one(engine, reference, tiny_model, tmp_path):
         assert losses(tmp_path / stage) == pytest.approx(losses(reference["root"] / stage), rel=1e-5)
     assert Artifact(delta).meta.shapes == Artifact(reference["delta"]).meta.shapes
 
-    base, tuned = model_weights(tiny_model), model_weights(tmp_path / "st" / "model")
-    mask = Artifact(reference["mask"])
-    for name, weight in base.items():
-        changed = (tuned[name] != weight).reshape(-1)
-        if name in mask.meta.shapes:
-            assert not changed[~mask.mask(name)].any(), name
-        else:
-            assert not changed.any(), name
+    changed_inside(saved_weights(tiny_model), saved_weights(tmp_path / "st" / "model"), Artifact(reference["mask"]))
 
 
-
-def bits(artifact: Artifact, name: str):
-    return artifact.mask(name)
+def test_the_main_process_draws_its_progress_bar_on_the_launchers_terminal(launched):
+    """stderr of launched processes is piped (to tell which rank failed), yet on a terminal the main process's
+    bar shows there as it redraws (its steps up to the last), and no other process draws one."""
+    run = launched("ddp")
+    shown = run["shown"]
+    bar = [part for part in shown.split("\r") if "tok/s" in part and "loss" in part]
+    assert bar and "3/3" in bar[-1], shown[-3000:]
+    assert shown.count("\x1b[?25l") == 1, shown[-3000:]  # one bar started (it hides the cursor): rank 0's
+    assert run["cal"].stdout == f"{run['root'] / 'cal' / 'task_vector.safetensors'}\n"
 
 
 def test_fsdp_lotto_trains_like_one_process(reference, tiny_model, tmp_path):
@@ -126,7 +169,7 @@ def test_fsdp_lotto_trains_like_one_process(reference, tiny_model, tmp_path):
     delta agrees to tolerance, and the saved chain model is the 1-process one outside the new mask, bitwise."""
     args = {"lotto.previous": f"[{reference['delta']}]", "save_model": "true"}
     one, two = tmp_path / "one", tmp_path / "two"
-    lota("lotto", *overrides(tiny_model, one, **args))
+    in_process("lotto", *overrides(tiny_model, one, **args))
     result = lota("lotto", *overrides(tiny_model, two, **args, **{"dist": "fsdp", "dist.num_processes": 2}))
     assert paths(result) == [two / "sparse_delta.safetensors", two / "model"]  # the main process alone prints
 
@@ -138,31 +181,30 @@ def test_fsdp_lotto_trains_like_one_process(reference, tiny_model, tmp_path):
     for phase in ("calibrate", "sparse-train"):
         assert losses(two / phase) == pytest.approx(losses(one / phase), rel=1e-5)
 
-    base, chain_one, chain_two = (model_weights(d) for d in (tiny_model, one / "model", two / "model"))
+    base, chain_one, chain_two = (saved_weights(d) for d in (tiny_model, one / "model", two / "model"))
     earlier, new = Artifact(reference["delta"]), Artifact(two / "sparse_delta.safetensors")
     for name, weight in base.items():
-        outside = ~bits(new, name) if name in new.meta.shapes else torch.ones(weight.numel(), dtype=torch.bool)
+        outside = ~new.mask(name) if name in new.meta.shapes else torch.ones(weight.numel(), dtype=torch.bool)
         assert chain_two[name].reshape(-1)[outside].equal(chain_one[name].reshape(-1)[outside]), name
         if name in earlier.meta.shapes:
-            outside &= ~bits(earlier, name)
+            outside &= ~earlier.mask(name)
         assert chain_two[name].reshape(-1)[outside].equal(weight.reshape(-1)[outside]), name
 
 
-def test_fsdp_resumes_bitwise_from_its_shards(reference, tiny_model, tmp_path):
+def test_fsdp_resumes_bitwise_from_its_shards(launched, tiny_model, tmp_path):
     """A 2-process FSDP2 sparse-train resumed from its step-1 checkpoint (each process's shard of the values and
-    of AdamW's state, beside state.pt) writes the uninterrupted run's delta, bitwise."""
-    args = {"dist": "fsdp", "dist.num_processes": 2, "sparse_train.mask": reference["mask"],
-            "train.weight_decay": 0.1}
-    (whole,) = paths(lota("sparse-train", *overrides(tiny_model, tmp_path / "whole", **args,
-                                                     **{"train.save_every": 1})))
-    step1 = tmp_path / "whole" / "checkpoints" / "step-00000001"
+    of AdamW's state, beside state.pt) writes the uninterrupted run's delta, bitwise: lota's own launch
+    continuing what a user's launcher started."""
+    run = launched("fsdp")
+    whole, step1 = run["delta"], run["root"] / "st" / "checkpoints" / "step-00000001"
     assert sorted(p.name for p in step1.iterdir()) == [
         "fsdp-shard-00000-of-00002.pt", "fsdp-shard-00001-of-00002.pt", "state.pt"]
+    args = {**run["st_args"], "dist": "fsdp", "dist.num_processes": 2, "train.save_every": 0}
     result = lota("sparse-train", *overrides(tiny_model, tmp_path / "resumed", **args, resume=step1))
-    (resumed,) = paths(result)
+    (resumed, _) = paths(result)
     assert f"resumed from {step1} at step 1 of 3" in result.stderr
     assert max_abs_diff(whole, resumed) == 0.0
-    assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")[1:]
+    assert losses(tmp_path / "resumed") == losses(run["root"] / "st")[1:]
 
 
 def test_a_checkpoint_resumes_only_under_its_engine():

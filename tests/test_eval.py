@@ -13,14 +13,13 @@ import torch
 from conftest import ALPACA, DATA, GSM8K_TEST, GSM8K_TRAIN, make_task_vector, needs_shared_data
 from lota_cli import LotaError
 from lota_cli.evaluation import extract_number, generate, nll, rouge, ROUGE_TYPES, same_answer
-from lota_cli.testing import in_process, lota, paths
+from lota_cli.testing import in_process, paths
 
 GSM8K_PATTERN = r"####\s*([-\d,\.]+)"
 
 
 def stderrs(*metrics: str) -> set[str]:
     return {f"{m}_stderr" for m in metrics}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- answer extraction
@@ -180,9 +179,10 @@ def test_cli_eval_then_compare_with_a_delta(tiny_model, tmp_path, data):
     from lota_cli.stages.eval import run
 
     out = tmp_path / "base"
-    proc = lota("eval", f"model.path={tiny_model}", "eval.tasks=[gsm8k,alpaca]",
-                f"tasks.gsm8k.eval_data_files={data['arith_test']}", f"tasks.alpaca.data_files={data['reverse_train']}",
-                "eval.max_examples=8", "eval.max_new_tokens=16", f"out={out}", cwd=ROOT, timeout=300)
+    proc = in_process("eval", f"model.path={tiny_model}", "eval.tasks=[gsm8k,alpaca]",
+                      f"tasks.gsm8k.eval_data_files={data['arith_test']}",
+                      f"tasks.alpaca.data_files={data['reverse_train']}", "eval.max_examples=8",
+                      "eval.max_new_tokens=16", f"out={out}")
     assert proc.stdout == f"{out / 'results.json'}\n"
     before = json.loads((out / "results.json").read_text())
     gsm8k, alpaca = before["tasks"]["gsm8k"], before["tasks"]["alpaca"]

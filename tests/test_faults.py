@@ -24,13 +24,12 @@ import struct
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import DATA, tiny_overrides
+from conftest import DATA, refused, tiny_overrides
 from lota_cli import LotaError, testing
 from lota_cli.artifacts import Artifact, library_versions, save_sparse
 from lota_cli.tensors import encode_positions, pack_bits
@@ -44,17 +43,9 @@ STEPS = 12  # long enough to be killed between checkpoints (train.save_every=2),
 
 # --------------------------------------------------------------------------- driving the CLI
 
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def lota(*args) -> Result:
+def lota(*args) -> subprocess.CompletedProcess:
     """Run `lota ARGS` in this process, as the console script would."""
-    result = testing.in_process(*args, check=False)
-    return Result(result.returncode, result.stdout, result.stderr)
+    return testing.in_process(*args, check=False)
 
 
 # Sends a signal to PID as soon as a non-empty file matches PATTERN; exits 1 if PID ends first. A process of
@@ -88,12 +79,12 @@ class Interrupted:
                                          env=ENV, cwd=ROOT)
         self.watcher = subprocess.Popen([sys.executable, "-c", WATCHER, str(self.proc.pid), str(int(sig)), trigger])
 
-    def result(self) -> Result:
+    def result(self) -> subprocess.CompletedProcess:
         self.proc.wait(timeout=300)
         signalled = self.watcher.wait(timeout=60) == 0 and self.proc.returncode != 0
         stderr = self.log.read_text()
         assert signalled, f"it ended ({self.proc.returncode}) before it was due a signal:\n{stderr[-3000:]}"
-        return Result(self.proc.returncode, "", stderr)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, "", stderr)
 
     def stop(self) -> None:
         for proc in (self.proc, self.watcher):
@@ -103,22 +94,6 @@ class Interrupted:
 
 def out_dir(args: list[str]) -> Path:
     return Path(next(a for a in args if a.startswith("out=")).removeprefix("out="))
-
-
-def refused(result: Result, stage: str, *needles: str, target: Path | None = None) -> str:
-    """Assert the one-line refusal contract; returns the line (printed, for the record)."""
-    lines = [line for line in result.stderr.splitlines() if line.startswith(f"lota {stage}")]
-    assert result.code == 1, f"exit {result.code}:\n{result.stderr[-3000:]}"
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith(f"lota {stage}: error: "), result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1] == lines[0], f"the message spans lines:\n{result.stderr[-3000:]}"
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    if target is not None:
-        assert not target.exists(), f"{target} was written"
-        assert not list(target.parent.glob(f".{target.name}.*")), "a temporary file was left behind"
-    print(lines[0])
-    return lines[0]
 
 
 def fast(model: Path, out: Path, **extra) -> list[str]:
@@ -166,7 +141,7 @@ def runs(tiny_model, tmp_path_factory):
 
     def ok(*args) -> None:
         result = lota(*args)
-        assert result.code == 0, result.stderr[-3000:]
+        assert result.returncode == 0, result.stderr[-3000:]
 
     ok("calibrate", *fast(tiny_model, root / "cal_a"))
     ok("extract", f"extract.task_vector={root / 'cal_a' / 'task_vector.safetensors'}", f"out={root / 'ext'}")
@@ -317,7 +292,7 @@ def test_info_refuses_damaged_files_in_one_line(runs, tmp_path):
     path.write_bytes(runs["cal_a"].read_bytes()[:-1])
     result = lota("info", path)
     err = result.stderr.strip()
-    assert result.code == 1 and result.stdout == ""
+    assert result.returncode == 1 and result.stdout == ""
     assert err.startswith("lota info: error: ") and "\n" not in err and "truncated" in err
     with pytest.raises(LotaError, match="truncated"):  # --debug: the exception itself, for its traceback
         lota("info", path, "--debug")
@@ -603,7 +578,7 @@ def pickled_checkpoint_run(tiny_model, tmp_path_factory):
 
 def test_pickled_checkpoint_is_not_executed(pickled_checkpoint_run):
     result, checkpoint, marker = pickled_checkpoint_run
-    assert result.code == 1 and f"lota calibrate: error: cannot read checkpoint {checkpoint}" in result.stderr
+    assert result.returncode == 1 and f"lota calibrate: error: cannot read checkpoint {checkpoint}" in result.stderr
     assert "Traceback" not in result.stderr
     assert not marker.exists()
     assert not (checkpoint.parents[1] / "task_vector.safetensors").exists()
@@ -685,12 +660,12 @@ def test_artifacts_record_config_seed_versions_and_parents(runs, tiny_model):
 def test_killed_then_resumed_equals_uninterrupted(runs, name, artifact, reference):
     """SIGKILL right after the first checkpoint; `resume=true` then continues to the same bits."""
     run = runs["interrupted"][name]
-    assert run.result().code == -signal.SIGKILL
+    assert run.result().returncode == -signal.SIGKILL
     stage = "calibrate" if name.startswith("calibrate") else "sparse-train"
     out = out_dir(run.args)
     assert not (out / f"{artifact}.safetensors").exists()
     resumed = lota(stage, *run.args, "resume=true")
-    assert resumed.code == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 0 < resumed_from(resumed.stderr) < STEPS
     assert_bitwise_equal(out / f"{artifact}.safetensors", runs[reference])
 
@@ -703,7 +678,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(runs):
     checkpoint = Path(re.search(r"checkpoint (\S+);", line).group(1))
     assert (checkpoint / "state.pt").is_file()
     resumed = lota("calibrate", *run.args, "resume=true")
-    assert resumed.code == 0 and 0 < resumed_from(resumed.stderr) < STEPS, resumed.stderr[-3000:]
+    assert resumed.returncode == 0 and 0 < resumed_from(resumed.stderr) < STEPS, resumed.stderr[-3000:]
     assert_bitwise_equal(out / "task_vector.safetensors", runs["cal_a"])
 
 
@@ -719,12 +694,12 @@ def test_info_verify_names_the_tensor_whose_data_has_a_flipped_bit(runs, tmp_pat
     path = tmp_path / "tv.safetensors"
     shutil.copy(runs["cal_a"], path)
     result = lota("info", "--verify", path)
-    assert result.code == 0 and "match their checksums" in result.stderr, result.stderr
+    assert result.returncode == 0 and "match their checksums" in result.stderr, result.stderr
     name = Artifact(path).names[5]
     start, entry = _stored_entry(path, name)
     middle = start + (entry["data_offsets"][0] + entry["data_offsets"][1]) // 2
     path.write_bytes(_flip(path.read_bytes(), middle, 0x10))  # one bit of one value: the header is intact
-    assert lota("info", path).code == 0  # without --verify only the header is checked
+    assert lota("info", path).returncode == 0  # without --verify only the header is checked
     refused(lota("info", "--verify", path), "info", f"{path}: tensor {name!r} does not match its checksum")
 
 
@@ -744,7 +719,7 @@ def test_format_2_artifacts_are_still_checked_by_their_sha256(runs, tmp_path, mo
     key = f"{old.names[2]}::values"
     assert old.meta.format == 2 and len(old.meta.checksums[key]) == 64  # hex SHA-256
     assert old.meta.checksums[key] == hashlib.sha256(old.array(key).tobytes()).hexdigest()
-    assert lota("info", "--verify", path).code == 0
+    assert lota("info", "--verify", path).returncode == 0
     assert all(torch.equal(old.dense(n), source.dense(n)) for n in source.names)
     poke(path, key, 3, 0.5)
     refused(lota("info", "--verify", path), "info", f"{path}: tensor {key!r} does not match its checksum")

@@ -15,7 +15,7 @@ import torch
 
 from conftest import DATA, make_task_vector
 from lota_cli import LotaError
-from lota_cli.testing import lota, paths
+from lota_cli.testing import in_process, paths
 
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
                                    reason="lm-evaluation-harness is not installed (pip install 'lota-cli[lm-eval]')")
@@ -149,7 +149,7 @@ def _loaded(model_dir: Path, delta: Path | None = None):
 def base_results(tiny_model, task_dir, tmp_path_factory):
     """The base model's lm_eval run by the CLI: (the finished process, the path of its results.json)."""
     out = tmp_path_factory.mktemp("lm_eval_base")
-    return lota("eval", f"model.path={tiny_model}", *_args(task_dir), f"out={out}"), out / "results.json"
+    return in_process("eval", f"model.path={tiny_model}", *_args(task_dir), f"out={out}"), out / "results.json"
 
 
 @needs_lm_eval

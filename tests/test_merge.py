@@ -3,38 +3,17 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
 from lota_cli.ops import _merge_methods as merging
 from lota_cli.workflows import _merge as merge_module
-from lota_cli.artifacts import Artifact, save_dense, save_sparse, stage_meta
+from conftest import FP, disjoint_deltas, write_dense, write_sparse
+from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import MergeConfig
-from lota_cli.tensors import encode_positions, pack_bits
 from lota_cli.stages import merge as merge_stage
-from lota_cli.testing import lota
-
-ROOT = Path(__file__).resolve().parents[1]
-FP = "a" * 64  # base fingerprint of the hand-built artifacts that need no model
-
-
-def write_dense(path, deltas, fingerprint=FP, model=None):
-    meta = stage_meta("task_vector", "test", {"model": model} if model else {}, "base", fingerprint)
-    return save_dense(path, meta, deltas)
-
-
-def write_sparse(path, deltas, fingerprint=FP, model=None):
-    """A sparse delta holding the nonzero entries of each dense delta."""
-    positions, values = {}, {}
-    for name, delta in deltas.items():
-        held = delta.reshape(-1) != 0
-        positions[name] = encode_positions(pack_bits(held), delta.numel())
-        values[name] = delta.reshape(-1)[held]
-    meta = stage_meta("sparse_delta", "test", {"model": model} if model else {}, "base", fingerprint)
-    return save_sparse(path, meta, {n: tuple(d.shape) for n, d in deltas.items()}, positions, values)
-
+from lota_cli.testing import in_process
 
 def merged(path) -> dict[str, torch.Tensor]:
     artifact = Artifact(path)
@@ -181,7 +160,7 @@ def test_native_merge_to_a_task_vector_equals_the_torch_path(tmp_path, monkeypat
     for kernels in (native.kernels, lambda: None):
         monkeypatch.setattr(native, "kernels", kernels)
         caplog.clear()
-        with caplog.at_level(logging.INFO, "lota_cli.stages.merge"):
+        with caplog.at_level(logging.INFO, "lota_cli.workflows"):
             out = merge_stage.run(MergeConfig(inputs=inputs, out=str(tmp_path), **options),
                                   tmp_path / kernels.__name__.strip("<>"))
         artifact = Artifact(out[0])
@@ -254,20 +233,6 @@ def base(tiny_base):
     return tiny_base
 
 
-def disjoint_deltas(shapes, seed=0, density=0.1):
-    """Two dense deltas per tensor whose nonzero entries never overlap."""
-    gen = torch.Generator().manual_seed(seed)
-    a, b = {}, {}
-    for name, shape in shapes.items():
-        numel = torch.Size(shape).numel()
-        order = torch.randperm(numel, generator=gen)
-        k = max(1, int(density * numel))
-        values = torch.randn(numel, generator=gen) * 0.01
-        a[name] = torch.zeros(numel).index_put_((order[:k],), values[order[:k]]).view(shape)
-        b[name] = torch.zeros(numel).index_put_((order[k:2 * k],), values[order[k:2 * k]]).view(shape)
-    return a, b
-
-
 def test_sum_of_disjoint_sparse_deltas_equals_applying_them_in_turn(tmp_path, base):
     from lota_cli.models import add_delta
 
@@ -303,7 +268,7 @@ def test_merge_refuses_mismatched_inputs(tmp_path, case):
     b = write_sparse(tmp_path / "b.safetensors", other, fp)
 
     out = tmp_path / "out"
-    result = lota("merge", a, b, f"out={out}", check=False, cwd=ROOT, timeout=120)
+    result = in_process("merge", a, b, f"out={out}", check=False)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -322,8 +287,7 @@ def test_merge_to_a_model_equals_base_plus_both_deltas(tmp_path, base):
     a = write_sparse(tmp_path / "a.safetensors", da, fp, model_cfg)
     b = write_dense(tmp_path / "b.safetensors", db, fp, model_cfg)
 
-    result = lota("merge", a, b, "method=sum", f"output_model={tmp_path / 'merged'}", f"out={tmp_path / 'out'}",
-                  cwd=ROOT, timeout=120)
+    result = in_process("merge", a, b, "method=sum", f"output_model={tmp_path / 'merged'}", f"out={tmp_path / 'out'}")
     assert result.stdout.strip() == str(tmp_path / "merged")
     assert "Jaccard" in result.stderr and "sign conflicts" in result.stderr
 

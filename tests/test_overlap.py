@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FP, write_dense, write_sparse
 from lota_cli import LotaError
-from lota_cli.artifacts import save_dense, save_sparse, stage_meta
 from lota_cli.config import OverlapConfig
-from lota_cli.tensors import encode_positions, pack_bits
 from lota_cli.stages import overlap as overlap_stage
-from lota_cli.testing import lota, paths
+from lota_cli.testing import in_process, paths
 
 ROOT = Path(__file__).resolve().parents[1]
-FP = "a" * 64
 L0, L1 = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
 
 
@@ -29,12 +27,9 @@ def dense(positions: dict[int, float]) -> torch.Tensor:
 
 
 def write(path, kind, deltas, fingerprint=FP):
-    meta = stage_meta(kind, "test", {}, "base", fingerprint)
     if kind == "task_vector":
-        return save_dense(path, meta, deltas)
-    positions = {n: encode_positions(pack_bits(d.reshape(-1) != 0), d.numel()) for n, d in deltas.items()}
-    values = {n: d.reshape(-1)[d.reshape(-1) != 0] for n, d in deltas.items()} if kind == "sparse_delta" else None
-    return save_sparse(path, meta, {n: tuple(d.shape) for n, d in deltas.items()}, positions, values)
+        return write_dense(path, deltas, fingerprint)
+    return write_sparse(path, deltas, fingerprint, kind=kind)
 
 
 @pytest.fixture
@@ -127,7 +122,7 @@ def test_overlap_refuses_another_base_or_shape(tmp_path):
 
 
 def test_cli_prints_only_the_path_on_stdout(tmp_path, trio):
-    result = lota("overlap", *trio, f"out={tmp_path / 'out'}", cwd=ROOT, timeout=120)
+    result = in_process("overlap", *trio, f"out={tmp_path / 'out'}")
     assert paths(result) == [tmp_path / "out" / "overlap.json"]
     check_trio(json.loads((tmp_path / "out" / "overlap.json").read_text()), *trio)
     assert "per layer" in result.stderr

@@ -17,6 +17,8 @@ from conftest import ROOT, tiny_overrides
 from lota_cli import ARTIFACT_FORMAT, __version__
 from lota_cli.testing import OFFLINE_ENV
 
+pytestmark = pytest.mark.slow  # a wheel built and installed, the pipeline run through it
+
 
 def _tracked_files(root: Path) -> list[str]:
     try:

@@ -29,9 +29,8 @@ from lota_cli.stages import eval as eval_stage
 from lota_cli.stages import export as export_stage
 from lota_cli.stages import lotto as lotto_stage
 from lota_cli.stages import merge as merge_stage
-from lota_cli.testing import lota, paths
+from lota_cli.testing import in_process, paths
 
-ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.arange(2, 34).view(2, 16)  # token ids of two sequences for comparing logits
 
 @pytest.fixture(scope="module")
@@ -102,7 +101,7 @@ def exported(tiny_model, deltas, tmp_path_factory):
     root = tmp_path_factory.mktemp("exported")
     a, b = deltas
     [single] = export_stage.run(ExportConfig(inputs=[str(a)], out=str(root / "one")), root / "one")
-    result = lota("export", a, b, f"out={root / 'chain'}", cwd=ROOT, timeout=120)
+    result = in_process("export", a, b, f"out={root / 'chain'}")
     [chain] = paths(result)
     return {"single": single, "chain": chain, "stdout": result.stdout, "logits": peft_logits(tiny_model, single, chain)}
 
@@ -344,7 +343,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tiny_model, base, deltas
     else:
         (tmp_path / "empty").mkdir()
         args, says = ["overlap", tmp_path / "empty", deltas[0]], "is a directory without a PEFT adapter"
-    result = lota(*args, f"out={out}", check=False, cwd=ROOT, timeout=120)
+    result = in_process(*args, f"out={out}", check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and result.stdout == ""
     assert lines[-1].startswith(f"lota {args[0]}: error: ") and says in lines[-1], result.stderr

@@ -4,32 +4,23 @@ calibrate -> extract -> sparse-train, then a LoTTO chain, with the invariants th
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import changed_inside, saved_weights, tiny_overrides
 from lota_cli.artifacts import Artifact
-from lota_cli.testing import in_process, lota, paths
-
-
-def model_weights(directory: Path) -> dict[str, torch.Tensor]:
-    weights = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        weights.update(load_file(shard))
-    return weights
+from lota_cli.testing import in_process, paths
 
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    cal = lota("calibrate", *tiny_overrides(tiny_model, root / "cal", **{"train.max_steps": 8}))
+    cal = in_process("calibrate", *tiny_overrides(tiny_model, root / "cal", **{"train.max_steps": 8}))
     (task_vector,) = paths(cal)
-    ext = lota("extract", f"extract.task_vector={task_vector}", f"out={root / 'ext'}")
+    ext = in_process("extract", f"extract.task_vector={task_vector}", f"out={root / 'ext'}")
     (mask,) = paths(ext)
-    st = lota("sparse-train", *tiny_overrides(tiny_model, root / "st", **{
+    st = in_process("sparse-train", *tiny_overrides(tiny_model, root / "st", **{
         "sparse_train.mask": mask, "save_model": "true", "train.weight_decay": 0.1, "train.max_steps": 8}))
     delta, model_dir = paths(st)
     return {"root": root, "task_vector": task_vector, "mask": mask, "delta": delta, "model": model_dir,
@@ -39,9 +30,9 @@ def pipeline(tiny_model, tmp_path_factory):
 def test_every_stage_prints_only_its_paths_and_artifacts_pass_info(pipeline):
     assert pipeline["cal_stdout"] == f"{pipeline['task_vector']}\n"
     for key, kind in (("task_vector", "task_vector"), ("mask", "mask"), ("delta", "sparse_delta")):
-        info = json.loads(lota("info", "--json", pipeline[key]).stdout)
+        info = json.loads(in_process("info", "--json", pipeline[key]).stdout)
         assert info["kind"] == kind and info["parameters"] > 0
-    info = json.loads(lota("info", "--json", pipeline["mask"]).stdout)
+    info = json.loads(in_process("info", "--json", pipeline["mask"]).stdout)
     assert info["bytes_per_param"] < 0.3 and abs(info["density"] - 0.1) < 1e-3
 
 
@@ -64,16 +55,8 @@ def test_mask_holds_exactly_k_of_the_largest_entries(pipeline):
 
 def test_sparse_trained_model_differs_from_base_only_inside_the_mask(pipeline, tiny_model):
     """Bitwise, with weight decay on: frozen entries never move."""
-    base, tuned = model_weights(tiny_model), model_weights(pipeline["model"])
-    mask = Artifact(pipeline["mask"])
-    for name, weight in base.items():
-        changed = (tuned[name] != weight).reshape(-1)
-        if name in mask.meta.shapes:
-            inside = mask.mask(name)
-            assert not changed[~inside].any(), name
-            assert changed[inside].float().mean() > 0.9, name  # the masked entries did train
-        else:
-            assert not changed.any(), name
+    fractions = changed_inside(saved_weights(tiny_model), saved_weights(pipeline["model"]), Artifact(pipeline["mask"]))
+    assert fractions and all(f > 0.9 for f in fractions.values()), fractions  # the masked entries did train
 
 
 def test_lotto_chain_of_three_tasks_has_disjoint_masks(pipeline, tiny_model, data):
@@ -92,13 +75,7 @@ def test_lotto_chain_of_three_tasks_has_disjoint_masks(pipeline, tiny_model, dat
         assert not (masks[0] & masks[1]).any() and not (masks[0] & masks[2]).any() and not (masks[1] & masks[2]).any()
     assert abs(chain[2].density() - 0.2) < 1e-3
     # the chain's model differs from the first task's model only inside the new mask
-    first, second = model_weights(pipeline["model"]), model_weights(model_b)
-    for name, weight in first.items():
-        changed = (second[name] != weight).reshape(-1)
-        if name in chain[1].meta.shapes:
-            assert not changed[~chain[1].mask(name)].any(), name
-        else:
-            assert not changed.any(), name
+    changed_inside(saved_weights(pipeline["model"]), saved_weights(model_b), chain[1])
     # capacity: 30% of the entries are taken, so 80% more cannot fit
     full = in_process("lotto", *tiny_overrides(tiny_model, root / "lotto_d", **{
         "lotto.previous": f"[{pipeline['delta']},{delta_b},{delta_c}]", "lotto.sparsity": 0.2}), check=False)
@@ -107,28 +84,28 @@ def test_lotto_chain_of_three_tasks_has_disjoint_masks(pipeline, tiny_model, dat
 
 
 def test_hydra_behaviour(pipeline, tmp_path):
-    cfg = lota("calibrate", "conf=gsm8k", "--cfg", "job")
+    cfg = in_process("calibrate", "conf=gsm8k", "--cfg", "job")
     assert "SmolLM2-135M" in cfg.stdout and "max_steps: 200" in cfg.stdout
-    bad = lota("calibrate", "train.no_such_key=1", check=False)
+    bad = in_process("calibrate", "train.no_such_key=1", check=False)
     assert bad.returncode != 0 and "no_such_key" in bad.stderr
-    sweep = lota("extract", "-m", f"extract.task_vector={pipeline['task_vector']}", "extract.sparsity=0.5,0.99",
+    sweep = in_process("extract", "-m", f"extract.task_vector={pipeline['task_vector']}", "extract.sparsity=0.5,0.99",
                  f"out={tmp_path}")
     masks = paths(sweep)
     assert len(masks) == 2 and [round(Artifact(m).density(), 2) for m in masks] == [0.5, 0.01]
-    assert "calibrate" in lota("--help").stdout
+    assert "calibrate" in in_process("--help").stdout
 
 
 def test_bad_sparsity_is_one_line_and_writes_nothing(pipeline, tmp_path):
-    bad = lota("extract", f"extract.task_vector={pipeline['task_vector']}", "extract.sparsity=1.5",
+    bad = in_process("extract", f"extract.task_vector={pipeline['task_vector']}", "extract.sparsity=1.5",
                f"out={tmp_path}", check=False)
     assert bad.returncode == 1 and "extract.sparsity=1.5" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "mask.safetensors").exists()
-    wrong = lota("extract", f"extract.task_vector={pipeline['mask']}", f"out={tmp_path}", check=False)
+    wrong = in_process("extract", f"extract.task_vector={pipeline['mask']}", f"out={tmp_path}", check=False)
     assert wrong.returncode == 1 and "is a mask; this stage needs a task_vector" in wrong.stderr
 
 
 def test_lora_baseline_writes_its_merged_low_rank_delta(tiny_model, tmp_path):
-    result = lota("calibrate", *tiny_overrides(tiny_model, tmp_path, **{
+    result = in_process("calibrate", *tiny_overrides(tiny_model, tmp_path, **{
         "method": "lora", "lora.r": 2, "train.max_steps": 3}))
     (task_vector,) = paths(result)
     tv = Artifact(task_vector)

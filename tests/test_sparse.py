@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import random_positions
 from lota_cli.training import _sparse as sparse
 from lota_cli.testing import saved_bytes
 from lota_cli.training._sparse import _SparseLinear
@@ -30,17 +31,12 @@ def tiny_llama(hidden=64, layers=2, intermediate=128, vocab=128, dtype=torch.flo
     return LlamaForCausalLM(config).to(dtype).eval()  # eval: no dropout, so two runs are comparable
 
 
-def random_positions(model, density, seed=0):
-    """Unsorted random flat positions in every linear weight of the decoder layers (not lm_head)."""
-    g = torch.Generator().manual_seed(seed)
-    return {name: torch.randperm(p.numel(), generator=g)[:max(1, int(density * p.numel()))].int()
-            for name, p in model.named_parameters() if name.endswith("proj.weight")}
-
-
 def attached(model, density=0.1, seed=0, reference=False):
     """model with random positions and random non-zero starting values attached (so the merged weight is
     not the base); reference=True swaps in the old forward."""
-    positions = random_positions(model, density, seed)
+    # every linear weight of the decoder layers (not lm_head)
+    positions = random_positions({n: p for n, p in model.named_parameters() if n.endswith("proj.weight")},
+                                 density, seed)
     g = torch.Generator().manual_seed(seed + 1)
     values = {n: torch.randn(len(i), generator=g) * 0.02 for n, i in positions.items()}
     trainable = sparse.attach_sparse(model, positions, values)

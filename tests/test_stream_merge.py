@@ -11,24 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from lota_cli.workflows import _merge as merge_module
 from lota_cli import native
 from lota_cli.config import MergeConfig, ModelConfig, ParamsConfig
 from lota_cli.stages import merge as merge_stage
-from lota_cli.testing import lota
-from test_merge import disjoint_deltas, write_dense, write_sparse
+from lota_cli.testing import in_process
+from conftest import disjoint_deltas, imported_by, saved_weights, write_dense, write_sparse
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def make_base(directory: Path, tied: bool, shard_size: str | None) -> Path:
@@ -90,12 +80,12 @@ def test_streamed_merge_equals_the_loaded_model_path(tmp_path, base, monkeypatch
     streamed = _merge(tmp_path, [a, b], True, monkeypatch, **options)
     loaded = _merge(tmp_path, [a, b], False, monkeypatch, **options)
 
-    ours, theirs = saved_tensors(streamed), saved_tensors(loaded)
+    ours, theirs = saved_weights(streamed), saved_weights(loaded)
     assert set(ours) == set(theirs)
     for name, tensor in theirs.items():
         assert ours[name].dtype == tensor.dtype == getattr(torch, dtype), name
         assert torch.equal(ours[name], tensor), name
-    changed = [n for n in shapes if not torch.equal(ours[n].float(), saved_tensors(directory)[n].float())]
+    changed = [n for n in shapes if not torch.equal(ours[n].float(), saved_weights(directory)[n].float())]
     assert changed == list(shapes)  # every selected tensor got its delta
     index = json.loads((streamed / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(ours) and len(set(index["weight_map"].values())) > 1
@@ -144,7 +134,7 @@ def test_damaged_base_checkpoint_is_one_line_and_writes_nothing(tmp_path, tmp_pa
     a = write_sparse(tmp_path / "a.safetensors", {name: torch.eye(128, 64)[:, :64] * 0.01}, fp, model_cfg)
     _damage(directory, how)
     target = tmp_path / "merged"
-    result = lota("merge", a, f"output_model={target}", f"out={tmp_path / 'run'}", check=False, cwd=ROOT, timeout=120)
+    result = in_process("merge", a, f"output_model={target}", f"out={tmp_path / 'run'}", check=False)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
     assert len(errors) == 1 and errors[0].startswith("lota merge: error:"), result.stderr
@@ -168,7 +158,7 @@ def test_nan_in_the_base_is_refused_naming_the_weight(tmp_path):
     a = write_sparse(tmp_path / "a.safetensors", {"model.layers.0.mlp.up_proj.weight": torch.ones(128, 64) * 0.01},
                      fp, asdict(ModelConfig(path=str(directory))))
     target = tmp_path / "merged"
-    result = lota("merge", a, f"output_model={target}", f"out={tmp_path / 'run'}", check=False, cwd=ROOT, timeout=120)
+    result = in_process("merge", a, f"output_model={target}", f"out={tmp_path / 'run'}", check=False)
     assert result.returncode == 1 and not target.exists()
     assert result.stderr.strip().splitlines()[-1:] == [
         f"lota merge: error: model {str(directory)!r}: weight {name!r} holds NaN or Inf values; the model files are "
@@ -209,14 +199,13 @@ def test_a_recorded_base_checkpoint_spares_the_model_skeleton(tmp_path, base, mo
     streamed = _merge(tmp_path, [path], True, monkeypatch, dtype="bfloat16")
     assert len(skeletons) == (0 if recorded == "right" else 1)
     if recorded == "right" and native.kernels() is not None:  # from the command line: numpy and the kernels only
-        from test_cli import _imports
 
         call = f"run('merge', '{path}', 'output_model={tmp_path / 'cli'}', 'dtype=bfloat16', 'out={tmp_path / 'run'}')"
-        assert _imports(call, tmp_path) == ([], False)
-        from_cli = saved_tensors(tmp_path / "cli")
-        assert all(torch.equal(from_cli[n], t) for n, t in saved_tensors(streamed).items())
+        assert imported_by(call, tmp_path) == ([], False)
+        from_cli = saved_weights(tmp_path / "cli")
+        assert all(torch.equal(from_cli[n], t) for n, t in saved_weights(streamed).items())
     loaded = _merge(tmp_path, [path], False, monkeypatch, dtype="bfloat16")
-    ours, theirs = saved_tensors(streamed), saved_tensors(loaded)
+    ours, theirs = saved_weights(streamed), saved_weights(loaded)
     assert all(torch.equal(ours[n], t) for n, t in theirs.items())
 
 
@@ -242,8 +231,8 @@ def test_the_native_kernel_merges_as_the_numpy_path(tmp_path, base, monkeypatch,
     for kernels in (native.kernels, lambda: None):
         monkeypatch.setattr(native, "kernels", kernels)
         caplog.clear()
-        with caplog.at_level(logging.INFO, "lota_cli.stages.merge"):
-            outputs.append(saved_tensors(_merge(tmp_path / kernels.__name__.strip("<>"), inputs, True, monkeypatch,
+        with caplog.at_level(logging.INFO, "lota_cli.workflows"):
+            outputs.append(saved_weights(_merge(tmp_path / kernels.__name__.strip("<>"), inputs, True, monkeypatch,
                                                 **options)))
         logs.append([r.getMessage() for r in caplog.records if "Jaccard" in r.getMessage()])
     ours, theirs = outputs

@@ -14,6 +14,7 @@ from conftest import tiny_overrides
 from lota_cli.training import Metrics
 from lota_cli.testing import lota, paths
 
+pytestmark = pytest.mark.slow  # real runs with TensorBoard and W&B writing as they train
 SCALARS = {"loss", "lr", "grad_norm", "tokens_per_s", "step_s"}  # what metrics.py logs per step (on CPUs)
 STEPS = 2
 

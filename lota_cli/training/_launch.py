@@ -23,6 +23,7 @@ Two ways to start N processes:
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import importlib.util
 import logging
@@ -40,6 +41,7 @@ import torch
 
 from lota_cli import LotaError
 from lota_cli.config import TrainStageConfig
+from lota_cli.console import terminal_env
 from lota_cli.training._checkpoints import newest_below
 
 log = logging.getLogger(__package__)
@@ -136,34 +138,43 @@ def launch(cfg: TrainStageConfig, lota_args: list[str], out: Path) -> None:
         cmd += ["--main_process_port", str(free_port())]
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in env:  # share the cores, don't oversubscribe
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // d.num_processes))
+    env.update(terminal_env())  # the main process draws its progress bar on this terminal, through the pipe
     cmd += ["-m", "lota_cli", *lota_args]
     log.info("launching %d processes (%s): %s", d.num_processes, d.engine, " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stderr_lines: list[str] = []
+    stderr_text: list[str] = []
     # The main process prints the written paths on stdout; the launcher itself may print there too (DeepSpeed
     # logs to stdout), so only lines naming written files are passed on to stdout, the rest to stderr.
-    # stderr is passed on as it comes, and kept to tell afterwards which process failed and how.
-    threads = [threading.Thread(target=_forward, args=(proc.stdout, _stdout_or_stderr, None), daemon=True),
-               threading.Thread(target=_forward, args=(proc.stderr, lambda line: sys.stderr, stderr_lines),
-                                daemon=True)]
+    # stderr is passed on as it comes, byte by byte (a progress bar redraws its line without a newline), and
+    # kept to tell afterwards which process failed and how.
+    threads = [threading.Thread(target=_forward, args=(proc.stdout, _stdout_or_stderr), daemon=True),
+               threading.Thread(target=_pass_on, args=(proc.stderr, stderr_text), daemon=True)]
     for thread in threads:
         thread.start()
     status = proc.wait()
     for thread in threads:
         thread.join()
     if status != 0:
-        raise LotaError(failure(stderr_lines, status, out))
+        raise LotaError(failure("".join(stderr_text).splitlines(keepends=True), status, out))
 
 
 def _stdout_or_stderr(line: str):
     return sys.stdout if line.strip() and Path(line.strip()).exists() else sys.stderr
 
 
-def _forward(stream, destination, keep: list[str] | None) -> None:
+def _forward(stream, destination) -> None:
     for line in stream:
         print(line, end="", file=destination(line), flush=True)
-        if keep is not None:
-            keep.append(line)
+
+
+def _pass_on(stream, keep: list[str]) -> None:
+    """What a text stream holds, to stderr as it arrives (not line by line), and kept."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span two reads
+    while chunk := stream.buffer.read1(1 << 16):
+        text = decoder.decode(chunk)
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        keep.append(text)
 
 
 def failure(stderr_lines: list[str], status: int, out: Path) -> str:
