@@ -7,6 +7,7 @@ import fcntl
 import json
 
 import pytest
+import torch
 
 from lota_cli import __version__
 from conftest import imported_by, write_dense, write_sparse
@@ -52,7 +53,7 @@ def test_help_shows_overridden_values_and_merge_methods():
         assert any(line.split()[:1] == [method] for line in merge.split("methods:\n")[1].splitlines())
 
 
-@pytest.mark.parametrize("stage", ["calibrate", "sparse-train", "lotto", "eval"])
+@pytest.mark.parametrize("stage", ["calibrate", "extract", "sparse-train", "lotto", "eval"])
 def test_preset_composes_for_every_stage_with_a_model_and_a_task(stage):
     job = lota(stage, "conf=gsm8k", "--cfg", "job").stdout
     assert "name: gsm8k" in job and "HuggingFaceTB/SmolLM2-135M-Instruct" in job
@@ -86,26 +87,55 @@ def test_every_failure_is_one_line(args, says, tmp_path):
     assert not any(line.startswith(("Error executing job", "Traceback")) for line in lines), failed.stderr
 
 
-@pytest.mark.slow  # two real processes at once
-def test_a_second_command_on_the_same_out_refuses(tiny_model, tmp_path):
-    """While one run holds out/.lota.lock, another given the same out= refuses in one line naming the first and
-    writes nothing; once the first ends (the lock is an flock, so also when it is killed) the out is free."""
+@pytest.mark.parametrize("given", ["out=DIR", "out=${oc.env:...}"])
+def test_a_second_command_on_the_same_out_refuses(given, tiny_model, tmp_path, monkeypatch):
+    """While one run holds out/.lota.lock (an flock: this process holds it, as another run would), another given
+    the same out refuses in one line naming the first: out= on the command line before anything is written
+    there, an interpolated one once it is composed. Once the first ends (also when it is killed) the out is
+    free."""
     out = tmp_path / "run"
-    calibrate = ["calibrate", f"model.path={tiny_model}", "task.data_files=x", f"out={out}"]
+    monkeypatch.setenv("LOTA_TEST_OUT", str(out))
+    calibrate = ["calibrate", f"model.path={tiny_model}", "task.data_files=x",
+                 f"out={out}" if given == "out=DIR" else "out=${oc.env:LOTA_TEST_OUT}"]
     out.mkdir()
     with open(out / LOCK_FILE, "w") as holder:
         holder.write("`lota calibrate` (pid 12345, started 2026-12-01 10:00:00)\n")
         holder.flush()
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        failed = lota(*calibrate, check=False)
+        failed = in_process(*calibrate, check=False)
         assert failed.returncode == 1
         assert failed.stderr.strip().splitlines()[-1] == (
             f"lota calibrate: error: out={out} is in use by `lota calibrate` (pid 12345, started 2026-12-01 "
             "10:00:00); wait for it to finish or choose another out=")
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # the refused run wrote nothing there
+    if given == "out=DIR":
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # the refused run wrote nothing there
     # released: the next command gets past the lock (and fails on its missing data file instead)
-    again = lota(*calibrate, check=False)
+    again = in_process(*calibrate, check=False)
     assert again.returncode == 1 and "in use by" not in again.stderr and "task.data_files" in again.stderr
+
+
+def test_the_default_out_is_locked_too(tiny_model, tmp_path, monkeypatch):
+    """The default out (runs/<stage>/<start time>) is locked by the job once composed: its lock file is there."""
+    from lota_cli.artifacts import Artifact
+
+    monkeypatch.chdir(tmp_path)
+    tv = write_dense(tmp_path / "tv.safetensors", {"model.layers.0.mlp.up_proj.weight": torch.randn(8, 4)})
+    (mask,) = paths(in_process("extract", f"extract.task_vector={tv}"))
+    assert mask.parent.parent == tmp_path / "runs" / "extract" and (mask.parent / LOCK_FILE).is_file()
+    assert Artifact(mask).kind == "mask"
+
+
+def test_extract_takes_a_preset(tmp_path):
+    """conf=PRESET in extract: its model and params are what the stage reads, its training keys are ignored
+    with one log line, and the mask records the config extract read (no train.*)."""
+    from lota_cli.artifacts import Artifact
+
+    tv = write_dense(tmp_path / "tv.safetensors", {"model.layers.0.mlp.up_proj.weight": torch.randn(8, 4)})
+    result = in_process("extract", "conf=gsm8k", f"extract.task_vector={tv}", f"out={tmp_path / 'e'}")
+    (mask,) = paths(result)
+    assert result.stderr.count("the preset's train.* settings are ignored") == 1
+    meta = Artifact(mask).meta
+    assert "train" not in meta.config and meta.config["model"]["path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.mark.parametrize("name, shape, says", [
@@ -115,7 +145,6 @@ def test_a_second_command_on_the_same_out_refuses(tiny_model, tmp_path):
 ])
 def test_a_mask_that_does_not_fit_is_refused_before_the_model_loads(tiny_model, name, shape, says, tmp_path):
     """Checked on the model's weightless skeleton: one line, before the weights load, nothing written."""
-    import torch
 
     from conftest import tiny_overrides
     from lota_cli.artifacts import save_sparse, stage_meta

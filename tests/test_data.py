@@ -210,6 +210,41 @@ def test_encoding_is_cached_by_tokenizer_task_and_data(tmp_path, monkeypatch, ca
     assert len(list((tmp_path / "cache" / "data").glob("*.npz"))) == 3
 
 
+def test_the_cache_keeps_to_its_cap_dropping_the_least_recently_used(tmp_path, monkeypatch, caplog):
+    """LOTA_CACHE_MAX_GB caps the encoded data kept: writing an entry past it deletes the entries used longest
+    ago (a cache hit counts as a use), never the one just written; a cap that is not a size is refused."""
+    import os
+
+    from lota_cli.data import cache_dir
+
+    monkeypatch.setenv("LOTA_CACHE", str(tmp_path / "cache"))
+    tok = make_tokenizer()
+    task = TaskConfig(name="arith", data_files=str(DATA["arith_train"]), max_length=128, chat_template=TINY_TEMPLATE)
+    encode(tok, task, load_rows(task))
+    (first,) = cache_dir().glob("*.npz")
+    size = first.stat().st_size
+    # room for two entries of this size, not three (other shuffles of the same rows: entries of one size)
+    monkeypatch.setenv("LOTA_CACHE_MAX_GB", str(2.5 * size / 1e9))
+    shuffled = [replace(task, shuffle_seed=seed) for seed in (1, 2, 3)]
+    encode(tok, shuffled[0], load_rows(shuffled[0]))
+    (second,) = set(cache_dir().glob("*.npz")) - {first}
+    assert second.stat().st_size == size
+    os.utime(first, (1, 1))
+    os.utime(second, (2, 2))
+    encode(tok, task, load_rows(task))  # a hit: `first` is now the most recently used
+    with caplog.at_level("INFO"):
+        encode(tok, shuffled[1], load_rows(shuffled[1]))  # past the cap: `second` goes
+    left = set(cache_dir().glob("*.npz"))
+    assert first in left and second not in left and len(left) == 2
+    assert "pruned 1 cached encodings" in caplog.text
+    monkeypatch.setenv("LOTA_CACHE_MAX_GB", "0")  # keeps only what was just written
+    encode(tok, shuffled[2], load_rows(shuffled[2]))
+    assert len(list(cache_dir().glob("*.npz"))) == 1
+    monkeypatch.setenv("LOTA_CACHE_MAX_GB", "lots")
+    with pytest.raises(LotaError, match="LOTA_CACHE_MAX_GB='lots' is not a size in GB"):
+        encode(tok, replace(task, max_length=64), load_rows(task))
+
+
 def test_parallel_encoding_equals_one_process():
     tok = make_tokenizer()
     task = TaskConfig(name="arith", data_files=str(DATA["arith_train"]), max_length=64, cache=False)

@@ -483,6 +483,45 @@ def test_full_disk_at_fsync_keeps_the_previous_artifact(runs, tmp_path, monkeypa
     assert not list(tmp_path.glob(".mask.safetensors.*"))
 
 
+@pytest.mark.parametrize("where", ["the lock", "Hydra's files", "overlap.json", "metrics.jsonl"])
+def test_a_full_disk_anywhere_names_the_file_it_could_not_write(where, runs, tiny_model, tmp_path, monkeypatch):
+    """ENOSPC from a write names no file; every write lota makes (or has Hydra make) says which one failed,
+    in one line, and leaves nothing half-written at the result's path."""
+    real_open, real_mkstemp = builtins.open, tempfile.mkstemp
+    out = tmp_path / "out"
+
+    def full(path) -> bool:
+        path = str(path)
+        return {"the lock": path.endswith(".lota.lock"), "Hydra's files": "/.hydra/" in path,
+                "overlap.json": ".overlap.json." in path, "metrics.jsonl": path.endswith("metrics.jsonl")}[where]
+
+    def open_on_full_disk(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and full(file) and mode[0] in "wa":
+            return real_open("/dev/full", mode, *args, **kwargs)  # every write: ENOSPC
+        return real_open(file, mode, *args, **kwargs)
+
+    def mkstemp_on_full_disk(*args, **kwargs):
+        fd, name = real_mkstemp(*args, **kwargs)
+        if not full(name):
+            return fd, name
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), name
+
+    monkeypatch.setattr(builtins, "open", open_on_full_disk)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_on_full_disk)
+    if where == "metrics.jsonl":
+        result, stage = lota("calibrate", *fast(tiny_model, out, **{"train.max_steps": 1})), "calibrate"
+        file, target = out / "metrics.jsonl", out / "task_vector.safetensors"
+    else:
+        result, stage = lota("overlap", runs["st_a"], runs["st_b"], f"out={out}"), "overlap"
+        file = {"the lock": out / ".lota.lock", "Hydra's files": out, "overlap.json": out / "overlap.json"}[where]
+        target = out / "overlap.json"
+    says = "could not write the run's files (.hydra/, lota.log) in" if where == "Hydra's files" else "could not write"
+    # (the lock, opened on /dev/full, fails at its truncate rather than at its write)
+    refused(result, stage, f"{says} {file}: ", "writable directory with free space",
+            *(["No space left on device"] if where != "the lock" else []), target=target)
+
+
 def test_full_disk_while_checkpointing(tiny_model, tmp_path, monkeypatch):
     def torch_save_on_full_disk(obj, f, *args, **kwargs):
         """What torch.save raises when the disk fills: its C++ writer's RuntimeError, after a partial file."""

@@ -70,6 +70,10 @@ def test_lotto_chain_of_three_tasks_has_disjoint_masks(pipeline, tiny_model, dat
         "lotto.previous": f"[{pipeline['delta']},{delta_b}]", "lotto.sparsity": 0.8}))
     (delta_c,) = paths(c)
     chain = [Artifact(p) for p in (pipeline["delta"], delta_b, delta_c)]
+    # the new mask says what ranked its entries, as extract's do: calibration with the earlier adapters left out
+    assert Artifact(root / "lotto_c" / "mask.safetensors").meta.source == {
+        "name": "task_vector", "stage": "lotto", "calibrate_steps": 6,
+        "excluded": [chain[0].meta.fingerprint, chain[1].meta.fingerprint]}
     for name in chain[0].names:
         masks = [a.mask(name) for a in chain]
         assert not (masks[0] & masks[1]).any() and not (masks[0] & masks[2]).any() and not (masks[1] & masks[2]).any()
@@ -114,3 +118,22 @@ def test_lora_baseline_writes_its_merged_low_rank_delta(tiny_model, tmp_path):
         delta = tv.dense(name)
         assert delta.abs().sum() > 0, name  # the adapters trained
         assert torch.linalg.matrix_rank(delta.double(), atol=1e-6) <= 2, name  # rank r, beside fp32 rounding (~1e-8)
+
+
+def test_a_normal_run_warns_of_nothing_deprecated(pipeline, tiny_model, tmp_path):
+    """Calibrate (dense with gradient checkpointing, and LoRA) and sparse-train call no library API that is
+    deprecated: transformers 5 renamed gradient_checkpointing_enable, and PEFT's own deprecated call is lota's
+    to keep quiet."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        in_process("calibrate", *tiny_overrides(tiny_model, tmp_path / "fft", **{
+            "train.max_steps": 1, "model.gradient_checkpointing": "true"}))
+        in_process("calibrate", *tiny_overrides(tiny_model, tmp_path / "lora", **{
+            "train.max_steps": 1, "method": "lora", "lora.r": 2}))
+        in_process("sparse-train", *tiny_overrides(tiny_model, tmp_path / "st", **{
+            "train.max_steps": 1, "sparse_train.mask": pipeline["mask"]}))
+    deprecated = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+                  if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert deprecated == []

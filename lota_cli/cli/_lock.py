@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from lota_cli import LotaError
+from lota_cli.io import write_error
 
 LOCK_FILE = ".lota.lock"
 _HELD: set[Path] = set()  # the directories this process holds the lock of
@@ -44,8 +45,11 @@ def exclusive(out: Path | None, stage: str):
     if out is None or not holds_lock() or out in _HELD:
         yield
         return
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_FILE, "a+")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK_FILE, "a+")
+    except OSError as err:
+        raise write_error(out / LOCK_FILE, err) from err
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -53,10 +57,15 @@ def exclusive(out: Path | None, stage: str):
         holder = handle.read().strip() or "another process"
         handle.close()
         raise LotaError(f"out={out} is in use by {holder}; wait for it to finish or choose another out=") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"`lota {stage}` (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-    handle.flush()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"`lota {stage}` (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        handle.flush()
+    except OSError as err:
+        with contextlib.suppress(OSError):  # its buffer cannot be written either
+            handle.close()
+        raise write_error(out / LOCK_FILE, err) from err
     _HELD.add(out)
     try:
         yield

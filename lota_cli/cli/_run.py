@@ -126,7 +126,15 @@ def run_stage(stage: str, args: list[str]) -> None:
         sys.argv = [f"lota {stage}", *args]
         os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; `reported` prints one line
         with exclusive(locked_out(args), stage), _composed_once(args):  # before Hydra writes out/.hydra, lota.log
-            hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=spec.module)(task)()
+            try:
+                hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=spec.module)(task)()
+            except OSError as err:  # Hydra writing out/.hydra before the stage runs: a full disk names no file
+                if err.filename:
+                    raise
+                where = locked_out(args) or "the run's out= directory"
+                raise LotaError(f"could not write the run's files (.hydra/, lota.log) in {where}: "
+                                f"{err.strerror or err}; make sure it is a writable directory with free space (or "
+                                "choose another out=)") from err
 
 
 @contextlib.contextmanager

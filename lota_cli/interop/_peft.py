@@ -49,7 +49,7 @@ from lota_cli import LotaError, native
 from lota_cli.artifacts import Artifact, Meta, parse_meta, save_sparse
 from lota_cli.config import ModelConfig
 from lota_cli.interop._names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENTRIES_KEY, INDICES, PREFIX, SOURCE_KEY, VALUES
-from lota_cli.io import atomic_directory
+from lota_cli.io import atomic_directory, write_error, write_text
 from lota_cli.models import skeleton
 from lota_cli.tensors import dtype_code, dtype_name, encode_positions, nonfinite, pack_bits, torch_dtype
 
@@ -134,9 +134,12 @@ def _write_adapter(delta: Artifact, recorded: dict, linears: dict[str, nn.Linear
                                inference_mode=True).to_dict()
     config["target_modules"] = modules  # a list in a fixed order: PEFT's own save writes a set's order
     directory.mkdir(parents=True, exist_ok=True)  # the temporary directory itself for one delta
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={
-        "format": "pt", SOURCE_KEY: json.dumps(asdict(delta.meta)), ENTRIES_KEY: json.dumps(entries)})
+    write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    try:
+        save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={
+            "format": "pt", SOURCE_KEY: json.dumps(asdict(delta.meta)), ENTRIES_KEY: json.dumps(entries)})
+    except Exception as err:  # OSError, or safetensors' own error for a failed write
+        raise write_error(directory / ADAPTER_WEIGHTS, err) from err
     log.info("%s -> %s: %d modules, sparsity %.6g, %d stored entries for %d", delta.path, directory,
              len(modules), sparsity, sum(t.numel() for k, t in tensors.items() if k.endswith(INDICES)),
              sum(e[0] for e in entries.values()))

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from lota_cli import LotaError, native
+from lota_cli.io._files import write_error
 from lota_cli.io._sequential import DIRECT_MIN, SequentialFile
 from lota_cli.tensors import as_numpy, dtype_code, dtype_name, is_code, itemsize, nonfinite, numpy_dtype
 
@@ -124,8 +125,7 @@ class TensorFileWriter:
         return raw + b" " * (-len(raw) % 8)
 
     def _error(self, err: OSError) -> LotaError:
-        return LotaError(f"could not write {self.path}: {err.strerror or err}; make sure {self.path.parent} is a "
-                         "writable directory with free space (or choose another out=)")
+        return write_error(self.path, err)
 
     def __enter__(self):
         self._tmp, self._out, self._fd, self._patches = None, None, None, []

@@ -24,6 +24,7 @@ import numpy as np
 
 from lota_cli import LotaError
 from lota_cli.io._directories import atomic_directory
+from lota_cli.io._files import write_text
 from lota_cli.io._mapping import mapped, will_need
 from lota_cli.io._safetensors import TensorFileWriter, check_complete, read_header
 from lota_cli.tensors import dtype_code, fingerprint_of, itemsize, nonfinite
@@ -220,7 +221,7 @@ class ShardedWriter:
                 if len(self.files) > 1:
                     weight_map = {name: file for file, group in zip(self.files, self.groups) for name in group}
                     total = sum(math.prod(s) * itemsize(d) for d, s in self._layout.values())
-                    (self.tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                    write_text(self.tmp / INDEX, json.dumps({"metadata": {"total_size": total},
                                                               "weight_map": weight_map}, indent=2) + "\n")
         except BaseException as err:
             self._directory.__exit__(type(err), err, err.__traceback__)  # the directory is discarded

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from lota_cli import LotaError
@@ -16,7 +18,11 @@ def attach_lora(model: nn.Module, names: list[str], cfg: LoraOptions):
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM")
     try:
-        peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # PEFT 0.21 asks transformers 5's models is_gradient_checkpointing, a name 5 deprecated: a warning
+            # about PEFT's own call, on every LoRA run, that a user of lota can do nothing about
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            peft_model = get_peft_model(model, config)
     except ValueError as err:
         raise LotaError(f"LoRA could not wrap lora.target_modules={targets}: {err}") from err
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}

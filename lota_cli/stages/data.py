@@ -21,6 +21,7 @@ from rich.text import Text
 from lota_cli.config import DataConfig
 from lota_cli.console import stderr
 from lota_cli.data import Encoded, Fixed, train_data
+from lota_cli.io import write_text
 from lota_cli.models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,16 +44,11 @@ def run(cfg: DataConfig, out: Path) -> list[Path]:
                                                        [tr for _, _, (_, tr) in examples])}}
         examples = examples[:cfg.data.preview]
 
-    out.mkdir(parents=True, exist_ok=True)
-    preview = out / "preview.jsonl"
-    with open(preview, "w") as f:
-        for task, item, (ids, trained) in examples:
-            record = {"task": task, "sequence": item, "text": tokenizer.decode(ids),
-                      "trained_text": tokenizer.decode(ids[trained]), "tokens": int(len(ids)),
-                      "trained_tokens": int(trained.sum())}
-            f.write(json.dumps(record) + "\n")
-    path = out / "stats.json"
-    path.write_text(json.dumps(stats, indent=2) + "\n")
+    records = [{"task": task, "sequence": item, "text": tokenizer.decode(ids),
+                "trained_text": tokenizer.decode(ids[trained]), "tokens": int(len(ids)),
+                "trained_tokens": int(trained.sum())} for task, item, (ids, trained) in examples]
+    preview = write_text(out / "preview.jsonl", "".join(json.dumps(record) + "\n" for record in records))
+    path = write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     stderr.print(_table(stats))
     for task, item, (ids, trained) in examples[:cfg.data.show]:
         stderr.print(Text(f"--- {task}, sequence {item}: {len(ids)} tokens, {int(trained.sum())} trained", style="bold"))

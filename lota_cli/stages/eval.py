@@ -25,6 +25,7 @@ from lota_cli.config import EvalConfig
 from lota_cli.console import stderr
 from lota_cli.evaluation import Scores, is_stderr, linearized, make_backend, paired_standard_error, stderr_key
 from lota_cli.inputs import open_artifact
+from lota_cli.io import write_text
 from lota_cli.models import add_delta, fingerprint, load_model
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,9 @@ def run(cfg: EvalConfig, out: Path) -> list[Path]:
                               "tasks": _compare(baseline, scores, opts.backend, baseline_examples)}
         stderr.print(_compare_table(results["compare"]["tasks"], opts.compare_to))
 
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    path = write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     if scores.examples:  # beside results.json, like a training stage's metrics.jsonl: not printed
-        (out / EXAMPLES).write_text("".join(json.dumps(e) + "\n" for rows in scores.examples.values() for e in rows))
+        write_text(out / EXAMPLES, "".join(json.dumps(e) + "\n" for rows in scores.examples.values() for e in rows))
     return [path]
 
 

@@ -24,6 +24,7 @@ from lota_cli.artifacts import StoredFile
 from lota_cli.config import OverlapConfig
 from lota_cli.console import stderr
 from lota_cli.inputs import open_stored
+from lota_cli.io import write_text
 from lota_cli.ops import Overlap, layer_of, overlap
 
 
@@ -88,10 +89,7 @@ def run(cfg: OverlapConfig, out: Path) -> list[Path]:
                                 "per_tensor": per_tensor[i, j]})
     _print_tables(inputs, result)
 
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "overlap.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return [path]
+    return [write_text(out / "overlap.json", json.dumps(result, indent=2) + "\n")]
 
 
 def _fmt(value: float | None, percent: bool = False) -> str:

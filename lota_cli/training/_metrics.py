@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from lota_cli.io import append_line
+
 log = logging.getLogger(__package__)
 _RUNNING: list = []  # the trackers this process started; finish_trackers() closes them as the stage ends
 
@@ -47,8 +49,7 @@ class Metrics:
             return
         if torch.cuda.is_available():  # this process's peak so far
             values["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        append_line(self.path, json.dumps({"step": step, **values}))
         self.accelerator.log({self.prefix + k: v for k, v in values.items()}, step=step)
         log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f", step, self.steps, values["loss"],
                  values["lr"], values["grad_norm"], values["tokens_per_s"])

@@ -27,7 +27,7 @@ import numpy as np
 from lota_cli import LotaError, native
 from lota_cli.artifacts import Artifact, ArtifactWriter, Meta
 from lota_cli.config import ModelConfig
-from lota_cli.io import SavedModel, ShardedWriter, local_directory
+from lota_cli.io import SavedModel, ShardedWriter, local_directory, write_text
 from lota_cli.ops import METHODS, Overlap, delta_overlap, has_negative_zero, merge
 from lota_cli.tensors import (as_torch, dtype_code, dtype_name, fingerprint_of, itemsize, nonfinite, numpy_dtype,
                               torch_dtype)
@@ -336,7 +336,7 @@ def _set_dtype(config: Path, dtype: str) -> None:
     data["dtype"] = dtype
     if "torch_dtype" in data:
         data["torch_dtype"] = dtype
-    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text(config, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _through_model(merger: Merger, model_cfg: ModelConfig, output: Path, shard_size: int) -> Path:
