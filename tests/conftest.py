@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -20,8 +21,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# encoded data sets are cached between runs (data.cache_dir): the suite's go to a directory of its own
-os.environ.setdefault("LOTA_CACHE", tempfile.mkdtemp(prefix="lota-test-cache-"))
+# encoded data sets and the compiled kernels are cached between runs (lota_cli.cache_root): the suite's go to a
+# directory of its own, one per test run, shared by pytest-xdist's workers (its writes are atomic)
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _RUN:
+    os.environ.setdefault("LOTA_CACHE", str(Path(tempfile.gettempdir()) / f"lota-test-cache-{_RUN}"))
+else:
+    os.environ.setdefault("LOTA_CACHE", tempfile.mkdtemp(prefix="lota-test-cache-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -40,18 +46,60 @@ needs_shared_data = pytest.mark.skipif(
 DATA: dict[str, Path] = {}
 
 
+def shared_once(tmp_path_factory, name: str, make) -> Path:
+    """The directory `name`, made by make(directory) once per test run: under pytest-xdist its workers share
+    one (the first to take the lock makes it, the others wait and find it)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base, above the workers' own
+    directory = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (directory / ".done").is_file():
+            if directory.exists():
+                shutil.rmtree(directory)  # a worker that died making it
+            directory.mkdir()
+            make(directory)
+            (directory / ".done").touch()
+    return directory
+
+
+def kernels():
+    """native.kernels(), compiled once per test run: the first of pytest-xdist's workers to ask builds them
+    (into the run's shared cache), the others wait for it and load them."""
+    from filelock import FileLock
+
+    from lota_cli import cache_root, native
+
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_root() / "kernels.lock")):
+        return native.kernels()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def data(tmp_path_factory) -> dict[str, Path]:
-    """Generated task files: 2000 train and 200 test rows each of `arith` and `reverse` (a fraction of a second)."""
-    DATA.update(synthetic_tasks.write(tmp_path_factory.mktemp("data"), n_train=2000, n_test=200))
+    """Generated task files: 2000 train and 200 test rows each of `arith` and `reverse` (a fraction of a second),
+    written once per test run."""
+    made = shared_once(tmp_path_factory, "data", lambda d: synthetic_tasks.write(d, n_train=2000, n_test=200))
+    DATA.update({name: made / f"{name}.jsonl" for name in ("arith_train", "arith_test", "reverse_train",
+                                                            "reverse_test")})
+    assert all(path.is_file() for path in DATA.values()), DATA
     return DATA
 
 
+_TOKENIZER: list[str] = []  # the trained tokenizer, serialized: trained once per process
+
+
 def make_tokenizer():
-    """A byte-level BPE tokenizer (384 tokens, <pad> <s> </s>) trained on the generated tasks' text."""
+    """A byte-level BPE tokenizer (384 tokens, <pad> <s> </s>) trained on the generated tasks' text (once per
+    process; each call returns a tokenizer of its own)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if _TOKENIZER:
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_TOKENIZER[0]), bos_token="<s>",
+                                       eos_token="</s>", pad_token="<pad>")
     texts = []
     for name in ("arith_train", "reverse_train"):
         with open(DATA[name]) as f:
@@ -62,7 +110,8 @@ def make_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    _TOKENIZER.append(tok.to_str())
+    return make_tokenizer()
 
 
 def make_tiny_model(directory: Path, seed: int = 0) -> Path:
@@ -100,7 +149,8 @@ def make_task_vector(model_dir: Path, path: Path, base_fingerprint: str | None =
 
 @pytest.fixture(scope="session")
 def tiny_model(data, tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    """make_tiny_model's model, built once per test run."""
+    return shared_once(tmp_path_factory, "tiny", lambda d: make_tiny_model(d / "model")) / "model"
 
 
 @pytest.fixture(scope="module")
@@ -244,20 +294,23 @@ def run(*args):
     except SystemExit as exit_:
         assert not exit_.code, (args, exit_.code)
 
+def imported():
+    print(sorted(m for m in {heavy!r} if m in sys.modules), "torch" in sys.modules)
+
 {calls}
-print(sorted(m for m in {heavy!r} if m in sys.modules), "torch" in sys.modules)
 """
 
 
-def imported_by(calls: str, cwd) -> tuple[list[str], bool]:
-    """(which of HEAVY, whether torch) a fresh interpreter has imported after running `calls`, lines calling
-    run(stage, *args), the CLI's main in that process."""
+def imported_by(*groups: str, cwd) -> list[tuple[list[str], bool]]:
+    """For each group of lines calling run(stage, *args) (the CLI's main, all in one fresh interpreter, one group
+    after another): which of HEAVY, and whether torch, that interpreter has imported after the group ran."""
     import subprocess
 
     from lota_cli.testing import OFFLINE_ENV
 
-    code = _IMPORTS.format(calls=calls, heavy=HEAVY)
+    code = _IMPORTS.format(calls="\n".join(f"{group}\nimported()" for group in groups), heavy=HEAVY)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=OFFLINE_ENV, cwd=cwd,
-                            timeout=120, check=True)
-    heavy, torch = result.stdout.strip().splitlines()[-1].rsplit(" ", 1)
-    return eval(heavy), torch == "True"
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[")][-len(groups):]
+    return [(eval(heavy), torch == "True") for heavy, torch in (line.rsplit(" ", 1) for line in lines)]

@@ -27,7 +27,7 @@ def test_version_says_the_artifact_format():
 
 @pytest.mark.parametrize("stage", HYDRA_STAGES)
 def test_help_names_the_stage_and_lists_only_its_keys(stage):
-    text = lota(stage, "--help").stdout
+    text = in_process(stage, "--help").stdout
     first = text.splitlines()[0]
     assert first == f"lota {stage}: {STAGES[stage].does}" and "powered by Hydra" not in text
     assert f"writes: {STAGES[stage].writes}" in text
@@ -46,16 +46,16 @@ def test_help_names_the_stage_and_lists_only_its_keys(stage):
 
 
 def test_help_shows_overridden_values_and_merge_methods():
-    text = lota("calibrate", "train.lr=0.25", "--help").stdout
+    text = in_process("calibrate", "train.lr=0.25", "--help").stdout
     assert any(line.split()[:2] == ["train.lr", "0.25"] for line in text.splitlines())
-    merge = lota("merge", "--help").stdout
+    merge = in_process("merge", "--help").stdout
     for method in ("sum", "task_arithmetic", "ties", "dare", "magnitude"):
         assert any(line.split()[:1] == [method] for line in merge.split("methods:\n")[1].splitlines())
 
 
 @pytest.mark.parametrize("stage", ["calibrate", "extract", "sparse-train", "lotto", "eval"])
 def test_preset_composes_for_every_stage_with_a_model_and_a_task(stage):
-    job = lota(stage, "conf=gsm8k", "--cfg", "job").stdout
+    job = in_process(stage, "conf=gsm8k", "--cfg", "job").stdout
     assert "name: gsm8k" in job and "HuggingFaceTB/SmolLM2-135M-Instruct" in job
 
 
@@ -80,7 +80,7 @@ def test_debug_in_any_spelling_shows_the_traceback(spelling, tmp_path):
     (["extract.task_vector=/no/such/file"], "artifact not found: /no/such/file"),  # the stage itself
 ])
 def test_every_failure_is_one_line(args, says, tmp_path):
-    failed = lota("extract", *args, f"out={tmp_path / 'out'}", check=False)
+    failed = in_process("extract", *args, f"out={tmp_path / 'out'}", check=False)
     lines = failed.stderr.strip().splitlines()
     assert failed.returncode == 1 and failed.stdout == ""
     assert lines[-1].startswith("lota extract: error: ") and says in lines[-1], failed.stderr
@@ -164,7 +164,7 @@ def test_a_mask_that_does_not_fit_is_refused_before_the_model_loads(tiny_model, 
 
 def test_composing_any_stage_imports_no_torch(tmp_path):
     calls = "\n".join(f"run({stage!r}, '--cfg', 'job', 'out={tmp_path}')" for stage in HYDRA_STAGES)
-    assert imported_by(calls, tmp_path) == ([], False)
+    assert imported_by(calls, cwd=tmp_path) == [([], False)]
 
 
 def test_artifact_stages_import_no_model_or_data_library(tmp_path):
@@ -185,7 +185,8 @@ def test_artifact_stages_import_no_model_or_data_library(tmp_path):
         f"run('merge', '{sa}', '{sb}', 'out={tmp_path / 'm'}')",
         f"run('info', '--verify', '{tmp_path / 'e' / 'mask.safetensors'}')",
     ])
-    assert imported_by(calls, tmp_path) == ([], False)
+    dense = f"run('merge', '{a}', '{b}', 'out={tmp_path / 'd'}')"  # then, in the same process
+    artifact_stages, with_dense = imported_by(calls, dense, cwd=tmp_path)
+    assert artifact_stages == ([], False)
     assert (tmp_path / "m" / "merged.safetensors").is_file() and (tmp_path / "e" / "mask.safetensors").is_file()
-    heavy, _ = imported_by(f"run('merge', '{a}', '{b}', 'out={tmp_path / 'd'}')", tmp_path)
-    assert heavy == []
+    assert with_dense[0] == []

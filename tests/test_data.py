@@ -99,6 +99,7 @@ def _tiny_tokenizer_dir(tmp_path: Path) -> Path:
     return directory
 
 
+@pytest.mark.slow  # 20 steps of training on each layout
 @pytest.mark.parametrize("layout", ["openai", "sharegpt"])
 def test_calibrate_trains_on_conversations(chats, layout, tiny_model, tmp_path):
     extra = {**(SHAREGPT if layout == "sharegpt" else {}), "task.format": "messages", "task.name": "chat",

@@ -68,8 +68,8 @@ while True:
 class Interrupted:
     """`lota STAGE ARGS` as a real process, sent `sig` as soon as a non-empty file matches `trigger`.
 
-    Started early and left to run while the tests do other work: a new interpreter spends most of its time
-    importing torch and transformers, which then overlaps with the in-process runs.
+    Left to run while the test that waits for it does other work: a new interpreter spends most of its time
+    importing torch and transformers, and three of them import side by side.
     """
 
     def __init__(self, stage: str, args: list[str], sig: int, trigger: str, log: Path):
@@ -136,7 +136,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
     """calibrate -> extract -> sparse-train in this process, calibrate and sparse-train twice each (same
-    config and seed); meanwhile, as real processes, the same runs interrupted by SIGKILL or SIGTERM."""
+    config and seed)."""
     root = tmp_path_factory.mktemp("faults")
 
     def ok(*args) -> None:
@@ -146,23 +146,30 @@ def runs(tiny_model, tmp_path_factory):
     ok("calibrate", *fast(tiny_model, root / "cal_a"))
     ok("extract", f"extract.task_vector={root / 'cal_a' / 'task_vector.safetensors'}", f"out={root / 'ext'}")
     mask = root / "ext" / "mask.safetensors"
-    checkpoint, first_step = "checkpoints/step-*/state.pt", "metrics.jsonl"
-    interrupted = {
+    ok("calibrate", *fast(tiny_model, root / "cal_b"))
+    for run in ("a", "b"):
+        ok("sparse-train", *fast(tiny_model, root / f"st_{run}", **{"sparse_train.mask": mask}))
+    return {"root": root, "mask": mask,
+            **{f"cal_{r}": root / f"cal_{r}" / "task_vector.safetensors" for r in "ab"},
+            **{f"st_{r}": root / f"st_{r}" / "sparse_delta.safetensors" for r in "ab"}}
+
+
+@pytest.fixture(scope="module")
+def interrupted(runs, tiny_model):
+    """As real processes, the runs of `runs` interrupted by SIGKILL (after their first checkpoint) or SIGTERM
+    (after their first step), all three started at once."""
+    root, checkpoint, first_step = runs["root"], "checkpoints/step-*/state.pt", "metrics.jsonl"
+    started = {
         "calibrate_kill": Interrupted("calibrate", fast(tiny_model, root / "cal_kill"), signal.SIGKILL,
                                       str(root / "cal_kill" / checkpoint), root / "cal_kill.log"),
         "sparse_train_kill": Interrupted("sparse-train",
-                                         fast(tiny_model, root / "st_kill", **{"sparse_train.mask": mask}),
+                                         fast(tiny_model, root / "st_kill", **{"sparse_train.mask": runs["mask"]}),
                                          signal.SIGKILL, str(root / "st_kill" / checkpoint), root / "st_kill.log"),
         "calibrate_term": Interrupted("calibrate", fast(tiny_model, root / "cal_term", **{"train.save_every": 0}),
                                       signal.SIGTERM, str(root / "cal_term" / first_step), root / "cal_term.log"),
     }
-    ok("calibrate", *fast(tiny_model, root / "cal_b"))
-    for run in ("a", "b"):
-        ok("sparse-train", *fast(tiny_model, root / f"st_{run}", **{"sparse_train.mask": mask}))
-    yield {"root": root, "mask": mask, "interrupted": interrupted,
-           **{f"cal_{r}": root / f"cal_{r}" / "task_vector.safetensors" for r in "ab"},
-           **{f"st_{r}": root / f"st_{r}" / "sparse_delta.safetensors" for r in "ab"}}
-    for run in interrupted.values():  # still running when their tests were deselected
+    yield started
+    for run in started.values():  # still running when a test failed before waiting for it
         run.stop()
 
 
@@ -696,9 +703,10 @@ def test_artifacts_record_config_seed_versions_and_parents(runs, tiny_model):
     ("calibrate_kill", "task_vector", "cal_a"),
     ("sparse_train_kill", "sparse_delta", "st_a"),
 ])
-def test_killed_then_resumed_equals_uninterrupted(runs, name, artifact, reference):
+@pytest.mark.slow  # three real processes, signalled
+def test_killed_then_resumed_equals_uninterrupted(runs, interrupted, name, artifact, reference):
     """SIGKILL right after the first checkpoint; `resume=true` then continues to the same bits."""
-    run = runs["interrupted"][name]
+    run = interrupted[name]
     assert run.result().returncode == -signal.SIGKILL
     stage = "calibrate" if name.startswith("calibrate") else "sparse-train"
     out = out_dir(run.args)
@@ -709,8 +717,9 @@ def test_killed_then_resumed_equals_uninterrupted(runs, name, artifact, referenc
     assert_bitwise_equal(out / f"{artifact}.safetensors", runs[reference])
 
 
-def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(runs):
-    run = runs["interrupted"]["calibrate_term"]
+@pytest.mark.slow  # three real processes, signalled
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(runs, interrupted):
+    run = interrupted["calibrate_term"]
     out = out_dir(run.args)
     line = refused(run.result(), "calibrate", "stopped by signal 15 after step", "rerun the same command with "
                    "resume=true", target=out / "task_vector.safetensors")

@@ -17,6 +17,7 @@ from conftest import DATA, make_task_vector
 from lota_cli import LotaError
 from lota_cli.testing import in_process, paths
 
+pytestmark = pytest.mark.slow  # lm-evaluation-harness end to end (its task index alone: seconds)
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
                                    reason="lm-evaluation-harness is not installed (pip install 'lota-cli[lm-eval]')")
 

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import kernels
 from lota_cli import native
 from lota_cli.ops import delta_overlap, merge
 
-pytestmark = pytest.mark.skipif(native.kernels() is None, reason="no C compiler to build the kernels")
+pytestmark = pytest.mark.skipif(kernels() is None, reason="no C compiler to build the kernels")
 
 
 def torch_path(base, masks, values, method, weights, scale):

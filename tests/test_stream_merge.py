@@ -201,7 +201,7 @@ def test_a_recorded_base_checkpoint_spares_the_model_skeleton(tmp_path, base, mo
     if recorded == "right" and native.kernels() is not None:  # from the command line: numpy and the kernels only
 
         call = f"run('merge', '{path}', 'output_model={tmp_path / 'cli'}', 'dtype=bfloat16', 'out={tmp_path / 'run'}')"
-        assert imported_by(call, tmp_path) == ([], False)
+        assert imported_by(call, cwd=tmp_path) == [([], False)]
         from_cli = saved_weights(tmp_path / "cli")
         assert all(torch.equal(from_cli[n], t) for n, t in saved_weights(streamed).items())
     loaded = _merge(tmp_path, [path], False, monkeypatch, dtype="bfloat16")
