@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,7 +49,9 @@ PIECE = 1 << 24
 def _config(shape: str):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, **SHAPES[shape])
+    # architectures as a real checkpoint's config lists it (save_pretrained writes it; a bare config has none)
+    return LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                       architectures=["LlamaForCausalLM"], **SHAPES[shape])
 
 
 def _layout(shape: str) -> dict:
@@ -209,15 +214,16 @@ def run(cfg) -> list[Figure]:
             Figure(part, "merge peak RSS lota", runs["lota"]["rss_peak"], "B", 2 * GiB),
         ]
         mergekit = find_mergekit(cfg)
-        if c.mergekit and mergekit and _free(root) > 3.3 * info["bytes"]:
+        # mergekit's two input models and its output, and lota's output to compare with: four more copies
+        if c.mergekit and mergekit and _free(root) > 4.3 * info["bytes"]:
             try:
                 figures += _mergekit(root, base, deltas, mergekit, runs["lota"], part)
             except RuntimeError as err:  # report lota's figures anyway
-                figures.append(Figure(part, "mergekit", "failed", note=str(err).strip().splitlines()[-1][:150]))
-                shutil.rmtree(root / "mergekit", ignore_errors=True)
+                figures.append(Figure(part, "mergekit", "failed", note=_why(str(err))))
+            shutil.rmtree(root / "mergekit", ignore_errors=True)
         elif c.mergekit:
             figures.append(Figure(part, "mergekit", "skipped", note="mergekit-yaml not found" if not mergekit else
-                                  f"needs {3.3 * info['bytes'] / GiB:.0f} GiB free for its input models and output"))
+                                  f"needs {4.3 * info['bytes'] / GiB:.0f} GiB free for its input models and output"))
         for path in deltas:
             Path(path).unlink()
         shutil.rmtree(base)
@@ -254,6 +260,8 @@ def run(cfg) -> list[Figure]:
 
 
 def _mergekit(root: Path, base: Path, deltas: list[str], mergekit: str, ours: dict, part: str) -> list[Figure]:
+    """mergekit's task_arithmetic over base + each delta as a model (weights 1: the same sum), timed, and its
+    output compared with lota's merge of the same deltas."""
     work = root / "mergekit"
     models = in_child("bench_scale", "models_for_mergekit", timeout=3600, base=str(base), deltas=deltas, work=str(work))
     config = work / "config.yml"
@@ -261,8 +269,27 @@ def _mergekit(root: Path, base: Path, deltas: list[str], mergekit: str, ours: di
                                   "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models]}))
     theirs = in_child("bench_merge", "timed", timeout=3600,
                       cmd=[mergekit, str(config), str(work / "out"), "--lazy-unpickle", "--quiet", "--no-cuda"])
-    shutil.rmtree(work)
     log(f"scale merge mergekit: {theirs['seconds']:.1f} s, peak RSS {theirs['rss_peak'] / GiB:.2f} GiB")
+    in_child("bench_merge", "timed", timeout=3600, cmd=[
+        sys.executable, "-m", "lota_cli", "merge", *deltas, "method=sum", "dtype=bfloat16",
+        f"output_model={work / 'lota'}", f"out={work / 'run'}"])
+    diff = in_child("bench_merge", "compare", timeout=3600, a=str(work / "lota"), b=str(work / "out"))
+    log(f"scale merge lota vs mergekit: max |diff| {diff['max_abs_diff']:.3g}, "
+        f"{diff['entries_differing']:,} entries differ by > 1e-6")
     return [Figure(part, "merge: mergekit task_arithmetic (lazy)", theirs["seconds"], "s"),
-            Figure(part, "merge time lota / mergekit", ours["seconds"] / theirs["seconds"], "x", 0.5),
-            Figure(part, "merge peak RSS lota / mergekit", ours["rss_peak"] / theirs["rss_peak"], "x", 0.3)]
+            Figure(part, "merge peak RSS mergekit", theirs["rss_peak"], "B"),
+            Figure(part, "merge time lota / mergekit", ours["seconds"] / theirs["seconds"], "x", 0.1),
+            Figure(part, "merge peak RSS lota / mergekit", ours["rss_peak"] / theirs["rss_peak"], "x", 0.1),
+            Figure(part, "max |lota - mergekit| over the merged weights", diff["max_abs_diff"],
+                   note=f"{diff['entries_differing']:,} of {diff['entries']:,} entries differ by > 1e-6 "
+                        f"({diff['tensors']} tensors compared)")]
+
+
+def _why(error: str) -> str:
+    """mergekit's failure in one line: a kill by signal (the kernel's out-of-memory killer sends SIGKILL) with
+    the memory this machine has, else the last line it printed."""
+    status = re.search(r"failed \((-?\d+)\)", error)
+    if status and int(status.group(1)) in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return f"killed (SIGKILL: out of memory on this machine's {memory / GiB:.0f} GiB)"
+    return error.strip().splitlines()[-1][:150]

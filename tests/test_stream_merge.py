@@ -5,6 +5,7 @@ its refusals of damaged checkpoints."""
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -107,6 +108,26 @@ def test_streamed_model_loads_and_runs(tmp_path, base, monkeypatch):
     assert torch.isfinite(logits).all()
     if base[0].name == "tied":
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("base", ["single"], indirect=True)
+def test_a_base_config_without_architectures_gives_an_output_that_names_its_class(tmp_path, base, monkeypatch, caplog):
+    """mergekit and vLLM choose the model class from config.json's `architectures`; a base written from a bare
+    config class has none, and the merged model gets its model_type's class (one log line), not a copy of the gap."""
+    directory, model_cfg, fp, shapes = base
+    bare = tmp_path / "bare"
+    shutil.copytree(directory, bare)
+    config = json.loads((bare / "config.json").read_text())
+    assert config.pop("architectures") == ["LlamaForCausalLM"]
+    (bare / "config.json").write_text(json.dumps(config))
+    da, _ = disjoint_deltas(shapes, seed=5)
+    a = write_sparse(tmp_path / "a.safetensors", da, fp, {**model_cfg, "path": str(bare)})
+    caplog.set_level("INFO", logger="lota_cli.workflows")
+    streamed = _merge(tmp_path, [a], True, monkeypatch)
+    assert json.loads((streamed / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert [r.getMessage() for r in caplog.records if "architectures" in r.getMessage()] == [
+        "the base's config.json lists no architectures; the output's says LlamaForCausalLM (from model_type llama)"]
+    assert "architectures" not in json.loads((bare / "config.json").read_text())  # the base is left as it was
 
 
 def _damage(directory: Path, how: str) -> None:

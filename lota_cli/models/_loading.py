@@ -141,6 +141,14 @@ def state_dict_sources(cfg: ModelConfig, checkpoint) -> dict[str, str] | None:
     return sources
 
 
+def causal_lm_class(model_type: str) -> str | None:
+    """transformers' causal-LM class for a config's `model_type` (what a checkpoint's `architectures` lists, and
+    what mergekit and vLLM choose the model class by), or None for a type transformers does not know."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+
+
 def save_model(model: nn.Module, tokenizer, directory: Path, shard_size: str | int = "2GB") -> Path:
     """Write a Hugging Face model directory (sharded safetensors + tokenizer) atomically."""
     with atomic_directory(directory) as tmp:

@@ -217,7 +217,7 @@ def _into_model(merger: Merger, output: Path, shard_size: int) -> Path:
             if lib and delta is not None:
                 merger.count(delta[1])
         writer.copy_files(directory, skip={p.name for p in directory.iterdir() if p.name.endswith(WEIGHT_FILES)})
-        _set_dtype(writer.tmp / "config.json", merger.dtype)
+        _finish_config(writer.tmp / "config.json", merger.dtype)
     return output
 
 
@@ -328,14 +328,28 @@ def _overflow(code: str) -> LotaError:
                      "lower scale=")
 
 
-def _set_dtype(config: Path, dtype: str) -> None:
-    """The copied config.json names the dtype the weights are now stored in."""
+def _finish_config(config: Path, dtype: str) -> None:
+    """The copied config.json names the dtype the weights are now stored in, and the model class: a base whose
+    config lists no `architectures` (one written from a bare config class, not by save_pretrained) gets its
+    model_type's causal-LM class, since mergekit and vLLM pick the model class from that list (mergekit fails
+    on its absence with a TypeError). Looking the class up imports transformers, so only then."""
     if not config.is_file():
         return
     data = json.loads(config.read_text())
     data["dtype"] = dtype
     if "torch_dtype" in data:
         data["torch_dtype"] = dtype
+    if not data.get("architectures") and data.get("model_type"):
+        from lota_cli.models import causal_lm_class
+
+        name = causal_lm_class(data["model_type"])
+        if name:
+            data["architectures"] = [name]
+            log.info("the base's config.json lists no architectures; the output's says %s (from model_type %s)",
+                     name, data["model_type"])
+        else:
+            log.warning("the base's config.json lists no architectures and transformers knows no causal LM for "
+                        "model_type %s; the output's has none either (mergekit and vLLM need it)", data["model_type"])
     write_text(config, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
