@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from bench_common import THREADS, Figure, child_main, fmt, log  # noqa: E402
+from bench_common import THREADS, Figure, child_main, fmt, log, memory_bytes  # noqa: E402
 
 DEFAULTS = {
     "out": "runs/bench",
@@ -65,7 +65,7 @@ PARTS = {"extract": "bench_extract", "artifacts": "bench_artifacts", "train": "b
 def machine(threads) -> dict:
     import torch
 
-    mem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    mem = memory_bytes()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     return {"cpus": os.cpu_count(), "cpu": cpu, "load_average_after": os.getloadavg(), "memory_gib": round(mem / 2**30, 1), "torch": torch.__version__,
             "torch_threads": threads or torch.get_num_threads(), "gpu": torch.cuda.is_available(), "python": platform.python_version()}

@@ -67,6 +67,11 @@ def fmt(value, unit: str = "") -> str:
 
 # --------------------------------------------------------------------------- memory
 
+def memory_bytes() -> int:
+    """This machine's memory (MemTotal), 0 where /proc/meminfo does not say."""
+    return next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+
+
 def status() -> dict[str, int]:
     """VmRSS, VmHWM, RssAnon, RssFile of this process, in bytes."""
     out = {}

@@ -59,6 +59,7 @@ def prepare(base: str, work: str, sparsity: float) -> dict:
 def timed(cmd: list[str]) -> dict:
     """Child: run a command; its wall time and peak RSS (the largest of its processes, from the kernel)."""
     import resource
+    import signal
     import subprocess
     import time
 
@@ -66,7 +67,8 @@ def timed(cmd: list[str]) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stderr or proc.stdout)[-2000:]}")
+        how = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else proc.returncode
+        raise RuntimeError(f"{' '.join(cmd)} failed ({how}):\n{(proc.stderr or proc.stdout)[-2000:]}")
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "rss_peak": usage.ru_maxrss * 1024}
 

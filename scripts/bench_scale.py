@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 import bench_merge
-from bench_common import GiB, Figure, find_mergekit, in_child, log
+from bench_common import GiB, Figure, find_mergekit, in_child, log, memory_bytes
 
 SHAPES = {  # Llama 3.1 8B, Llama 3.2 3B and 1B
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -286,10 +283,8 @@ def _mergekit(root: Path, base: Path, deltas: list[str], mergekit: str, ours: di
 
 
 def _why(error: str) -> str:
-    """mergekit's failure in one line: a kill by signal (the kernel's out-of-memory killer sends SIGKILL) with
-    the memory this machine has, else the last line it printed."""
-    status = re.search(r"failed \((-?\d+)\)", error)
-    if status and int(status.group(1)) in (-signal.SIGKILL, 128 + signal.SIGKILL):
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return f"killed (SIGKILL: out of memory on this machine's {memory / GiB:.0f} GiB)"
+    """mergekit's failure in one line: killed (the kernel's out-of-memory killer sends SIGKILL), with the memory
+    this machine has, else the last line it printed."""
+    if "killed by SIGKILL" in error:
+        return f"killed (SIGKILL: out of memory on this machine's {memory_bytes() / GiB:.0f} GiB)"
     return error.strip().splitlines()[-1][:150]

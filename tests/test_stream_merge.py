@@ -5,8 +5,8 @@ its refusals of damaged checkpoints."""
 from __future__ import annotations
 
 import json
-import shutil
 import logging
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
