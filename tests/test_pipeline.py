@@ -72,7 +72,7 @@ def test_lotto_chain_of_three_tasks_has_disjoint_masks(pipeline, tiny_model, dat
     chain = [Artifact(p) for p in (pipeline["delta"], delta_b, delta_c)]
     # the new mask says what ranked its entries, as extract's do: calibration with the earlier adapters left out
     assert Artifact(root / "lotto_c" / "mask.safetensors").meta.source == {
-        "name": "task_vector", "stage": "lotto", "calibrate_steps": 6,
+        "name": "task_vector", "stage": "lotto", "calibrate_steps": 6, "calibrate_method": "fft",
         "excluded": [chain[0].meta.fingerprint, chain[1].meta.fingerprint]}
     for name in chain[0].names:
         masks = [a.mask(name) for a in chain]

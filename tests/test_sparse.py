@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import random_positions
 from lota_cli.training import _sparse as sparse
 from lota_cli.testing import saved_bytes
-from lota_cli.training._sparse import _SparseLinear
+from lota_cli.models import frozen_linear
 
 
 def reference_forward(module, x):
@@ -53,6 +53,13 @@ def loss_and_grads(model, trainable, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in trainable.items()}
 
 
+def _sparse_linear(x, weight, bias, index, values):
+    """models.frozen_linear over a linear layer holding `weight` and `bias` as they are (for gradcheck)."""
+    layer = torch.nn.Linear(1, 1)
+    layer._parameters.update(weight=weight, bias=bias)
+    return frozen_linear(layer, x, index, values)
+
+
 def test_gradcheck_float64():
     """Against finite differences, for the input, bias, values and (when it trains) the weight, with
     leading batch dimensions and without."""
@@ -63,10 +70,10 @@ def test_gradcheck_float64():
     bias = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
     for shape in ((2, 3, 5), (5,)):
         x = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
-        assert torch.autograd.gradcheck(_SparseLinear.apply, (x, weight, bias, index, values))
+        assert torch.autograd.gradcheck(_sparse_linear, (x, weight, bias, index, values))
     x = torch.randn(3, 5, dtype=torch.float64, generator=g)  # an input that needs no gradient, no bias
-    assert torch.autograd.gradcheck(_SparseLinear.apply, (x, weight, None, index, values))
-    assert torch.autograd.gradcheck(_SparseLinear.apply, (x, weight.requires_grad_(), bias, index, values))
+    assert torch.autograd.gradcheck(_sparse_linear, (x, weight, None, index, values))
+    assert torch.autograd.gradcheck(_sparse_linear, (x, weight.requires_grad_(), bias, index, values))
 
 
 @pytest.mark.parametrize("mode", ["float32", "bfloat16 weights", "float32 under bf16 autocast"])

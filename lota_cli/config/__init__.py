@@ -7,14 +7,14 @@ from lota_cli.config._registry import CONF_DIR, SCHEMAS, register_resolvers, reg
 from lota_cli.config._schemas import (ADAPTER_NAME, MASK_SOURCES, CalibrateConfig, DataConfig, DataOptions,
                                       DistConfig, EvalConfig, EvalOptions, ExportConfig, ExtractConfig,
                                       ExtractOptions, LmEvalOptions, LoraOptions, LottoConfig, LottoOptions,
-                                      MergeConfig, ModelConfig, OptimConfig, OverlapConfig, SparseTrainConfig,
-                                      SparseTrainOptions, StageConfig, TaskConfig, TrainConfig, TrainStageConfig)
+                                      MergeConfig, ModelConfig, OptimConfig, OverlapConfig, QUANTIZE,
+                                      SparseTrainConfig, SparseTrainOptions, StageConfig, TaskConfig, TrainConfig, TrainStageConfig)
 
 __all__ = [
     "ADAPTER_NAME", "ATTN_MLP_WEIGHTS", "CONF_DIR", "MASK_SOURCES", "SCHEMAS", "CalibrateConfig", "DataConfig", "DataOptions",
     "DistConfig", "EvalConfig", "EvalOptions", "ExportConfig", "ExtractConfig", "ExtractOptions", "LmEvalOptions",
     "LoraOptions", "LottoConfig", "LottoOptions", "MergeConfig", "ModelConfig", "OptimConfig", "OverlapConfig",
-    "ParamsConfig", "SparseTrainConfig", "SparseTrainOptions", "StageConfig", "TaskConfig", "TrainConfig",
-    "TrainStageConfig", "one_of", "opt", "param_matcher", "parse_size", "positive", "register_resolvers", "register_schemas",
+    "ParamsConfig", "QUANTIZE", "SparseTrainConfig", "SparseTrainOptions", "StageConfig", "TaskConfig",
+    "TrainConfig", "TrainStageConfig", "one_of", "opt", "param_matcher", "parse_size", "positive", "register_resolvers", "register_schemas",
     "selected",
 ]

@@ -21,6 +21,9 @@ from lota_cli.config._params import ParamsConfig
 from lota_cli.io import DEFAULT_SHARD_SIZE
 from lota_cli.tensors import WEIGHT_DTYPES
 
+QUANTIZE = ("nf4", "int8")  # model.quantize: bitsandbytes' 4-bit NormalFloat, its 8-bit rows
+QUANTIZED_ENGINES = ("single", "ddp")  # the engines a quantized base trains under (tested)
+
 
 @dataclass
 class ModelConfig:
@@ -30,9 +33,20 @@ class ModelConfig:
     revision: Optional[str] = opt(None, "hub revision (branch, tag or commit)")
     trust_remote_code: bool = opt(False, "run code shipped in the model's repository")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward, to save memory")
+    quantize: Optional[str] = opt(None, "nf4 | int8: hold the frozen base quantized (bitsandbytes, as QLoRA "
+                                        "does) for sparse-train, lotto, eval and calibrate method=lora")
 
     def __post_init__(self):
         one_of("model.dtype", self.dtype, WEIGHT_DTYPES)
+        if self.quantize is not None:
+            one_of("model.quantize", self.quantize, QUANTIZE)
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise LotaError(f"model.quantize={self.quantize} needs bitsandbytes, which is not installed: "
+                                "pip install 'lota-cli[quantize]'")
+            if self.gguf_file:
+                raise LotaError(f"model.quantize={self.quantize} with model.gguf_file: a GGUF file is dequantized "
+                                "on load, then it would be quantized again; give the model's safetensors "
+                                "directory, or drop model.quantize")
 
 
 @dataclass
@@ -185,6 +199,10 @@ class TrainStageConfig(StageConfig):
 
     def __post_init__(self):
         one_of("artifact_dtype", self.artifact_dtype, WEIGHT_DTYPES)
+        if self.model.quantize and self.dist.engine not in QUANTIZED_ENGINES:
+            raise LotaError(f"model.quantize={self.model.quantize} with dist.engine={self.dist.engine}: a quantized "
+                            f"base trains under dist.engine={' or '.join(QUANTIZED_ENGINES)} (its weights are "
+                            "replicated; bitsandbytes' packed weights do not shard under FSDP or ZeRO here)")
         if self.task.name in self.tasks:
             raise LotaError(f"tasks.{self.task.name} has the name of task.name; give one of them another name")
         for key, task in [("task", self.task), *((f"tasks.{k}", t) for k, t in self.tasks.items())]:
@@ -222,6 +240,9 @@ class CalibrateConfig(TrainStageConfig):
     def __post_init__(self):
         super().__post_init__()
         one_of("method", self.method, ("fft", "lora"))
+        if self.model.quantize and self.method != "lora":
+            raise LotaError(f"model.quantize={self.model.quantize} with method={self.method}: a quantized base is "
+                            "frozen, so calibrate over it with method=lora (QLoRA), or drop model.quantize")
 
 
 # What `lota extract` can rank entries by (extract.source): the one list of them, each scored by the function
@@ -272,6 +293,9 @@ class ExtractConfig(StageConfig):
 
     def __post_init__(self):  # here, not in ExtractOptions: its default (source=task_vector, no file) is valid
         opts = self.extract
+        if self.model.quantize:
+            raise LotaError(f"model.quantize={self.model.quantize}: extract ranks the entries of the full-precision "
+                            "base (or of a task vector); drop model.quantize")
         if opts.source == "task_vector" and opts.task_vector is None:
             raise LotaError("extract.source=task_vector needs extract.task_vector=PATH (calibrate's "
                             "task_vector.safetensors); or choose another extract.source")
@@ -295,15 +319,32 @@ class LottoOptions:
     previous: List[str] = opt(factory=list, help="earlier sparse deltas of the same base, in order")
     sparsity: float = opt(0.9, "the new mask keeps (1 - sparsity) of all selected entries")
     calibrate_steps: Optional[int] = opt(None, "steps of the calibration phase; default train.max_steps")
+    calibrate_method: Optional[str] = opt(None, "fft: dense calibration with the earlier masks frozen; lora: "
+                                                "LoRA's merged BA picks the mask (lora.*); default fft, lora "
+                                                "over a quantized base")
 
     def __post_init__(self):
         sparsity_fraction("lotto.sparsity", self.sparsity)
         positive("lotto.calibrate_steps", self.calibrate_steps)
+        if self.calibrate_method is not None:
+            one_of("lotto.calibrate_method", self.calibrate_method, ("fft", "lora"))
 
 
 @dataclass
 class LottoConfig(TrainStageConfig):
     lotto: LottoOptions = field(default_factory=LottoOptions)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.model.quantize and self.lotto.calibrate_method == "fft":
+            raise LotaError(f"model.quantize={self.model.quantize} with lotto.calibrate_method=fft: a quantized base "
+                            "is frozen, so calibrate over it with lotto.calibrate_method=lora, or drop "
+                            "model.quantize")
+
+    def calibration(self) -> str:
+        """How the calibration phase trains: lotto.calibrate_method, by default fft (lora over a quantized base)."""
+        return self.lotto.calibrate_method or ("lora" if self.model.quantize else "fft")
 
 
 @dataclass

@@ -72,7 +72,7 @@ def _linear_modules(delta: Artifact) -> tuple[dict, dict[str, nn.Linear]]:
     if not isinstance(recorded, dict) or not recorded.get("path"):
         raise LotaError(f"{delta.path} records no base model, which export needs to name it in the adapter's "
                         "config and to check its tensors; export sparse deltas made by sparse-train or lotto")
-    model = skeleton(ModelConfig(**recorded))
+    model = skeleton(ModelConfig(**{**recorded, "quantize": None}))  # a skeleton is never quantized
     if model is None:
         raise LotaError(f"cannot read the config of base model {recorded['path']!r}, recorded in {delta.path}, "
                         "which export needs to check that every tensor is an nn.Linear weight; make that model "

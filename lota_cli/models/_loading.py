@@ -13,8 +13,10 @@ from torch import nn
 
 from lota_cli import LotaError, first_line, native
 from lota_cli.config import ModelConfig
-from lota_cli.io import atomic_directory
-from lota_cli.tensors import nonfinite, torch_dtype
+from lota_cli.io import SavedModel, atomic_directory, local_directory
+from lota_cli.models._frozen import prepare_quantized, quantization_config
+from lota_cli.models._weights import CHECKPOINT_FINGERPRINTS
+from lota_cli.tensors import fingerprint_of, nonfinite, torch_dtype
 
 log = logging.getLogger(__package__)
 
@@ -67,14 +69,25 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_model(cfg: ModelConfig):
-    """(model, tokenizer) from a hub id or local directory (or GGUF file), in cfg.dtype, on the CPU."""
+    """(model, tokenizer) from a hub id or local directory (or GGUF file), in cfg.dtype, on the CPU; with
+    cfg.quantize, its linear layers quantized as they load (bitsandbytes; the embeddings and lm_head stay in
+    cfg.dtype, as transformers leaves them) and computing with their dequantized weights (models.frozen_linear)."""
     from transformers import AutoModelForCausalLM
 
     path, common = _checked_source(cfg)
+    dtype = torch_dtype(cfg.dtype)
+    if cfg.quantize:
+        common["quantization_config"] = quantization_config(cfg.quantize, dtype)
+        common["device_map"] = "cpu"  # quantized on the CPU as it loads; an engine moves it to its device
+        fingerprints = _checkpoint_fingerprints(cfg)  # before the weights: a base lota cannot read is refused
     with _loading(cfg):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype), **common)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common)
     tokenizer = load_tokenizer(cfg)
     _check_finite(model, cfg.path)
+    if cfg.quantize:
+        model.__dict__[CHECKPOINT_FINGERPRINTS] = fingerprints
+        log.info("model %s: %d linear layers held %s, computing in %s", cfg.path, prepare_quantized(model, dtype),
+                 cfg.quantize, cfg.dtype)
     if cfg.gguf_file:  # dequantized on load: drop the quantizer so the model trains and saves as plain weights
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -104,12 +117,27 @@ def skeleton(cfg: ModelConfig) -> nn.Module | None:
         return None
 
 
+def _checkpoint_fingerprints(cfg: ModelConfig) -> tuple[str, str]:
+    """(fingerprint, model_saved_fingerprint) of the checkpoint a quantized model loads from, read from its
+    files (a sample of each tensor): the same as the model's loaded unquantized, so that artifacts made over
+    the quantized base match the full-precision one and the other way round."""
+    directory, why_not = local_directory(cfg)
+    checkpoint = SavedModel(directory) if directory is not None else None
+    sources = state_dict_sources(cfg, checkpoint) if checkpoint is not None else None
+    if sources is None:
+        raise LotaError(f"model.quantize={cfg.quantize}: lota reads the base's checkpoint to fingerprint it, and "
+                        f"cannot read {cfg.path}'s ({why_not or 'its tensor names are not the model parameters'}); "
+                        "give a local model directory saved as safetensors, or drop model.quantize")
+    return fingerprint_of(checkpoint.flat_tensors(sources)), checkpoint.saved_fingerprint()
+
+
 @torch.no_grad()
 def _check_finite(model: nn.Module, path: str) -> None:
     """Refuse weights holding NaN or Inf: training would stop at its first step with a NaN loss and blame the
-    learning rate. One pass over the weights, small next to reading them from disk."""
+    learning rate. One pass over the weights, small next to reading them from disk (of a quantized model, its
+    float tensors: a non-finite weight makes its block's absmax non-finite)."""
     for name, tensor in model.state_dict().items():
-        if not native.all_finite(tensor):
+        if tensor.is_floating_point() and not native.all_finite(tensor):
             raise nonfinite(f"model {path!r}: weight {name!r}",
                             "the model files are damaged or the model diverged: use an intact copy")
 

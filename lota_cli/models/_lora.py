@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 
 from lota_cli import LotaError
 from lota_cli.config import LoraOptions
+from lota_cli.models._frozen import weight_shape
 
 
 def attach_lora(model: nn.Module, names: list[str], cfg: LoraOptions):
@@ -27,6 +29,23 @@ def attach_lora(model: nn.Module, names: list[str], cfg: LoraOptions):
         raise LotaError(f"LoRA could not wrap lora.target_modules={targets}: {err}") from err
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     return peft_model, trainable
+
+
+def lora_delta(peft_model, trained: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """name -> the dense delta scale·B·A of each base weight in `names`, from the trained adapter values
+    (`trained`: attach_lora's trainable names -> full tensors, as an engine gathers them), in float32 and
+    without touching the base: what merge_lora would add, where the base cannot take it (a quantized base)."""
+    deltas = {}
+    for name in names:
+        prefix = f"base_model.model.{name.rpartition('.')[0]}"
+        layer = peft_model.get_submodule(prefix)
+        if f"{prefix}.lora_A.default.weight" not in trained:  # not a target (lora.target_modules): unchanged
+            deltas[name] = torch.zeros(weight_shape(layer.weight))
+            continue
+        a, b = (trained[f"{prefix}.lora_{x}.default.weight"].float() for x in "AB")
+        delta = (b @ a) * layer.scaling["default"]
+        deltas[name] = delta.t() if getattr(layer, "fan_in_fan_out", False) else delta
+    return deltas
 
 
 def merge_lora(peft_model) -> nn.Module:

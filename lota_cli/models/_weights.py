@@ -8,12 +8,20 @@ from torch import nn
 
 from lota_cli import LotaError
 from lota_cli.config import ParamsConfig, param_matcher, selected
+from lota_cli.models._frozen import add_to_quantized, is_quantized, weight_shape
 from lota_cli.tensors import fingerprint_of
+
+# in a quantized model's __dict__: (fingerprint, model_saved_fingerprint) of the checkpoint it was loaded from,
+# read from the checkpoint's files (models.load_model): its own state_dict holds the quantized bytes
+CHECKPOINT_FINGERPRINTS = "_lota_checkpoint_fingerprints"
 
 
 def fingerprint(model: nn.Module) -> str:
     """A fast fingerprint of the weights (tensors.fingerprint_of over the state_dict, in its order): names,
-    shapes and a fixed sample of values as bfloat16, the same loaded in float32 or bfloat16."""
+    shapes and a fixed sample of values as bfloat16, the same loaded in float32 or bfloat16, or quantized
+    (then it is the checkpoint's, read from its files)."""
+    if CHECKPOINT_FINGERPRINTS in model.__dict__:
+        return model.__dict__[CHECKPOINT_FINGERPRINTS][0]
     return fingerprint_of((name, t.shape, t.detach().reshape(-1)) for name, t in model.state_dict().items())
 
 
@@ -21,6 +29,8 @@ def model_saved_fingerprint(model: nn.Module) -> str:
     """fingerprint_of a loaded model as save_pretrained writes it, in name order: each tensor once (tied
     weights under their first name in state_dict order), so that it equals io.SavedModel's
     saved_fingerprint, which needs no model code (artifacts' base_checkpoint)."""
+    if CHECKPOINT_FINGERPRINTS in model.__dict__:
+        return model.__dict__[CHECKPOINT_FINGERPRINTS][1]
     tensors: dict[str, torch.Tensor] = {}
     seen = set()
     for name, tensor in model.state_dict().items():
@@ -41,7 +51,7 @@ def select_params(model: nn.Module, cfg: ParamsConfig) -> list[str]:
             raise LotaError(f"params.include matches {name!r}, a buffer of this model, not a parameter: it has no "
                             "gradient and is not saved as a weight, so lota cannot train it; add it to "
                             "params.exclude (or narrow params.include)")
-    names = selected({n: tuple(p.shape) for n, p in model.named_parameters()}, cfg)
+    names = selected({n: weight_shape(p) for n, p in model.named_parameters()}, cfg)
     check_trainable(model, names)
     return names
 
@@ -82,7 +92,7 @@ def check_trainable(model: nn.Module, names: list[str]) -> None:
             raise LotaError(f"this model has no parameter {name!r}; use artifacts made from this base model")
         module, attr = held
         param = module._parameters[attr]
-        if not param.is_floating_point():
+        if not param.is_floating_point() and not (is_quantized(param) and attr == "weight"):
             raise LotaError(f"tensor {name!r} is {str(param.dtype).removeprefix('torch.')}, not floating point "
                             "(a quantized weight?): lota trains float weights; load the model unquantized "
                             "(model.dtype=bfloat16) or add it to params.exclude")
@@ -107,18 +117,27 @@ def check_tensor(model: nn.Module, name: str, shape: tuple[int, ...], source: st
                             "trains and adds deltas to parameters only; use an artifact made without it") from None
         raise LotaError(f"{source} has tensor {name!r}, which this model does not have; it was made for another "
                         "architecture: use artifacts made from this base model") from None
-    if tuple(param.shape) != tuple(shape):
-        raise LotaError(f"{source}: tensor {name!r} is {list(shape)} but the model's is {list(param.shape)}; use "
+    if weight_shape(param) != tuple(shape):
+        raise LotaError(f"{source}: tensor {name!r} is {list(shape)} but the model's is "
+                        f"{list(weight_shape(param))}; use "
                         "artifacts made from this base model")
     return param
 
 
 @torch.no_grad()
 def add_delta(model: nn.Module, artifact, scale: float = 1.0) -> None:
-    """Add an artifact's delta into the model's weights in place: O(k) for a sparse delta."""
+    """Add an artifact's delta into the model's weights in place: O(k) for a sparse delta. A quantized weight
+    keeps a sparse delta beside it (models.add_to_quantized); a dense one cannot be added to it."""
     for name in artifact.names:
         param = check_tensor(model, name, artifact.shape(name), str(artifact.path))
-        if artifact.kind == "sparse_delta":
+        if is_quantized(param):
+            if artifact.kind != "sparse_delta":
+                raise LotaError(f"{artifact.path} is a dense {artifact.kind}: it cannot be added to the quantized "
+                                f"weight {name!r}; apply it to the full-precision base (drop model.quantize), or "
+                                "extract a mask and sparse-train")
+            module = model.get_submodule(name.rpartition(".")[0])
+            add_to_quantized(module, artifact.indices(name), artifact.values(name).float() * scale)
+        elif artifact.kind == "sparse_delta":
             values = artifact.values(name).to(param.dtype)
             param.view(-1).index_add_(0, artifact.indices(name).long(), values, alpha=scale)
         else:

@@ -1,9 +1,10 @@
 """lota lotto: Lottery Ticket Transfer (LoTTO), a new task after earlier LoTA adapters.
 
 The model being adapted is base + the earlier sparse deltas. Calibration on the new task keeps every entry
-of an earlier mask frozen (restored after each optimizer step, so it stays bitwise unchanged); the new mask
-is drawn from the remaining entries only, so it is disjoint from every earlier mask; then the masked entries
-are sparse-trained from base + earlier deltas. Output: the new sparse delta (and, with save_model, the model
+of an earlier mask frozen (restored after each optimizer step, so it stays bitwise unchanged), or, with
+lotto.calibrate_method=lora (the default over a quantized base, whose weights cannot train), trains LoRA
+adapters whose scale·BA is the delta; the new mask is drawn from the remaining entries only, so it is
+disjoint from every earlier mask; then the masked entries are sparse-trained from base + earlier deltas. Output: the new sparse delta (and, with save_model, the model
 of the whole chain).
 
 Phases write into out/calibrate and out/sparse-train (metrics, checkpoints); the new mask is saved as
@@ -23,7 +24,7 @@ from lota_cli import LotaError
 from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import LottoConfig
 from lota_cli.inputs import open_artifact
-from lota_cli.models import add_delta, select_params
+from lota_cli.models import add_delta, attach_lora, lora_delta, select_params, weight_shape
 from lota_cli.ops import k_for, top_k_mask
 from lota_cli.tensors import count_bits, encode_positions, pack_bits, torch_dtype, unpack_bits
 from lota_cli.training import attach_sparse, export_model, load_base, setup, train
@@ -49,6 +50,42 @@ def _frozen_union(previous: list[Artifact], names: list[str]) -> dict[str, np.nd
     return union
 
 
+def _dense_calibration(run, model, names: list[str], numel: dict[str, int], frozen: dict[str, np.ndarray],
+                       cfg: LottoConfig, out: Path, depends: dict) -> dict[str, torch.Tensor]:
+    """Fine-tune the selected weights densely, every entry of an earlier mask restored after each optimizer
+    step; the delta from base + earlier deltas (on the main process; {} on the others)."""
+    engine, main = run.engine, run.is_main
+    # base + earlier deltas, for the delta that picks the mask: only the main process picks it
+    start = {n: model.get_parameter(n).detach().to("cpu", copy=True) for n in names} if main else {}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = {n: model.get_parameter(n).requires_grad_(True) for n in names}
+    frozen_index = {n: torch.from_numpy(np.flatnonzero(unpack_bits(b, numel[n]))) for n, b in frozen.items()}
+    frozen_values = {n: trainable[n].detach().reshape(-1)[i].clone() for n, i in frozen_index.items()}
+
+    def restore_frozen() -> None:
+        for n, index in frozen_index.items():
+            engine.write_entries(trainable[n], index, frozen_values[n])
+
+    train(model, trainable, run.data, run.tokenizer.pad_token_id, cfg, out, engine,
+          depends={"phase": "calibrate", **depends}, after_step=restore_frozen)
+    trained = engine.trained_values(trainable)
+    return {n: trained[n] - start[n].float() for n in names} if main else {}
+
+
+def _lora_calibration(run, model, names: list[str], cfg: LottoConfig, out: Path,
+                      depends: dict) -> dict[str, torch.Tensor]:
+    """Train LoRA adapters (lora.*) over base + earlier deltas, which stay as they are; the delta is scale·BA
+    (on the main process; {} on the others). The earlier masks' entries are left out when the mask is drawn."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model, fitted = attach_lora(model, names, cfg.lora)
+    train(peft_model, fitted, run.data, run.tokenizer.pad_token_id, cfg, out, run.engine,
+          depends={"phase": "calibrate", "method": "lora", **depends})
+    adapters = run.engine.trained_values(fitted)
+    return lora_delta(run.engine.accelerator.unwrap_model(peft_model), adapters, names) if run.is_main else {}
+
+
 def run(cfg: LottoConfig, out: Path) -> list[Path]:
     if not cfg.lotto.previous:
         raise LotaError("lotto.previous is empty: give the earlier adapters, e.g. lotto.previous=[a.safetensors]; "
@@ -61,7 +98,7 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
         prev.check_base(run.base_fingerprint, cfg.model.path)
         add_delta(model, prev)
     names = select_params(model, cfg.params)
-    shapes = {n: tuple(model.get_parameter(n).shape) for n in names}
+    shapes = {n: weight_shape(model.get_parameter(n)) for n in names}
     numel = {n: torch.Size(s).numel() for n, s in shapes.items()}
     frozen = _frozen_union(previous, names)
     depends = {"base": run.base_fingerprint, "previous": [p.meta.fingerprint for p in previous]}
@@ -79,33 +116,22 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
     if cfg.resume and mask_path.is_file():
         log.info("resuming: found the new mask %s, skipping calibration", mask_path)
     else:
-        # base + earlier deltas, for the delta that picks the mask: only the main process picks it
-        start = {n: model.get_parameter(n).detach().to("cpu", copy=True) for n in names} if main else {}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        trainable = {n: model.get_parameter(n).requires_grad_(True) for n in names}
-        frozen_index = {n: torch.from_numpy(np.flatnonzero(unpack_bits(b, numel[n]))) for n, b in frozen.items()}
-        frozen_values = {n: trainable[n].detach().reshape(-1)[i].clone() for n, i in frozen_index.items()}
-
-        def restore_frozen() -> None:
-            for n, index in frozen_index.items():
-                engine.write_entries(trainable[n], index, frozen_values[n])
-
         steps = cfg.lotto.calibrate_steps or cfg.train.max_steps
         phase1 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
-        train(model, trainable, run.data, run.tokenizer.pad_token_id, phase1, out / "calibrate",
-              engine, depends={"phase": "calibrate", **depends}, after_step=restore_frozen)
-        trained = engine.trained_values(trainable)
+        if cfg.calibration() == "lora":
+            delta = _lora_calibration(run, model, names, phase1, out / "calibrate", depends)
+        else:
+            delta = _dense_calibration(run, model, names, numel, frozen, phase1, out / "calibrate", depends)
         if main:
-            delta = {n: trained[n] - start[n].float() for n in names}
             chosen = top_k_mask(delta, k, excluded=frozen)
             source = {"name": "task_vector", "stage": "lotto", "calibrate_steps": steps,
+                      "calibrate_method": cfg.calibration(),
                       "excluded": depends["previous"]}  # the earlier adapters' entries, left out
             meta = stage_meta("mask", "lotto", cfg, cfg.model.path, run.base_fingerprint,
                               parents=depends["previous"], sparsity=cfg.lotto.sparsity,
                               base_checkpoint=run.base_checkpoint, source=source)
             save_sparse(mask_path, meta, shapes, {n: encode_positions(chosen[n], numel[n]) for n in names})
-        del start, trained, trainable, model
+        del delta, model
         engine.accelerator.wait_for_everyone()  # every process reads the mask the main one chose
         # back to base + earlier deltas for the sparse phase, in a fresh model: an engine takes a model once
         engine.accelerator.free_memory()

@@ -4,7 +4,7 @@ from, and writing the trained model at the end."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -76,15 +76,27 @@ def load_base(cfg: TrainStageConfig, engine, previous=()) -> nn.Module:
 
 def export_model(run: Run, cfg: TrainStageConfig, model: nn.Module, directory: Path,
                  trained: dict[str, torch.Tensor], positions: dict[str, torch.Tensor] | None = None,
-                 previous=()) -> Path:
+                 previous=(), added: bool = False) -> Path:
     """Write the trained model as a Hugging Face directory (main process only): the engine's model (or, where
     that may be partitioned or cast, a fresh base + `previous` deltas) with the `trained` values in place,
-    dense or at `positions`. Weights that did not train stay bitwise the base's."""
-    model = run.engine.model_for_export(model, lambda: load_base(cfg, run.engine, previous))
+    dense (`added`: deltas added to the weights) or at `positions`. Weights that did not train stay bitwise
+    the base's. Over a quantized base, the fresh base is its full-precision checkpoint (as QLoRA users merge
+    into the fp16 base): the values trained against the quantized weights are written over the unquantized."""
+    if cfg.model.quantize:
+        log.info("the values trained against the %s-quantized base; writing them over its full-precision "
+                 "weights (model.dtype=%s)", cfg.model.quantize, cfg.model.dtype)
+        full = replace(cfg, model=replace(cfg.model, quantize=None))
+        model = load_base(full, run.engine, previous)
+    else:
+        model = run.engine.model_for_export(model, lambda: load_base(cfg, run.engine, previous))
     if positions is None:
         with torch.no_grad():
             for name, value in trained.items():
-                model.get_parameter(name).copy_(value)
+                param = model.get_parameter(name)
+                if added:
+                    param.add_(value.to(param.dtype))
+                else:
+                    param.copy_(value)
     else:
         attach_sparse(model, positions, trained)
         fold_sparse(model, list(positions))

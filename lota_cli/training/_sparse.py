@@ -15,12 +15,12 @@ The module computes with the merged tensor, weight + values added at index. Why 
 
 Two ways of computing with the merged tensor, neither keeping a weight-sized copy for backward:
 
-nn.Linear's weight (`_SparseLinear`, an autograd function): forward builds the merged weight for its matmul
-and frees it; only the layer's input and references to the resident weight, index and values are saved, so
-what backward keeps is what full fine-tuning keeps. Backward rebuilds the merged weight for the input's
-gradient (one more index_add per layer), then gathers the values' gradient from the dense weight gradient, a
-transient too: that one matmul beat gathering k products per token by 14x (scripts/bench_saved.py:
-2048x2048, density 0.1, 512 tokens, one CPU thread: 33 against 470 ms).
+nn.Linear's weight, and a quantized linear layer's (models.frozen_linear, an autograd function): forward
+builds the merged weight (over the dequantized base, for a quantized layer) for its matmul and frees it; only
+the layer's input and references to the resident weight, index and values are saved, so what backward keeps
+is what full fine-tuning keeps. Backward rebuilds the merged weight for the input's gradient, then gathers
+the values' gradient from the dense weight gradient, a transient too. A quantized layer's values train
+relative to its dequantized weight: outside the mask it computes with exactly that weight.
 
 Any other parameter (the general path: Conv1D's weight, 3-D expert stacks, a router, an embedding, any 1-D or
 N-D parameter read by arbitrary module code): the module's class is swapped for a subclass (as
@@ -31,7 +31,7 @@ frozen parameter itself, as for nn.Linear. The consuming ops (F.linear, addmm, g
 tensor for backward; inside the forward a saved-tensors hook stores a recipe instead of any tensor that
 shares the merged tensor's storage (the tensor itself, an expert's slice, a transposed view), and backward
 rebuilds it once per module from the resident weight, index and values, then frees it when the last op that
-saved it has run (the same transient as `_SparseLinear`'s). The values' gradient is index_add's: the dense
+saved it has run (the same transient as frozen_linear's). The values' gradient is index_add's: the dense
 gradient of the merged tensor gathered at the index, a transient. So backward keeps what full fine-tuning
 keeps (tests/test_any_weight.py, 8 tokens: a Qwen3-MoE with 8 experts of 256 keeps 0.32 MiB, as full
 fine-tuning does, against 12.3 MiB when its merged experts are saved; GPT-2's Conv1D 0.95 against 22 MiB).
@@ -48,54 +48,17 @@ import threading
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lota_cli import LotaError
-from lota_cli.models import check_trainable, owner
-
-
-def _merged(weight: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """weight + values at their flat positions, in the weight's dtype; a new tensor, weight untouched."""
-    return weight.reshape(-1).index_add(0, index, values.to(weight.dtype)).view_as(weight)
-
-
-class _SparseLinear(torch.autograd.Function):
-    """F.linear(x, _merged(weight, index, values), bias) without keeping the merged weight for backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, index, values):
-        ctx.save_for_backward(x, weight, index, values)  # all but x are resident: saving them costs nothing
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        # under autocast F.linear computes in autocast's dtype, otherwise in the weight's: the output's
-        # dtype, which grad_out has too, so backward computes in the same dtype as forward did
-        return F.linear(x, _merged(weight, index, values), bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, index, values = ctx.saved_tensors
-        need_x, need_weight, need_bias, _, need_values = ctx.needs_input_grad
-        dtype = grad_out.dtype
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_weight = grad_bias = grad_values = None
-        if need_x:
-            grad_x = (grad_out @ _merged(weight, index, values).to(dtype)).to(x.dtype)
-        if need_weight or need_values:  # the same products, in the same order, as F.linear's backward
-            dense = grad_2d.t() @ x.reshape(-1, x.shape[-1]).to(dtype)
-            if need_values:
-                grad_values = dense.view(-1).index_select(0, index).to(values.dtype)
-            if need_weight:
-                grad_weight = dense.to(weight.dtype)
-        if need_bias:
-            grad_bias = grad_2d.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias, None, grad_values
+from lota_cli.models import check_trainable, frozen_linear, is_quantized, owner, with_values
 
 
 def _sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if _ATTRS in self.__dict__:  # other masked tensors too (its bias): they read merged inside _Merging
         with _Merging(self):
-            return _SparseLinear.apply(x, self.weight, self.bias, self.lota_index, self.lota_values)
-    return _SparseLinear.apply(x, self.weight, self.bias, self.lota_index, self.lota_values)
+            return frozen_linear(self, x, self.lota_index, self.lota_values)
+    return frozen_linear(self, x, self.lota_index, self.lota_values)
 
 
 # --------------------------------------------------------------------------- the general path
@@ -130,7 +93,7 @@ class _Recipe:
             if self.values._version != self.version and not hasattr(self.values, "ds_id"):
                 raise RuntimeError("lota_values were modified in place between a forward and its backward")
             with torch.no_grad():
-                self.merged = _merged(self.weight, self.index, self.values)
+                self.merged = with_values(self.weight, self.index, self.values)
         return self.merged
 
 
@@ -212,7 +175,7 @@ def _reader(attr: str):
         if cache is None:
             return param
         if attr not in cache:
-            cache[attr] = _merged(param, self._buffers[index_name], self._parameters[values_name])
+            cache[attr] = with_values(param, self._buffers[index_name], self._parameters[values_name])
         return cache[attr]
 
     return property(read)
@@ -256,8 +219,11 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _fast(module: nn.Module, attr: str) -> bool:
-    """Whether `attr` of `module` takes the nn.Linear path (a plain nn.Linear's weight)."""
-    return attr == "weight" and getattr(module.__dict__.get(_BASE, type(module)), "forward", None) is nn.Linear.forward
+    """Whether `attr` of `module` takes the nn.Linear path (a plain nn.Linear's weight, or a quantized one's)."""
+    if attr != "weight":
+        return False
+    return (is_quantized(module._parameters["weight"])
+            or getattr(module.__dict__.get(_BASE, type(module)), "forward", None) is nn.Linear.forward)
 
 
 def attach_sparse(model: nn.Module, positions: dict[str, torch.Tensor],
@@ -296,10 +262,13 @@ def fold_sparse(model: nn.Module, names: list[str]) -> None:
         if values_name not in module._parameters:
             raise LotaError(f"sparse training: {name!r} has no values attached to fold")
         param, index, vals = module._parameters[attr], module._buffers[index_name], module._parameters[values_name]
+        if is_quantized(param):
+            raise LotaError(f"sparse training: {name!r} is quantized; its values are added to the full-precision "
+                            "base instead (models.add_delta on a model loaded without model.quantize)")
         param.view(-1).index_add_(0, index.long(), vals.to(param.dtype))
         delattr(module, values_name)
         delattr(module, index_name)
         if _fast(module, attr):
-            del module.forward
+            del module.forward  # back to its class's forward
         else:
             _set_attrs(module, module.__dict__[_ATTRS] - {attr})

@@ -169,8 +169,13 @@ def _recorded_model(inputs: list[Artifact], dtype: str) -> ModelConfig:
     if recorded is None:
         raise LotaError(f"none of {[str(a.path) for a in inputs]} records the model it was made from (a merge's "
                         "own output does not); merge to a task vector instead and apply it with `lota eval`")
+    quantized = sorted({a.meta.config["model"]["quantize"] for a in inputs
+                        if isinstance(a.meta.config.get("model"), dict) and a.meta.config["model"].get("quantize")})
+    if quantized:  # as QLoRA users merge into the fp16 base
+        log.info("%s trained against the %s-quantized base; merging into its full-precision weights",
+                 ", ".join(a.path.name for a in inputs), " and ".join(quantized))
     # gradient checkpointing would change the saved config's use_cache
-    return ModelConfig(**{**recorded, "dtype": dtype, "gradient_checkpointing": False})
+    return ModelConfig(**{**recorded, "dtype": dtype, "gradient_checkpointing": False, "quantize": None})
 
 
 def _into_model(merger: Merger, output: Path, shard_size: int) -> Path:
