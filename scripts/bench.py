@@ -14,6 +14,8 @@ Parts (each measurement runs in a fresh child process, so peak RSS is that call'
   data       encoding 5,000 Alpaca rows batched (first run) and from the cache (second) vs one row at a time;
              packed vs unpacked real tokens/s of SmolLM2 forward + backward
   startup    whole-process time of lota info, extract, merge and overlap on tiny inputs (start-up to first work)
+  quantized  (not in the default parts: ~20 min) LoTA over an nf4 base vs over the float32 one on SmolLM2-135M
+             and GSM8K: held-out NLL gain, the cost of deploying into the fp base, peak RSS and time
   scale      (not in the default parts: ~45 GB of disk, minutes) merge into and extract from a random bf16
              Llama of 8B shape (scale.shape=3b|1b for smaller disks) vs cp of its shards and a plain pass
 
@@ -52,6 +54,7 @@ DEFAULTS = {
     "eval": {"prompts": 16, "new_tokens": 32, "batch": 16},
     "mergekit_bin": None,  # a directory holding mergekit-yaml (mergekit's own venv), if not beside python
     "scale": {"shape": "8b", "mergekit": True, "rounds": 2},
+    "quantized": {"steps": 20, "batch": 2, "length": 192, "lr": 1e-4, "sparsity": 0.9, "eval_examples": 64},
     "data": {"encode_rounds": 3, "batch": 8, "rounds": 6},
     "startup": {"rounds": 5},
     "memory": {"dtypes": ["float32", "bfloat16"], "batch": 1, "seq": 32, "sparsity": 0.9, "cli": True,
@@ -59,7 +62,7 @@ DEFAULTS = {
 }
 PARTS = {"extract": "bench_extract", "artifacts": "bench_artifacts", "train": "bench_train",
          "merge": "bench_merge", "eval": "bench_eval", "memory": "bench_memory", "scale": "bench_scale",
-         "data": "bench_data", "startup": "bench_startup"}
+         "data": "bench_data", "startup": "bench_startup", "quantized": "bench_quantized"}
 
 
 def machine(threads) -> dict:

@@ -97,10 +97,22 @@ def run(cfg) -> list[Figure]:
             "eval.generate=false", "eval.max_examples=1", "eval.batch_size=1", f"out={Path(cfg.out) / 'memory-eval'}"],
             timeout=1800)
         log(f"memory cli: sparse-train peak {train['rss_peak'] / 2**20:.0f} MiB, eval {evaluate['rss_peak'] / 2**20:.0f} MiB")
+        planned = {}
+        for stage in ("sparse-train", "eval"):
+            in_child("bench_merge", "timed", cmd=[
+                *lota, "plan", *common, f"task.max_length={c.cli_tokens}", "train.batch_size=1",
+                f"plan.stage={stage}", f"plan.density={1 - c.sparsity}", f"out={Path(cfg.out) / 'memory-plan'}"])
+            plan = json.loads((Path(cfg.out) / "memory-plan" / "plan.json").read_text())
+            planned[stage] = plan["engines"]["single"]["devices"]["1"]["total"]
         figures += [
             Figure("memory/cli", "lota sparse-train peak RSS", train["rss_peak"], "B",
                    note=f"float32, 1 step of batch 1 x <= {c.cli_tokens} tokens, sparsity {c.sparsity}"),
             Figure("memory/cli", "lota eval (forward only) peak RSS", evaluate["rss_peak"], "B"),
             Figure("memory/cli", "sparse-train / eval peak RSS", train["rss_peak"] / evaluate["rss_peak"], "x", 1.4),
         ]
+        for stage, measured in (("sparse-train", train), ("eval", evaluate)):
+            ratio = planned[stage] / measured["rss_peak"]
+            figures.append(Figure("memory/cli", f"lota plan / measured peak, {stage}", ratio, "x",
+                                  check=0.85 <= ratio <= 1.15, note=f"planned {planned[stage] / 2**20:,.0f} MiB "
+                                                                   "(target 0.85..1.15)"))
     return figures

@@ -35,9 +35,10 @@ def test_help_names_the_stage_and_lists_only_its_keys(stage):
             if line.startswith("  ")]
     assert "out" in keys and "debug" in keys
     trains = stage in ("calibrate", "sparse-train", "lotto")
-    assert ("train.lr" in keys) == trains and ("dist.engine" in keys) == trains
-    assert ("model.path" in keys) == (trains or stage in ("eval", "data", "extract"))  # extract: its model sources
-    assert not any(k.startswith("train.") for k in keys) or trains  # a preset's training settings: not for eval
+    plans = stage == "plan"  # a training stage's settings, every engine: no dist.*
+    assert ("train.lr" in keys) == (trains or plans) and ("dist.engine" in keys) == trains
+    assert ("model.path" in keys) == (trains or plans or stage in ("eval", "data", "extract"))  # extract: sources
+    assert not any(k.startswith("train.") for k in keys) or trains or plans  # a preset's: not for eval
     if stage == "extract":
         assert "extract.sparsity" in keys and "extract.source" in keys
     for line in text.split("keys (current value, meaning):\n")[1].splitlines():

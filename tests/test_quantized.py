@@ -5,6 +5,7 @@ quantized base runs on the tiny model; what cannot work is refused in one line b
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -258,3 +259,99 @@ def test_ddp_over_an_nf4_base_trains_like_one_process(tiny_model, tmp_path):
     print(f"\nnf4 sparse-train, 2 vs 1 process: max abs difference {diff:.2e}")
     assert diff < 1e-6
     assert losses(tmp_path / "st2") == pytest.approx(losses(tmp_path / "st"), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- lota plan
+
+
+def _peak_rss(*args) -> int:
+    """Peak RSS in bytes of `lota ARGS` run in a fresh process (its own VmHWM, read as it ends)."""
+    import subprocess
+    import sys
+
+    from lota_cli.testing import OFFLINE_ENV
+
+    script = ("import sys\nfrom lota_cli import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit as e:\n"
+              "    assert not e.code, e.code\nfor line in open('/proc/self/status'):\n"
+              "    if line.startswith('VmHWM'):\n        print('@@', int(line.split()[1]) * 1024)\n")
+    result = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                            env={**OFFLINE_ENV, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return int(next(line for line in result.stdout.splitlines() if line.startswith("@@")).split()[1])
+
+
+def test_plan_counts_the_base_and_the_trained_entries_as_loaded(tiny_model, loaded, tmp_path):
+    """plan.json's base is the bytes of the weights as loaded (full precision and quantized), and its trained
+    parts 20 B an entry at the density asked (AdamW)."""
+    for quantize in (None, "nf4", "int8"):
+        extra = [f"model.quantize={quantize}"] if quantize else []
+        (path,) = paths(in_process("plan", f"model.path={tiny_model}", *extra, "plan.density=0.25",
+                                   f"out={tmp_path / str(quantize)}"))
+        plan = json.loads(path.read_text())
+        single = plan["engines"]["single"]["devices"]["1"]
+        model = loaded[quantize]
+        held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        assert abs(single["base"] - held) <= 0.01 * held, (quantize, single["base"], held)
+        k = math.ceil(0.25 * plan["selected_parameters"])
+        assert single["values"] + single["gradients"] + single["optimizer"] == 20 * k
+        assert ("zero3" in plan["engines"]) == (quantize is None)  # a quantized base trains replicated only
+        # split over devices: zero2 the gradients and state, zero3 everything trained and the base
+        zero3 = plan["engines"].get("zero3", {}).get("devices", {}).get("2")
+        if zero3:
+            assert zero3["base"] == single["base"] / 2 and zero3["optimizer"] == single["optimizer"] / 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_plan_is_within_15_percent_of_a_measured_peak(tiny_model, tmp_path, quantize):
+    extra = {"model.quantize": quantize} if quantize else {}
+    (task_vector,) = paths(in_process("calibrate", *tiny_overrides(tiny_model, tmp_path / "cal", **{
+        "train.max_steps": 1, "method": "lora", **extra})))
+    (mask,) = paths(in_process("extract", f"extract.task_vector={task_vector}", f"out={tmp_path / 'ext'}"))
+    settings = {"train.max_steps": 2, "train.batch_size": 4, "task.max_length": 128, **extra}
+    measured = _peak_rss("sparse-train", *tiny_overrides(tiny_model, tmp_path / "st", **settings,
+                                                         **{"sparse_train.mask": mask}))
+    (path,) = paths(in_process("plan", *tiny_overrides(tiny_model, tmp_path / "plan", **settings),
+                               "plan.density=0.1"))
+    planned = json.loads(path.read_text())["engines"]["single"]["devices"]["1"]["total"]
+    print(f"\nsparse-train over {quantize or 'float32'}: planned {planned / 2**20:.0f} MiB, "
+          f"measured {measured / 2**20:.0f} MiB")
+    assert 0.85 <= planned / measured <= 1.15
+
+
+def test_adamw8bit_keeps_a_quarter_of_adamws_state_and_steps_like_it():
+    """optim=adamw8bit: bitsandbytes' AdamW8bit on the CPU, 1-byte moments for a tensor of >= 4,096 entries,
+    a step close to torch's AdamW (8-bit moments are not exact), decoupled weight decay passed through."""
+    from lota_cli.config import OptimConfig, TrainConfig
+    from lota_cli.training import make_optimizer
+
+    gen = torch.Generator().manual_seed(0)
+    values = {name: torch.nn.Parameter(torch.zeros(10_000)) for name in ("8bit", "fp32")}
+    train = TrainConfig(lr=1e-3, weight_decay=0.1)
+    eight = make_optimizer([values["8bit"]], train, OptimConfig(name="adamw8bit"))
+    full = make_optimizer([values["fp32"]], train, OptimConfig(name="adamw"))
+    for _ in range(10):
+        grad = torch.randn(10_000, generator=gen)
+        for p, optimizer in ((values["8bit"], eight), (values["fp32"], full)):
+            p.grad = grad.clone()
+            optimizer.step()
+    state = eight.state[values["8bit"]]
+    assert state["state1"].dtype == state["state2"].dtype == torch.uint8
+    assert eight.param_groups[0]["weight_decay"] == 0.1
+    # 8-bit moments round each step's update by a few percent of it: the run stays within 10% of AdamW's
+    relative = float((values["8bit"] - values["fp32"]).detach().norm() / values["fp32"].detach().norm())
+    print(f"\nadamw8bit vs adamw after 10 steps: relative difference {relative:.4f}")
+    assert relative < 0.1
+
+
+def test_sparse_train_over_nf4_with_adamw8bit(tiny_model, tmp_path):
+    out = tmp_path / "st"
+    (task_vector,) = paths(in_process("calibrate", *tiny_overrides(tiny_model, tmp_path / "cal", **{
+        "train.max_steps": 1})))
+    (mask,) = paths(in_process("extract", f"extract.task_vector={task_vector}", f"out={tmp_path / 'ext'}"))
+    (delta,) = paths(in_process("sparse-train", *tiny_overrides(tiny_model, out, **{
+        "model.quantize": "nf4", "optim": "adamw8bit", "sparse_train.mask": mask})))
+    assert losses(out)[-1] < losses(out)[0]
+    refused(in_process("sparse-train", *tiny_overrides(tiny_model, tmp_path / "z", **{
+        "optim.name": "adamw8bit", "dist.engine": "zero2", "sparse_train.mask": mask}), check=False),
+        "sparse-train", "optim.name=adamw8bit", "dist.engine=zero2")

@@ -35,6 +35,8 @@ STAGES = {
                   "out/stats.json, out/preview.jsonl (examples with their trained tokens; data.show=N on stderr)"),
     "eval": Stage("eval", "NLL, exact match, ROUGE or lm-eval tasks of a base, base + deltas, or a saved model",
                   "out/results.json, out/examples.jsonl (per-example scores; tables on stderr)"),
+    "plan": Stage("plan", "memory a stage needs per device under each engine, from the model's config alone",
+                  "out/plan.json (a table on stderr)"),
     "info": Stage("info", "describe an artifact: kind, base, density per layer, bytes per parameter",
                   "nothing (tables on stderr; --json prints JSON on stdout)"),
 }

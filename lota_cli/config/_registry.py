@@ -12,7 +12,7 @@ from hydra.core.config_store import ConfigStore
 from lota_cli import LotaError
 
 from lota_cli.config._schemas import (CalibrateConfig, DataConfig, EvalConfig, ExportConfig, ExtractConfig,
-                                      LottoConfig, MergeConfig, OverlapConfig, SparseTrainConfig)
+                                      LottoConfig, MergeConfig, OverlapConfig, PlanConfig, SparseTrainConfig)
 
 # The configs are package data (lota_cli/conf), found the same way from a checkout, a wheel or an sdist.
 CONF_DIR = Path(str(importlib.resources.files("lota_cli") / "conf"))
@@ -20,7 +20,7 @@ CONF_DIR = Path(str(importlib.resources.files("lota_cli") / "conf"))
 # stage config name (conf/<name>.yaml) -> its schema, registered as <name>_schema
 SCHEMAS = {"calibrate": CalibrateConfig, "extract": ExtractConfig, "sparse_train": SparseTrainConfig,
            "lotto": LottoConfig, "merge": MergeConfig, "overlap": OverlapConfig, "eval": EvalConfig,
-           "export": ExportConfig, "data": DataConfig}
+           "export": ExportConfig, "data": DataConfig, "plan": PlanConfig}
 
 
 def register_schemas(*names: str) -> None:

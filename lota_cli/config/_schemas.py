@@ -22,6 +22,7 @@ from lota_cli.io import DEFAULT_SHARD_SIZE
 from lota_cli.tensors import WEIGHT_DTYPES
 
 QUANTIZE = ("nf4", "int8")  # model.quantize: bitsandbytes' 4-bit NormalFloat, its 8-bit rows
+ENGINES = ("single", "ddp", "zero2", "zero3", "fsdp")  # dist.engine
 QUANTIZED_ENGINES = ("single", "ddp")  # the engines a quantized base trains under (tested)
 
 
@@ -110,13 +111,17 @@ class TaskConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = opt("adamw", "adamw or sgd")
+    name: str = opt("adamw", "adamw, adamw8bit (bitsandbytes: 8-bit moments, 2 B a trained entry instead of 8; "
+                             "tensors under 4,096 trained entries keep 32-bit ones) or sgd")
     betas: List[float] = opt(factory=lambda: [0.9, 0.999], help="AdamW's betas")
     eps: float = opt(1e-8, "AdamW's epsilon")
     momentum: float = opt(0.0, "sgd only")
 
     def __post_init__(self):
-        one_of("optim.name", self.name, ("adamw", "sgd"))
+        one_of("optim.name", self.name, ("adamw", "adamw8bit", "sgd"))
+        if self.name == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise LotaError("optim.name=adamw8bit needs bitsandbytes, which is not installed: "
+                            "pip install 'lota-cli[quantize]'")
 
 
 @dataclass
@@ -173,7 +178,7 @@ class DistConfig:
     backend: Optional[str] = opt(None, "process-group backend; default nccl on GPUs, gloo on CPUs")
 
     def __post_init__(self):
-        one_of("dist.engine", self.engine, ("single", "ddp", "fsdp", "zero2", "zero3"))
+        one_of("dist.engine", self.engine, ENGINES)
         positive("dist.num_processes", self.num_processes)
 
 
@@ -199,6 +204,9 @@ class TrainStageConfig(StageConfig):
 
     def __post_init__(self):
         one_of("artifact_dtype", self.artifact_dtype, WEIGHT_DTYPES)
+        if self.optim.name == "adamw8bit" and self.dist.engine not in QUANTIZED_ENGINES:
+            raise LotaError(f"optim.name=adamw8bit with dist.engine={self.dist.engine}: bitsandbytes' optimizer "
+                            f"steps whole tensors, under dist.engine={' or '.join(QUANTIZED_ENGINES)}")
         if self.model.quantize and self.dist.engine not in QUANTIZED_ENGINES:
             raise LotaError(f"model.quantize={self.model.quantize} with dist.engine={self.dist.engine}: a quantized "
                             f"base trains under dist.engine={' or '.join(QUANTIZED_ENGINES)} (its weights are "
@@ -537,4 +545,56 @@ class DataConfig(TrainStageConfig):
     resume: Any = opt(False, read=False)
     data: DataOptions = field(default_factory=DataOptions)
 
+
+@dataclass
+class PlanOptions:
+    stage: str = opt("sparse-train", "the stage to plan: calibrate, sparse-train, lotto or eval")
+    density: float = opt(0.1, "sparse-train, lotto: the share of the selected entries that train")
+    method: Optional[str] = opt(None, "calibrate, lotto's calibration: fft or lora; default method / "
+                                      "lotto.calibrate_method's")
+    device_memory: str = opt("24GB", "memory of one device (80GB, 24GiB, ...): the smallest count that fits it")
+    devices: List[int] = opt(factory=lambda: [1, 2, 4, 8], help="device counts the table shows")
+    overhead: str = opt("0.5GiB", "the process itself: torch and transformers on a CPU, the CUDA context on a GPU")
+
+    def __post_init__(self):
+        one_of("plan.stage", self.stage, ("calibrate", "sparse-train", "lotto", "eval"))
+        if not 0.0 < self.density <= 1.0:
+            raise LotaError(f"plan.density={self.density} must be in (0, 1]")
+        if self.method is not None:
+            one_of("plan.method", self.method, ("fft", "lora"))
+        for key in ("device_memory", "overhead"):
+            try:
+                parse_size(getattr(self, key))
+            except ValueError as err:
+                raise LotaError(f"plan.{key}: {err}") from None
+        for n in self.devices:
+            positive("plan.devices", n)
+
+
+@dataclass
+class PlanConfig(StageConfig):
+    """A training stage's settings as far as memory goes (the same overrides as the planned stage's), every
+    engine planned (no dist.*)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    params: ParamsConfig = field(default_factory=ParamsConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    plan: PlanOptions = field(default_factory=PlanOptions)
+
+    def __post_init__(self):
+        if self.model.quantize and (self.plan.method or "lora") == "fft" and self.plan.stage in ("calibrate", "lotto"):
+            raise LotaError(f"plan.method=fft over model.quantize={self.model.quantize}: a quantized base is frozen; "
+                            "plan method=lora, or drop model.quantize")
+
+    def method(self) -> str:
+        """How the planned stage trains: sparse (sparse-train), fft or lora (calibrate, lotto's calibration),
+        none (eval)."""
+        if self.plan.stage == "sparse-train":
+            return "sparse"
+        if self.plan.stage == "eval":
+            return "none"
+        return self.plan.method or ("lora" if self.model.quantize else "fft")
 

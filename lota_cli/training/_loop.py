@@ -45,6 +45,11 @@ def optimizer_steps(cfg: TrainConfig, n_items: int | None) -> int:
 def make_optimizer(params: list[nn.Parameter], train: TrainConfig, optim: OptimConfig) -> torch.optim.Optimizer:
     if optim.name == "sgd":
         return torch.optim.SGD(params, lr=train.lr, momentum=optim.momentum, weight_decay=train.weight_decay)
+    if optim.name == "adamw8bit":  # bitsandbytes' blockwise 8-bit moments: 2 B an entry instead of 8
+        from bitsandbytes.optim import AdamW8bit
+
+        return AdamW8bit(params, lr=train.lr, betas=tuple(optim.betas), eps=optim.eps,
+                         weight_decay=train.weight_decay)
     return torch.optim.AdamW(params, lr=train.lr, betas=tuple(optim.betas), eps=optim.eps,
                              weight_decay=train.weight_decay, foreach=False)
 
