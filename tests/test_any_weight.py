@@ -454,3 +454,24 @@ def test_cli_refuses_tied_weights_before_training(data, tmp_path):
     assert "'transformer.wte.weight'" in lines[0] and "params.exclude" in lines[0]
     assert not (tmp_path / "cal" / "metrics.jsonl").exists()
     assert not (tmp_path / "cal" / "task_vector.safetensors").exists()
+
+
+def test_lora_calibration_of_fused_experts_trains_them_and_lotto_calibrates_by_lora(tmp_path):
+    """method=lora on a fused-experts MoE (Qwen3-MoE): the 3-D expert stacks train through PEFT's
+    target_parameters, so the task vector holds them; lotto.calibrate_method=lora draws its mask from such a
+    calibration, disjoint from the earlier one."""
+    model = save_tiny("qwen3_moe", tmp_path / "base")
+    run = lambda stage, out, **extra: paths(in_process(stage, *tiny_overrides(model, tmp_path / out, **extra)))
+    (task_vector,) = run("calibrate", "cal", **{"method": "lora", "train.max_steps": 3})
+    vector = Artifact(task_vector)
+    experts = [n for n in vector.names if EXPERTS.match(n)]
+    assert experts and all(vector.dense(n).abs().max() > 0 for n in experts)
+    assert all(vector.dense(n).dim() == 3 for n in experts)
+    (mask,) = paths(in_process("extract", f"extract.task_vector={task_vector}", f"out={tmp_path / 'ext'}"))
+    (delta,) = run("sparse-train", "st", **{"sparse_train.mask": mask, "train.max_steps": 2})
+    (_,) = run("lotto", "lotto", **{"lotto.previous": f"[{delta}]", "lotto.calibrate_method": "lora",
+                                    "train.max_steps": 2})
+    new, old = Artifact(tmp_path / "lotto" / "mask.safetensors"), Artifact(mask)
+    assert new.meta.source["calibrate_method"] == "lora"
+    assert all(not (new.mask(n) & old.mask(n)).any() for n in new.names)
+    assert any(new.mask(n).any() for n in experts)

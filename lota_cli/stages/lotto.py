@@ -24,7 +24,7 @@ from lota_cli import LotaError
 from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import LottoConfig
 from lota_cli.inputs import open_artifact
-from lota_cli.models import add_delta, attach_lora, lora_delta, select_params, weight_shape
+from lota_cli.models import add_delta, attach_lora, lora_delta, merge_lora, select_params, weight_shape
 from lota_cli.ops import k_for, top_k_mask
 from lota_cli.tensors import count_bits, encode_positions, pack_bits, torch_dtype, unpack_bits
 from lota_cli.training import attach_sparse, export_model, load_base, setup, train
@@ -76,14 +76,24 @@ def _dense_calibration(run, model, names: list[str], numel: dict[str, int], froz
 def _lora_calibration(run, model, names: list[str], cfg: LottoConfig, out: Path,
                       depends: dict) -> dict[str, torch.Tensor]:
     """Train LoRA adapters (lora.*) over base + earlier deltas, which stay as they are; the delta is scale·BA
-    (on the main process; {} on the others). The earlier masks' entries are left out when the mask is drawn."""
+    (on the main process; {} on the others): merged into the weights and taken against them as calibrate
+    does, or, over a quantized base, computed from the adapters. The earlier masks' entries are left out when
+    the mask is drawn."""
+    quantized = bool(cfg.model.quantize)
     for p in model.parameters():
         p.requires_grad_(False)
+    start = {n: model.get_parameter(n).detach().to("cpu", copy=True) for n in names} \
+        if run.is_main and not quantized else {}
+    selected = {n: model.get_parameter(n) for n in names}
     peft_model, fitted = attach_lora(model, names, cfg.lora)
     train(peft_model, fitted, run.data, run.tokenizer.pad_token_id, cfg, out, run.engine,
           depends={"phase": "calibrate", "method": "lora", **depends})
-    adapters = run.engine.trained_values(fitted)
-    return lora_delta(run.engine.accelerator.unwrap_model(peft_model), adapters, names) if run.is_main else {}
+    if quantized:
+        adapters = run.engine.trained_values(fitted)
+        return lora_delta(run.engine.accelerator.unwrap_model(peft_model), adapters, names) if run.is_main else {}
+    merge_lora(run.engine.accelerator.unwrap_model(peft_model))  # into the very parameters `selected` holds
+    trained = run.engine.trained_values(selected)
+    return {n: trained[n] - start[n].float() for n in names} if run.is_main else {}
 
 
 def run(cfg: LottoConfig, out: Path) -> list[Path]:
