@@ -6,6 +6,8 @@
 # moonshot: 3 LoTA steps of an 8B-shaped random Llama in bf16 (gradient checkpointing on) with the process
 # capped at 40 GB (torch.cuda.set_per_process_memory_fraction), next to FFT of the same model under the same
 # cap (expected to run out of memory). About 7 minutes on one H200 (LOTA_GPU_CHECK_MOONSHOT=0 skips it).
+# Last, LoTA over an nf4 base of the same shape (8-bit AdamW) under a 24 GB cap next to QLoRA (PEFT LoRA r=16,
+# same base, same cap), tokens/s of each (scripts/gpu_quantized.py; LOTA_GPU_CHECK_QUANTIZED=0 skips it).
 #
 # Runs from a plain checkout (no `make install`, no network) on the machine's python3, which must have
 # PyTorch, transformers, accelerate, safetensors, rich and peft; whatever else it lacks comes from the wheels
@@ -202,4 +204,13 @@ for method in ("lota", "fft"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 EOF
+fi
+
+# 6. LoTA over an nf4 base of the 8B shape under a 24 GB cap, next to QLoRA under the same cap (bitsandbytes).
+if [ "${LOTA_GPU_CHECK_QUANTIZED:-1}" = 1 ]; then
+  if "$PY" -c "import bitsandbytes" 2>/dev/null; then
+    "$PY" scripts/gpu_quantized.py "$TINY"
+  else
+    echo "quantized: skipped, bitsandbytes is not installed (scripts/gpu_wheels.sh fetches its wheel)"
+  fi
 fi

@@ -7,6 +7,8 @@
 #
 #   lota's own:  hydra-core, omegaconf, antlr4-python3-runtime (the 4.9 that omegaconf 2.3 pins)
 #   datasets:    datasets, dill, multiprocess, xxhash, fsspec
+#   quantized:   bitsandbytes (its CUDA wheel is large: over a device call's carry limit, it travels in parts
+#                to a warm machine, or the step that needs it says it was skipped)
 #   deepspeed:   deepspeed (built here: PyPI has only its source; pure Python with DS_BUILD_OPS=0),
 #                hjson, ninja, msgpack, einops, py-cpuinfo, pydantic, pydantic-core, annotated-types,
 #                typing-inspection
@@ -22,6 +24,7 @@ BINARY=(
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
   xxhash==4.1.0 fsspec==2026.9.0
   hjson ninja msgpack einops py-cpuinfo pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection
+  bitsandbytes==0.50.2
 )
 "$PIP" download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \

@@ -101,10 +101,10 @@ def test_sparse_values_over_a_quantized_base_are_exact_against_plain_torch(loade
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-7)
 
 
-def test_backward_keeps_no_dequantized_weight(loaded):
+def test_backward_keeps_no_dequantized_weight(tiny_model):
     """What a quantized layer saves for backward, with and without values on it: its input and resident
     tensors (the packed weight, index, values), never a weight-sized float tensor."""
-    model = loaded["nf4"]
+    model = load_model(ModelConfig(path=str(tiny_model), quantize="nf4"))[0]
     (name, layer), *_ = quantized_layers(model)
     numel = layer.in_features * layer.out_features
     for attach in (False, True):
@@ -302,7 +302,7 @@ def test_plan_counts_the_base_and_the_trained_entries_as_loaded(tiny_model, load
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("quantize", ["nf4"])  # float32: make bench's memory part, on a 226M-selected model
 def test_plan_is_within_15_percent_of_a_measured_peak(tiny_model, tmp_path, quantize):
     extra = {"model.quantize": quantize} if quantize else {}
     (task_vector,) = paths(in_process("calibrate", *tiny_overrides(tiny_model, tmp_path / "cal", **{

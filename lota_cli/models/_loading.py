@@ -86,6 +86,7 @@ def load_model(cfg: ModelConfig):
     _check_finite(model, cfg.path)
     if cfg.quantize:
         model.__dict__[CHECKPOINT_FINGERPRINTS] = fingerprints
+        _own_float_tensors(model)
         log.info("model %s: %d linear layers held %s, computing in %s", cfg.path, prepare_quantized(model, dtype),
                  cfg.quantize, cfg.dtype)
     if cfg.gguf_file:  # dequantized on load: drop the quantizer so the model trains and saves as plain weights
@@ -115,6 +116,21 @@ def skeleton(cfg: ModelConfig) -> nn.Module | None:
     except Exception:  # a missing or unusual model: load_model says what is wrong
         log.debug("no skeleton of %s", cfg.path, exc_info=True)
         return None
+
+
+@torch.no_grad()
+def _own_float_tensors(model: nn.Module) -> None:
+    """Copy the float tensors a quantized load left as views of the checkpoint's memory map (the embeddings,
+    norms, lm_head): while one view lives, the whole file stays mapped, and every page the quantization read
+    stays resident (SmolLM2-135M: 626 MiB of file pages, against 113 MiB for the copies)."""
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, tensor in table.items():
+                if tensor is not None and tensor.is_floating_point():
+                    if isinstance(tensor, nn.Parameter):
+                        tensor.data = tensor.data.clone()
+                    else:
+                        table[key] = tensor.clone()
 
 
 def _checkpoint_fingerprints(cfg: ModelConfig) -> tuple[str, str]:

@@ -63,7 +63,7 @@ def model_shape(model: nn.Module, cfg) -> Shape:
                      and model.get_submodule(owner) is not output)
         n = param.numel()
         if quantized and cfg.model.quantize == "nf4":
-            base += n / 2 + n / 64 * 4
+            base += n / 2 + n / 64 * 4 + 16 * 4  # packed entries, an absmax per block, the 16-value code
         elif quantized:
             base += n + param.shape[0] * 4
         else:
