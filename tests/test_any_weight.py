@@ -456,6 +456,7 @@ def test_cli_refuses_tied_weights_before_training(data, tmp_path):
     assert not (tmp_path / "cal" / "task_vector.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_lora_calibration_of_fused_experts_trains_them_and_lotto_calibrates_by_lora(tmp_path):
     """method=lora on a fused-experts MoE (Qwen3-MoE): the 3-D expert stacks train through PEFT's
     target_parameters, so the task vector holds them; lotto.calibrate_method=lora draws its mask from such a

@@ -146,6 +146,7 @@ def test_a_sparse_delta_adds_to_a_quantized_base_and_a_dense_one_is_refused(tiny
 # --------------------------------------------------------------------------- the stages
 
 
+@pytest.mark.slow
 def test_qlora_calibration_extract_sparse_train_lotto_merge_and_eval(tiny_model, tmp_path):
     """The QLoRA pipeline on the tiny model: calibrate method=lora over nf4 -> extract -> sparse-train over nf4
     (its exported model is the full-precision base + delta, bitwise the base outside the mask) -> lotto over
@@ -344,6 +345,7 @@ def test_adamw8bit_keeps_a_quarter_of_adamws_state_and_steps_like_it():
     assert relative < 0.1
 
 
+@pytest.mark.slow
 def test_sparse_train_over_nf4_with_adamw8bit(tiny_model, tmp_path):
     out = tmp_path / "st"
     (task_vector,) = paths(in_process("calibrate", *tiny_overrides(tiny_model, tmp_path / "cal", **{
