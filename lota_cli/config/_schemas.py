@@ -189,12 +189,18 @@ class StageConfig:
 
 
 @dataclass
-class TrainStageConfig(StageConfig):
+class TrainingSettings(StageConfig):
+    """What a training stage trains and how (lota plan reads these too)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     params: ParamsConfig = field(default_factory=ParamsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class TrainStageConfig(TrainingSettings):
     dist: DistConfig = field(default_factory=DistConfig)
     artifact_dtype: str = opt("float32", "dtype of the written deltas")
     save_model: bool = opt(False, "also write the resulting model as a Hugging Face directory out/model")
@@ -572,15 +578,10 @@ class PlanOptions:
 
 
 @dataclass
-class PlanConfig(StageConfig):
+class PlanConfig(TrainingSettings):
     """A training stage's settings as far as memory goes (the same overrides as the planned stage's), every
     engine planned (no dist.*)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    params: ParamsConfig = field(default_factory=ParamsConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraOptions = field(default_factory=LoraOptions)
     plan: PlanOptions = field(default_factory=PlanOptions)
 
