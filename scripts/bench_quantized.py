@@ -13,34 +13,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from bench_common import Figure, in_child, log
 from bench_models import smollm2_dir
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
-
-
-def stage(args: list[str]) -> dict:
-    """Child: `lota ARGS` in this process, timed, with its peak RSS; the paths it printed."""
-    import contextlib
-    import io
-
-    from bench_common import measure
-    from lota_cli import cli
-
-    out = io.StringIO()
-
-    def call():
-        with contextlib.redirect_stdout(out):
-            try:
-                cli.main(args)
-            except SystemExit as exit_:
-                if exit_.code:
-                    raise RuntimeError(f"lota {args[0]} exited {exit_.code}") from None
-
-    _, stats = measure(call)
-    return {**stats, "paths": out.getvalue().split()}
 
 
 def run(cfg) -> list[Figure]:
@@ -52,19 +31,21 @@ def run(cfg) -> list[Figure]:
     common = [f"model.path={model}", f"task.data_files={GSM8K / 'train.jsonl'}",
               f"task.max_examples={c.steps * c.batch}", f"task.max_length={c.length}", f"train.batch_size={c.batch}",
               f"train.max_steps={c.steps}", f"train.lr={c.lr}", "train.warmup_steps=0", "train.log_every=10"]
-    lota = lambda *args, timeout=3600: in_child("bench_quantized", "stage", args=[str(a) for a in args],
-                                                 timeout=timeout)
+    # each stage a fresh process: its wall time and peak RSS (bench_merge.timed, as the memory part runs them)
+    lota = lambda *args: in_child("bench_merge", "timed", cmd=[sys.executable, "-m", "lota_cli", *map(str, args)],
+                                  timeout=3600)
     log(f"calibrate (FFT, float32, {c.steps} steps) -> extract (sparsity {c.sparsity})")
-    (task_vector,) = lota("calibrate", *common, f"out={root / 'cal'}")["paths"]
-    (mask,) = lota("extract", f"extract.task_vector={task_vector}", f"extract.sparsity={c.sparsity}",
-                   f"out={root / 'ext'}")["paths"]
+    lota("calibrate", *common, f"out={root / 'cal'}")
+    mask = root / "ext" / "mask.safetensors"
+    lota("extract", f"extract.task_vector={root / 'cal' / 'task_vector.safetensors'}",
+         f"extract.sparsity={c.sparsity}", f"out={mask.parent}")
     trained = {}
     for quantize in ("none", "nf4"):
         log(f"sparse-train over the {quantize if quantize != 'none' else 'float32'} base")
         extra = [f"model.quantize={quantize}"] if quantize != "none" else []
         trained[quantize] = lota("sparse-train", *common, *extra, f"sparse_train.mask={mask}",
                                  f"out={root / f'st-{quantize}'}")
-    delta = {q: r["paths"][0] for q, r in trained.items()}
+    delta = {q: root / f"st-{q}" / "sparse_delta.safetensors" for q in trained}
 
     evaluate = [f"model.path={model}", f"tasks.gsm8k.eval_data_files={GSM8K / 'test.jsonl'}",
                 f"eval.max_examples={c.eval_examples}", f"tasks.gsm8k.max_length={c.length}", "eval.generate=false"]

@@ -23,7 +23,21 @@ from lota_cli.tensors import WEIGHT_DTYPES
 
 QUANTIZE = ("nf4", "int8")  # model.quantize: bitsandbytes' 4-bit NormalFloat, its 8-bit rows
 ENGINES = ("single", "ddp", "zero2", "zero3", "fsdp")  # dist.engine
-QUANTIZED_ENGINES = ("single", "ddp")  # the engines a quantized base trains under (tested)
+# the engines that keep whole tensors on every process: what bitsandbytes' quantized weights and 8-bit
+# optimizer need (tested: single, ddp)
+REPLICATED_ENGINES = ("single", "ddp")
+
+
+def _needs_bitsandbytes(setting: str) -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LotaError(f"{setting} needs bitsandbytes, which is not installed: pip install 'lota-cli[quantize]'")
+
+
+def _frozen_base(model: "ModelConfig", key: str, method: str) -> None:
+    """Refuse dense (fft) training over a quantized base, which is frozen."""
+    if model.quantize and method == "fft":
+        raise LotaError(f"model.quantize={model.quantize} with {key}=fft: a quantized base is frozen, so "
+                        f"calibrate over it with {key}=lora (QLoRA), or drop model.quantize")
 
 
 @dataclass
@@ -41,13 +55,15 @@ class ModelConfig:
         one_of("model.dtype", self.dtype, WEIGHT_DTYPES)
         if self.quantize is not None:
             one_of("model.quantize", self.quantize, QUANTIZE)
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise LotaError(f"model.quantize={self.quantize} needs bitsandbytes, which is not installed: "
-                                "pip install 'lota-cli[quantize]'")
+            _needs_bitsandbytes(f"model.quantize={self.quantize}")
             if self.gguf_file:
                 raise LotaError(f"model.quantize={self.quantize} with model.gguf_file: a GGUF file is dequantized "
                                 "on load, then it would be quantized again; give the model's safetensors "
                                 "directory, or drop model.quantize")
+
+    def calibration(self) -> str:
+        """How a calibration trains unless told: lora over a quantized base (frozen), fft otherwise."""
+        return "lora" if self.quantize else "fft"
 
 
 @dataclass
@@ -119,9 +135,8 @@ class OptimConfig:
 
     def __post_init__(self):
         one_of("optim.name", self.name, ("adamw", "adamw8bit", "sgd"))
-        if self.name == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-            raise LotaError("optim.name=adamw8bit needs bitsandbytes, which is not installed: "
-                            "pip install 'lota-cli[quantize]'")
+        if self.name == "adamw8bit":
+            _needs_bitsandbytes("optim.name=adamw8bit")
 
 
 @dataclass
@@ -210,13 +225,12 @@ class TrainStageConfig(TrainingSettings):
 
     def __post_init__(self):
         one_of("artifact_dtype", self.artifact_dtype, WEIGHT_DTYPES)
-        if self.optim.name == "adamw8bit" and self.dist.engine not in QUANTIZED_ENGINES:
-            raise LotaError(f"optim.name=adamw8bit with dist.engine={self.dist.engine}: bitsandbytes' optimizer "
-                            f"steps whole tensors, under dist.engine={' or '.join(QUANTIZED_ENGINES)}")
-        if self.model.quantize and self.dist.engine not in QUANTIZED_ENGINES:
-            raise LotaError(f"model.quantize={self.model.quantize} with dist.engine={self.dist.engine}: a quantized "
-                            f"base trains under dist.engine={' or '.join(QUANTIZED_ENGINES)} (its weights are "
-                            "replicated; bitsandbytes' packed weights do not shard under FSDP or ZeRO here)")
+        whole = [s for s, on in ((f"model.quantize={self.model.quantize}", self.model.quantize),
+                                 ("optim.name=adamw8bit", self.optim.name == "adamw8bit")) if on]
+        if whole and self.dist.engine not in REPLICATED_ENGINES:
+            raise LotaError(f"{whole[0]} with dist.engine={self.dist.engine}: bitsandbytes' packed weights and "
+                            f"8-bit optimizer keep whole tensors, under dist.engine={' or '.join(REPLICATED_ENGINES)}"
+                            "; they are not sharded under FSDP or ZeRO here")
         if self.task.name in self.tasks:
             raise LotaError(f"tasks.{self.task.name} has the name of task.name; give one of them another name")
         for key, task in [("task", self.task), *((f"tasks.{k}", t) for k, t in self.tasks.items())]:
@@ -254,9 +268,7 @@ class CalibrateConfig(TrainStageConfig):
     def __post_init__(self):
         super().__post_init__()
         one_of("method", self.method, ("fft", "lora"))
-        if self.model.quantize and self.method != "lora":
-            raise LotaError(f"model.quantize={self.model.quantize} with method={self.method}: a quantized base is "
-                            "frozen, so calibrate over it with method=lora (QLoRA), or drop model.quantize")
+        _frozen_base(self.model, "method", self.method)
 
 
 # What `lota extract` can rank entries by (extract.source): the one list of them, each scored by the function
@@ -351,14 +363,11 @@ class LottoConfig(TrainStageConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.model.quantize and self.lotto.calibrate_method == "fft":
-            raise LotaError(f"model.quantize={self.model.quantize} with lotto.calibrate_method=fft: a quantized base "
-                            "is frozen, so calibrate over it with lotto.calibrate_method=lora, or drop "
-                            "model.quantize")
+        _frozen_base(self.model, "lotto.calibrate_method", self.calibration())
 
     def calibration(self) -> str:
-        """How the calibration phase trains: lotto.calibrate_method, by default fft (lora over a quantized base)."""
-        return self.lotto.calibrate_method or ("lora" if self.model.quantize else "fft")
+        """How the calibration phase trains: lotto.calibrate_method, by default model.calibration()'s."""
+        return self.lotto.calibrate_method or self.model.calibration()
 
 
 @dataclass
@@ -586,9 +595,8 @@ class PlanConfig(TrainingSettings):
     plan: PlanOptions = field(default_factory=PlanOptions)
 
     def __post_init__(self):
-        if self.model.quantize and (self.plan.method or "lora") == "fft" and self.plan.stage in ("calibrate", "lotto"):
-            raise LotaError(f"plan.method=fft over model.quantize={self.model.quantize}: a quantized base is frozen; "
-                            "plan method=lora, or drop model.quantize")
+        if self.plan.stage in ("calibrate", "lotto"):
+            _frozen_base(self.model, "plan.method", self.method())
 
     def method(self) -> str:
         """How the planned stage trains: sparse (sparse-train), fft or lora (calibrate, lotto's calibration),
@@ -597,5 +605,5 @@ class PlanConfig(TrainingSettings):
             return "sparse"
         if self.plan.stage == "eval":
             return "none"
-        return self.plan.method or ("lora" if self.model.quantize else "fft")
+        return self.plan.method or self.model.calibration()
 

@@ -123,14 +123,13 @@ def _own_float_tensors(model: nn.Module) -> None:
     """Copy the float tensors a quantized load left as views of the checkpoint's memory map (the embeddings,
     norms, lm_head): while one view lives, the whole file stays mapped, and every page the quantization read
     stays resident (SmolLM2-135M: 626 MiB of file pages, against 113 MiB for the copies)."""
+    for param in model.parameters():  # each once, tied ones too
+        if param.is_floating_point():
+            param.data = param.data.clone()
     for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for key, tensor in table.items():
-                if tensor is not None and tensor.is_floating_point():
-                    if isinstance(tensor, nn.Parameter):
-                        tensor.data = tensor.data.clone()
-                    else:
-                        table[key] = tensor.clone()
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point():
+                module._buffers[key] = buffer.clone()
 
 
 def _checkpoint_fingerprints(cfg: ModelConfig) -> tuple[str, str]:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from lota_cli.artifacts import save_dense, stage_meta
 from lota_cli.config import CalibrateConfig
-from lota_cli.models import attach_lora, lora_delta, merge_lora, select_params, weight_shape
+from lota_cli.models import attach_lora, select_params, weight_shape
 from lota_cli.tensors import torch_dtype
-from lota_cli.training import export_model, setup, train
+from lota_cli.training import export_model, lora_task_vector, setup, train
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ def run(cfg: CalibrateConfig, out: Path) -> list[Path]:
     trainable = {n: model.get_parameter(n) for n in names}
     # Only the main process writes the delta, so only it keeps the base, copied before any engine partitions it.
     main, quantized = run.is_main, bool(cfg.model.quantize)
-    base = {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()} if main and not quantized else {}
+    # (over a quantized base there is nothing to copy: the task vector comes from the adapters)
+    base = None if quantized else {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()} if main else {}
     log.info("calibrating %d tensors (%.1fM parameters)", len(names),
              sum(math.prod(weight_shape(p)) for p in trainable.values()) / 1e6)
 
@@ -39,12 +40,10 @@ def run(cfg: CalibrateConfig, out: Path) -> list[Path]:
         fitted = {n: p.requires_grad_(True) for n, p in trainable.items()}
     result = train(model, fitted, run.data, run.tokenizer.pad_token_id, cfg, out, run.engine,
                    depends={"stage": "calibrate", "method": cfg.method, "base": run.base_fingerprint})
-    if quantized:  # QLoRA: BA cannot be merged into quantized weights; it is the task vector itself
-        adapters = run.engine.trained_values(fitted)
-        delta = lora_delta(run.engine.accelerator.unwrap_model(model), adapters, names) if main else {}
+    if cfg.method == "lora":
+        delta, trained = lora_task_vector(run, model, fitted, trainable, base)
+        model = run.engine.accelerator.unwrap_model(model).get_base_model()  # merged in place (full precision)
     else:
-        if cfg.method == "lora":
-            model = merge_lora(run.engine.accelerator.unwrap_model(model))
         trained = run.engine.trained_values(trainable)
         delta = {n: trained[n] - base[n].float() for n in names} if main else {}
 

@@ -4,8 +4,8 @@ The model being adapted is base + the earlier sparse deltas. Calibration on the 
 of an earlier mask frozen (restored after each optimizer step, so it stays bitwise unchanged), or, with
 lotto.calibrate_method=lora (the default over a quantized base, whose weights cannot train), trains LoRA
 adapters whose scale·BA is the delta; the new mask is drawn from the remaining entries only, so it is
-disjoint from every earlier mask; then the masked entries are sparse-trained from base + earlier deltas. Output: the new sparse delta (and, with save_model, the model
-of the whole chain).
+disjoint from every earlier mask; then the masked entries are sparse-trained from base + earlier deltas.
+Output: the new sparse delta (and, with save_model, the model of the whole chain).
 
 Phases write into out/calibrate and out/sparse-train (metrics, checkpoints); the new mask is saved as
 out/mask.safetensors, so a resumed run that finds it skips the calibration.
@@ -24,10 +24,10 @@ from lota_cli import LotaError
 from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import LottoConfig
 from lota_cli.inputs import open_artifact
-from lota_cli.models import add_delta, attach_lora, lora_delta, merge_lora, select_params, weight_shape
+from lota_cli.models import add_delta, attach_lora, select_params, weight_shape
 from lota_cli.ops import k_for, top_k_mask
 from lota_cli.tensors import count_bits, encode_positions, pack_bits, torch_dtype, unpack_bits
-from lota_cli.training import attach_sparse, export_model, load_base, setup, train
+from lota_cli.training import attach_sparse, export_model, load_base, lora_task_vector, setup, train
 
 log = logging.getLogger(__name__)
 
@@ -79,21 +79,15 @@ def _lora_calibration(run, model, names: list[str], cfg: LottoConfig, out: Path,
     (on the main process; {} on the others): merged into the weights and taken against them as calibrate
     does, or, over a quantized base, computed from the adapters. The earlier masks' entries are left out when
     the mask is drawn."""
-    quantized = bool(cfg.model.quantize)
     for p in model.parameters():
         p.requires_grad_(False)
-    start = {n: model.get_parameter(n).detach().to("cpu", copy=True) for n in names} \
-        if run.is_main and not quantized else {}
     selected = {n: model.get_parameter(n) for n in names}
+    start = None if cfg.model.quantize else \
+        {n: p.detach().to("cpu", copy=True) for n, p in selected.items()} if run.is_main else {}
     peft_model, fitted = attach_lora(model, names, cfg.lora)
     train(peft_model, fitted, run.data, run.tokenizer.pad_token_id, cfg, out, run.engine,
           depends={"phase": "calibrate", "method": "lora", **depends})
-    if quantized:
-        adapters = run.engine.trained_values(fitted)
-        return lora_delta(run.engine.accelerator.unwrap_model(peft_model), adapters, names) if run.is_main else {}
-    merge_lora(run.engine.accelerator.unwrap_model(peft_model))  # into the very parameters `selected` holds
-    trained = run.engine.trained_values(selected)
-    return {n: trained[n] - start[n].float() for n in names} if run.is_main else {}
+    return lora_task_vector(run, peft_model, fitted, selected, start)[0]
 
 
 def run(cfg: LottoConfig, out: Path) -> list[Path]:

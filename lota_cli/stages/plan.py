@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.table import Table
 
 from lota_cli import LotaError
-from lota_cli.config import ENGINES, QUANTIZED_ENGINES, PlanConfig, parse_size
+from lota_cli.config import ENGINES, REPLICATED_ENGINES, PlanConfig, parse_size
 from lota_cli.console import stderr
 from lota_cli.io import write_text
 from lota_cli.models import skeleton
@@ -32,18 +32,16 @@ def run(cfg: PlanConfig, out: Path) -> list[Path]:
                         "holding its config.json")
     shape = model_shape(model, cfg)
     method, memory, overhead = cfg.method(), parse_size(opts.device_memory), parse_size(opts.overhead)
-    engines = [e for e in ENGINES if not cfg.model.quantize or e in QUANTIZED_ENGINES]
+    replicated = cfg.model.quantize or cfg.optim.name == "adamw8bit"
+    engines = [e for e in ENGINES if not replicated or e in REPLICATED_ENGINES]
+    # (phase, how it trains): lotto plans the larger of its calibration and its sparse training
+    phases = [("calibrate", method), ("sparse-train", "sparse")] if opts.stage == "lotto" else [(opts.stage, method)]
     estimates = {}
     for engine in engines:
         counts = [1] if engine == "single" else list(opts.devices)
-        phases = ["calibrate", "sparse-train"] if opts.stage == "lotto" else [opts.stage]
-        per_count = {}
-        for n in counts:  # lotto: the larger of its two phases
-            parts = [plan(shape, cfg, p, opts.density, method if p != "sparse-train" else "sparse", engine, n,
-                          overhead) for p in phases]
-            per_count[n] = max(parts, key=lambda part: part["total"])
-        fewest = [smallest_fit(shape, cfg, p, opts.density, method if p != "sparse-train" else "sparse", engine,
-                               memory, overhead) for p in phases]
+        per_count = {n: max((plan(shape, cfg, phase, opts.density, how, engine, n, overhead) for phase, how in phases),
+                            key=lambda part: part["total"]) for n in counts}
+        fewest = [smallest_fit(shape, cfg, phase, opts.density, how, engine, memory, overhead) for phase, how in phases]
         estimates[engine] = {"devices": {str(n): parts for n, parts in per_count.items()},
                              "fewest_devices": None if None in fewest else max(fewest)}
     result = {"model": cfg.model.path, "stage": opts.stage, "method": method, "dtype": cfg.model.dtype,

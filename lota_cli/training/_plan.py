@@ -73,7 +73,7 @@ def model_shape(model: nn.Module, cfg) -> Shape:
     for name in names:
         shape = params[name].shape
         if len(shape) == 2:
-            lora += cfg.lora.r * (shape[0] + shape[1]) if hasattr(cfg, "lora") else 0
+            lora += cfg.lora.r * (shape[0] + shape[1])
     hidden = config.hidden_size
     heads = getattr(config, "num_attention_heads", 1)
     head_dim = getattr(config, "head_dim", None) or hidden // heads

@@ -13,7 +13,8 @@ from torch import nn
 
 from lota_cli.config import TrainStageConfig
 from lota_cli.data import train_data
-from lota_cli.models import add_delta, fingerprint, load_model, model_saved_fingerprint, save_model, skeleton
+from lota_cli.models import (add_delta, fingerprint, load_model, lora_delta, merge_lora, model_saved_fingerprint,
+                             save_model, skeleton)
 from lota_cli.training._sparse import attach_sparse, fold_sparse
 from lota_cli.training._engines import make_engine
 from lota_cli.training._metrics import start_trackers
@@ -72,6 +73,21 @@ def load_base(cfg: TrainStageConfig, engine, previous=()) -> nn.Module:
     for artifact in previous:
         add_delta(model, artifact)
     return model
+
+
+def lora_task_vector(run: Run, peft_model, fitted: dict[str, nn.Parameter], selected: dict[str, nn.Parameter],
+                     start: dict[str, torch.Tensor] | None) -> tuple[dict, dict | None]:
+    """(delta, trained) of a LoRA run, float32, on the main process ({} on the others). Over a full-precision
+    base, the adapters are merged into the very parameters `selected` holds: trained is their merged values,
+    delta those minus `start` (their values before training). Over a quantized base (start None) the weights
+    cannot take the merge: delta is scale·BA computed from the adapters (`fitted`), and trained None."""
+    unwrapped = run.engine.accelerator.unwrap_model(peft_model)
+    if start is None:
+        adapters = run.engine.trained_values(fitted)
+        return (lora_delta(unwrapped, adapters, list(selected)) if run.is_main else {}), None
+    merge_lora(unwrapped)
+    trained = run.engine.trained_values(selected)
+    return ({n: trained[n] - start[n].float() for n in selected} if run.is_main else {}), trained
 
 
 def export_model(run: Run, cfg: TrainStageConfig, model: nn.Module, directory: Path,
