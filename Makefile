@@ -2,7 +2,8 @@
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-# the suite runs on this many processes, each test file in one (pytest-xdist): the two-process tests share
+# the suite runs on this many processes, each test file in one (pytest-xdist), heavy files first (tests/conftest.py;
+# --no-loadscope-reorder keeps that order): the two-process tests share
 # their launched runs within their file
 TEST_WORKERS ?= 2
 BIN        := $(VENV)/bin
@@ -25,10 +26,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not dist"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow and not dist"
 
 demo: install
 	$(BIN)/python scripts/demo.py

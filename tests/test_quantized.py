@@ -4,6 +4,7 @@ quantized base runs on the tiny model; what cannot work is refused in one line b
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -20,7 +21,10 @@ from lota_cli.models import (add_delta, fingerprint, frozen_weight, load_model, 
 from lota_cli.testing import in_process, paths
 from lota_cli.training import attach_sparse
 
-pytest.importorskip("bitsandbytes")
+# skipped without bitsandbytes, found without importing it: its import (5 s, torch's compiler with it) would be
+# paid at collection by every worker, including those that never run this file
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                reason="bitsandbytes is not installed (make install adds it)")
 QUANTIZE = ("nf4", "int8")
 
 
