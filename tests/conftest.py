@@ -81,7 +81,7 @@ def kernels():
         return native.kernels()
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     """The files that launch processes first: the multi-process ones (`dist`), then those with `slow` tests,
     then the rest, each file's tests in their own order. pytest-xdist hands whole files to whichever worker is
     free (--dist loadfile --no-loadscope-reorder, the Makefile), so the heavy files start at once and the many

@@ -213,6 +213,13 @@ class TrainingSettings(StageConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def replicated_setting(self) -> str | None:
+        """The setting that keeps whole tensors on every process (bitsandbytes' packed weights, its 8-bit
+        optimizer), which only REPLICATED_ENGINES run; None when neither is set."""
+        if self.model.quantize:
+            return f"model.quantize={self.model.quantize}"
+        return "optim.name=adamw8bit" if self.optim.name == "adamw8bit" else None
+
 
 @dataclass
 class TrainStageConfig(TrainingSettings):
@@ -225,10 +232,9 @@ class TrainStageConfig(TrainingSettings):
 
     def __post_init__(self):
         one_of("artifact_dtype", self.artifact_dtype, WEIGHT_DTYPES)
-        whole = [s for s, on in ((f"model.quantize={self.model.quantize}", self.model.quantize),
-                                 ("optim.name=adamw8bit", self.optim.name == "adamw8bit")) if on]
+        whole = self.replicated_setting()
         if whole and self.dist.engine not in REPLICATED_ENGINES:
-            raise LotaError(f"{whole[0]} with dist.engine={self.dist.engine}: bitsandbytes' packed weights and "
+            raise LotaError(f"{whole} with dist.engine={self.dist.engine}: bitsandbytes' packed weights and "
                             f"8-bit optimizer keep whole tensors, under dist.engine={' or '.join(REPLICATED_ENGINES)}"
                             "; they are not sharded under FSDP or ZeRO here")
         if self.task.name in self.tasks:

@@ -27,10 +27,9 @@ def run(cfg: CalibrateConfig, out: Path) -> list[Path]:
     for p in model.parameters():
         p.requires_grad_(False)
     trainable = {n: model.get_parameter(n) for n in names}
-    # Only the main process writes the delta, so only it keeps the base, copied before any engine partitions it.
     main, quantized = run.is_main, bool(cfg.model.quantize)
-    # (over a quantized base there is nothing to copy: the task vector comes from the adapters)
-    base = None if quantized else {n: p.detach().to("cpu", copy=True) for n, p in trainable.items()} if main else {}
+    # over a quantized base there is nothing to copy: the task vector comes from the adapters
+    base = None if quantized else run.start_values(trainable)
     log.info("calibrating %d tensors (%.1fM parameters)", len(names),
              sum(math.prod(weight_shape(p)) for p in trainable.values()) / 1e6)
 

@@ -55,11 +55,10 @@ def _dense_calibration(run, model, names: list[str], numel: dict[str, int], froz
     """Fine-tune the selected weights densely, every entry of an earlier mask restored after each optimizer
     step; the delta from base + earlier deltas (on the main process; {} on the others)."""
     engine, main = run.engine, run.is_main
-    # base + earlier deltas, for the delta that picks the mask: only the main process picks it
-    start = {n: model.get_parameter(n).detach().to("cpu", copy=True) for n in names} if main else {}
     for p in model.parameters():
         p.requires_grad_(False)
     trainable = {n: model.get_parameter(n).requires_grad_(True) for n in names}
+    start = run.start_values(trainable)  # base + earlier deltas, for the delta that picks the mask
     frozen_index = {n: torch.from_numpy(np.flatnonzero(unpack_bits(b, numel[n]))) for n, b in frozen.items()}
     frozen_values = {n: trainable[n].detach().reshape(-1)[i].clone() for n, i in frozen_index.items()}
 
@@ -82,8 +81,7 @@ def _lora_calibration(run, model, names: list[str], cfg: LottoConfig, out: Path,
     for p in model.parameters():
         p.requires_grad_(False)
     selected = {n: model.get_parameter(n) for n in names}
-    start = None if cfg.model.quantize else \
-        {n: p.detach().to("cpu", copy=True) for n, p in selected.items()} if run.is_main else {}
+    start = None if cfg.model.quantize else run.start_values(selected)
     peft_model, fitted = attach_lora(model, names, cfg.lora)
     train(peft_model, fitted, run.data, run.tokenizer.pad_token_id, cfg, out, run.engine,
           depends={"phase": "calibrate", "method": "lora", **depends})

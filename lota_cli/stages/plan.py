@@ -32,8 +32,7 @@ def run(cfg: PlanConfig, out: Path) -> list[Path]:
                         "holding its config.json")
     shape = model_shape(model, cfg)
     method, memory, overhead = cfg.method(), parse_size(opts.device_memory), parse_size(opts.overhead)
-    replicated = cfg.model.quantize or cfg.optim.name == "adamw8bit"
-    engines = [e for e in ENGINES if not replicated or e in REPLICATED_ENGINES]
+    engines = [e for e in ENGINES if not cfg.replicated_setting() or e in REPLICATED_ENGINES]
     # (phase, how it trains): lotto plans the larger of its calibration and its sparse training
     phases = [("calibrate", method), ("sparse-train", "sparse")] if opts.stage == "lotto" else [(opts.stage, method)]
     estimates = {}

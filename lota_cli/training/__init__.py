@@ -13,7 +13,7 @@ from lota_cli.training._setup import Run, export_model, load_base, lora_task_vec
 from lota_cli.training._sparse import attach_sparse, fold_sparse
 
 __all__ = ["Checkpointer", "DeepSpeedZero", "FullyShardedV2", "Metrics", "Replicated", "Run", "TrainResult",
-           "attach_sparse", "check", "deepspeed_config", "export_model", "failure", "finish_trackers", "fold_sparse",
-           "free_port", "latest", "launch", "launched", "load_base", "lora_task_vector", "make_engine", "make_optimizer", "model_shape",
-           "needs_launch", "newest_below", "optimizer_steps", "plan", "resume_point", "setup", "shutdown",
-           "smallest_fit", "start_trackers", "train", "uses_fsdp"]
+           "attach_sparse", "check", "deepspeed_config", "export_model", "failure", "finish_trackers",
+           "fold_sparse", "free_port", "latest", "launch", "launched", "load_base", "lora_task_vector",
+           "make_engine", "make_optimizer", "model_shape", "needs_launch", "newest_below", "optimizer_steps",
+           "plan", "resume_point", "setup", "shutdown", "smallest_fit", "start_trackers", "train", "uses_fsdp"]

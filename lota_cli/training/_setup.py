@@ -37,6 +37,11 @@ class Run:
     def is_main(self) -> bool:
         return self.engine.is_main
 
+    def start_values(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """The parameters' values before training, for the delta: copied to the CPU on the main process (the one
+        that writes it), before any engine partitions them; {} on the others."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in params.items()} if self.is_main else {}
+
 
 def setup(cfg: TrainStageConfig, out: Path, check: Callable[[nn.Module], None] | None = None) -> Run:
     """Engine, seeded RNG, model + tokenizer, base fingerprint and the training data (data.train_data).
