@@ -32,6 +32,10 @@ if _RUN:
     os.environ.setdefault("LOTA_CACHE", str(Path(tempfile.gettempdir()) / f"lota-test-cache-{_RUN}"))
 else:
     os.environ.setdefault("LOTA_CACHE", tempfile.mkdtemp(prefix="lota-test-cache-"))
+# datasets' cache of the rows it read (Arrow files, locks) and wandb's debug logs beside it, not in the user's
+# ~/.cache (a suite left 200 lock files in ~/.cache/huggingface/datasets)
+os.environ.setdefault("HF_DATASETS_CACHE", str(Path(os.environ["LOTA_CACHE"]) / "hf-datasets"))
+os.environ.setdefault("WANDB_CACHE_DIR", str(Path(os.environ["LOTA_CACHE"]) / "wandb"))
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
