@@ -212,15 +212,20 @@ def run(cfg) -> list[Figure]:
         ]
         mergekit = find_mergekit(cfg)
         # mergekit's two input models and its output, and lota's output to compare with: four more copies
-        if c.mergekit and mergekit and _free(root) > 4.3 * info["bytes"]:
+        needed, free = 4.3 * info["bytes"], _free(root)
+        peaks = Path(cfg.out) / "mergekit_peaks.json"  # what mergekit needed where it finished, by shape
+        if c.mergekit and mergekit and free > needed:
             try:
                 figures += _mergekit(root, base, deltas, mergekit, runs["lota"], part)
+                peak = next(f.value for f in figures if f.name == "merge peak RSS mergekit")
+                _record_peak(peaks, c.shape, info, peak)
             except RuntimeError as err:  # report lota's figures anyway
-                figures.append(Figure(part, "mergekit", "failed", note=_why(str(err))))
+                figures.append(Figure(part, "mergekit", "failed", note=f"{_why(str(err))}; {_scaled(peaks, info)}"))
             shutil.rmtree(root / "mergekit", ignore_errors=True)
         elif c.mergekit:
             figures.append(Figure(part, "mergekit", "skipped", note="mergekit-yaml not found" if not mergekit else
-                                  f"needs {4.3 * info['bytes'] / GiB:.0f} GiB free for its input models and output"))
+                                  f"the disk is too small: it needs {needed / GiB:.0f} GiB free for its input models "
+                                  f"and output, {free / GiB:.0f} GiB here; {_scaled(peaks, info)}"))
         for path in deltas:
             Path(path).unlink()
         shutil.rmtree(base)
@@ -280,6 +285,28 @@ def _mergekit(root: Path, base: Path, deltas: list[str], mergekit: str, ours: di
             Figure(part, "max |lota - mergekit| over the merged weights", diff["max_abs_diff"],
                    note=f"{diff['entries_differing']:,} of {diff['entries']:,} entries differ by > 1e-6 "
                         f"({diff['tensors']} tensors compared)")]
+
+
+def _record_peak(path: Path, shape: str, info: dict, rss_peak: float) -> None:
+    """Keep mergekit's peak RSS at this shape (runs/bench/mergekit_peaks.json), to scale from where it cannot run."""
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record[shape] = {"parameters": info["parameters"], "bytes": info["bytes"], "rss_peak": rss_peak}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+
+
+def _scaled(path: Path, info: dict) -> str:
+    """The memory mergekit would need at this shape: its peak at the largest shape it finished here, scaled by
+    the model's size, against this machine's memory."""
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    done = [r for r in record.values() if r["parameters"] < info["parameters"]]
+    if not done:
+        return "its memory is unmeasured: run scale.shape=3b (or 1b) first"
+    largest = max(done, key=lambda r: r["parameters"])
+    ratio = largest["rss_peak"] / largest["bytes"]
+    shape = next(k for k, r in record.items() if r is largest)
+    return (f"at {shape} it peaked at {largest['rss_peak'] / GiB:.1f} GiB RSS ({ratio:.2f}x the model), so about "
+            f"{ratio * info['bytes'] / GiB:.0f} GiB here, against this machine's {memory_bytes() / GiB:.0f} GiB")
 
 
 def _why(error: str) -> str:
