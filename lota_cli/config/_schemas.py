@@ -88,12 +88,17 @@ class TaskConfig:
     metric: str = opt("exact_match", "exact_match (needs answer_pattern) or rouge (ROUGE-1/2/L; rouge_l: "
                                      "its older name)")
     format: str = opt("text", "text: task.prompt / task.target templates per row; messages: a conversation "
-                              "per row (task.messages_field), rendered by the chat template")
+                              "per row (task.messages_field), rendered by the chat template; preference: a "
+                              "prompt with a chosen and a rejected completion per row (train.objective=dpo|simpo)")
     messages_field: str = opt("messages", "format=messages: the field holding the turns (ShareGPT: conversations)")
     role_field: str = opt("role", "format=messages: a turn's role key (ShareGPT: from); human/gpt map to "
                                   "user/assistant")
     content_field: str = opt("content", "format=messages: a turn's text key (ShareGPT: value)")
     system_prompt: Optional[str] = opt(None, "format=messages: a system turn put first where a conversation has none")
+    prompt_field: str = opt("prompt", "format=preference: the prompt (a string, or a list of turns; absent: the turns "
+                                      "chosen and rejected share)")
+    chosen_field: str = opt("chosen", "format=preference: the preferred completion (a string, or assistant turns)")
+    rejected_field: str = opt("rejected", "format=preference: the dispreferred completion")
     chat_template: Optional[str] = opt(None, "a Jinja chat template (or a file holding one) replacing the tokenizer's")
     train_on: str = opt("assistant", "tokens with loss: assistant (every assistant turn, default), last (the last "
                                      "one), all (every token); format=text: the target (or all)")
@@ -110,7 +115,7 @@ class TaskConfig:
 
     def __post_init__(self):
         one_of("task.metric", self.metric, ("exact_match", "rouge", "rouge_l"))
-        one_of("task.format", self.format, ("text", "messages"))
+        one_of("task.format", self.format, ("text", "messages", "preference"))
         one_of("task.train_on", self.train_on, ("assistant", "last", "all"))
         one_of("task.truncation", self.truncation, ("turns", "drop"))
         positive("task.num_proc", self.num_proc)
@@ -156,6 +161,13 @@ class TrainConfig:
     save_every: int = opt(0, "checkpoint every N optimizer steps; 0: only on SIGTERM / Ctrl-C")
     keep_checkpoints: int = opt(2, "newest checkpoints kept")
     log_with: Optional[str] = opt(None, "tensorboard or wandb, through accelerate's trackers")
+    objective: str = opt("sft", "sft: next-token loss on the targets; dpo: preference pairs (task.format="
+                                "preference) against the reference, the model before training; simpo: "
+                                "preference pairs, reference-free, completions' mean log-probabilities")
+    beta: float = opt(0.1, "dpo / simpo: the scale of the log-probability differences in the loss")
+    gamma: float = opt(0.5, "simpo: the target margin, subtracted after the beta scaling")
+    label_smoothing: float = opt(0.0, "dpo / simpo: the assumed chance a pair's preference is flipped (cDPO), "
+                                      "in [0, 0.5)")
 
     def __post_init__(self):
         if self.max_steps is None and self.epochs is None:
@@ -172,6 +184,12 @@ class TrainConfig:
         positive("train.keep_checkpoints", self.keep_checkpoints)
         one_of("train.schedule", self.schedule, ("cosine", "linear", "constant"))
         one_of("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        one_of("train.objective", self.objective, ("sft", "dpo", "simpo"))
+        positive("train.beta", self.beta)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise LotaError(f"train.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if not math.isfinite(self.gamma):
+            raise LotaError(f"train.gamma={self.gamma} must be a finite number")
         if self.log_with is not None:
             one_of("train.log_with", self.log_with, ("tensorboard", "wandb"))
             # accelerate leaves out a tracker whose package is missing, with no word: the run would log nothing
@@ -247,6 +265,29 @@ class TrainStageConfig(TrainingSettings):
             raise LotaError("the mixture is empty: the weights of task and tasks.* sum to 0; give one a weight > 0")
         if any(t.streaming for t, _ in mixed) and not self.train.max_steps:
             raise LotaError("task.streaming=true reads data of unknown length: set train.max_steps")
+        self._check_objective(mixed)
+
+    def _check_objective(self, mixed: list) -> None:
+        """Preference data and a preference objective go together; what pairs are not trained with."""
+        paired = [t.format == "preference" for t, _ in mixed]
+        objective = self.train.objective
+        if objective == "sft" and any(paired):
+            raise LotaError("task.format=preference holds pairs, not targets: set train.objective=dpo (or simpo)")
+        if objective != "sft" and not all(paired):
+            raise LotaError(f"train.objective={objective} trains on preference pairs: set task.format=preference "
+                            "(rows with prompt, chosen and rejected fields)")
+        if objective == "sft":
+            return
+        if len(mixed) > 1:
+            raise LotaError(f"train.objective={objective} trains on one task's pairs; tasks.* mixtures are not "
+                            "supported with it")
+        task = self.task
+        if task.packing:
+            raise LotaError("task.packing=true with task.format=preference: a pair's completions are scored as "
+                            "separate sequences, not packed; drop task.packing")
+        if task.streaming:
+            raise LotaError("task.streaming=true with task.format=preference is not supported; read the pairs "
+                            "whole (drop task.streaming)")
 
     def mixture_tasks(self) -> list[tuple[TaskConfig, float]]:
         """(task, weight) of each task trained on, those of weight 0 left out: task alone, or with tasks.*

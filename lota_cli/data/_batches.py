@@ -31,7 +31,7 @@ from lota_cli.data._rows import load_rows
 
 log = logging.getLogger(__package__)
 
-Item = list  # of (token ids, trained mask) numpy pairs: one example, or a pack of them
+Item = list  # of (token ids, trained mask) numpy pairs: one example, a pack of them, or a preference pair
 
 
 def targets(item: Item) -> int:
@@ -142,11 +142,16 @@ class Fixed:
                  proportions: dict[str, float]):
         """stats: per task in order, what encoding it did (data.counts); proportions: its share of the items."""
         self.encoded, self.packed, self.stats, self.proportions = encoded, cfg.task.packing, stats, proportions
+        # a preference task's row is two examples, its chosen and its rejected sequence, drawn as one item
+        self.per_row = 2 if cfg.task.format == "preference" else 1
         self.names = list(stats)  # which task an example is of: the one whose range holds it
-        self.starts = np.cumsum([0] + [s["examples"] for s in stats.values()])
+        self.starts = np.cumsum([0] + [s["examples"] * self.per_row for s in stats.values()])
         if self.packed:  # item j holds examples order[bounds[j]:bounds[j + 1]]
             order, self.bounds = pack(encoded.lengths[drawn], cfg.task.max_length)
             self.order = drawn[order]
+        elif self.per_row == 2:
+            self.order = np.stack([2 * drawn, 2 * drawn + 1], axis=1).reshape(-1)
+            self.bounds = np.arange(0, len(self.order) + 1, 2)
         else:
             self.order, self.bounds = drawn, np.arange(len(drawn) + 1)
         self.n = len(self.bounds) - 1
@@ -161,6 +166,10 @@ class Fixed:
     def item(self, j: int) -> Item:
         return [self.encoded.example(i) for i in self.group(j)]
 
+    def micro_indices(self, i: int) -> list[int]:
+        """The items of micro-batch i."""
+        return self._batches.indices(i)
+
     def micro_batch(self, i: int) -> list[Item]:
         return [self.item(j) for j in self._batches.indices(i)]
 
@@ -174,12 +183,16 @@ class Fixed:
 
     def real_tokens(self) -> tuple[int, int]:
         """(tokens of the examples, tokens of the padded batches they are trained in) over one epoch of
-        micro-batches of train.batch_size: what packing saves."""
-        per_item = np.add.reduceat(self.encoded.lengths[self.order], self.bounds[:-1])
+        micro-batches of train.batch_size: what packing saves (a pair's two sequences are two rows)."""
+        lengths = self.encoded.lengths[self.order]
+        if self.per_row == 2:
+            per_item = lengths.reshape(-1, 2)
+        else:
+            per_item = np.add.reduceat(lengths, self.bounds[:-1])[:, None]
         real = padded = 0
         for i in range(-(-self.n // self._batches.batch_size)):
             chunk = per_item[self._batches.indices(i)]
-            real, padded = real + int(chunk.sum()), padded + int(chunk.max()) * len(chunk)
+            real, padded = real + int(chunk.sum()), padded + int(chunk.max()) * chunk.size
         return real, padded
 
 
@@ -211,6 +224,11 @@ class Streamed:
             pack_.append((ids, trained))
             used += len(ids)
 
+    def micro_indices(self, i: int) -> list[int]:
+        """The items of micro-batch i: their places in the stream."""
+        bs = self.cfg.train.batch_size
+        return list(range(i * bs, (i + 1) * bs))
+
     def micro_batch(self, i: int) -> list[Item]:
         bs = self.cfg.train.batch_size
         start = i * bs
@@ -230,8 +248,9 @@ def train_data(tokenizer, cfg: TrainStageConfig):
     if any(task.streaming for task, _ in tasks):
         return Streamed(tokenizer, cfg)
     parts = [encode(tokenizer, task, load_rows(task, "train")) for task, _ in tasks]
-    draws = mixture_draw([len(p) for p in parts], [w for _, w in tasks], cfg.train.seed)
-    starts = np.cumsum([0] + [len(p) for p in parts])
+    rows = [p.stats["examples"] for p in parts]  # what is drawn: an example, or a pair (two examples)
+    draws = mixture_draw(rows, [w for _, w in tasks], cfg.train.seed)
+    starts = np.cumsum([0] + rows)
     drawn = np.concatenate([d + s for d, s in zip(draws, starts)])
     proportions = {task.name: len(d) / len(drawn) for (task, _), d in zip(tasks, draws)}
     if len(tasks) > 1:

@@ -111,7 +111,8 @@ class _Encoder:
         self.where = rows_source(task, purpose)[1] or task.dataset
         self.original = original_indices(rows)
         self.target_fields = template_fields(task.target)
-        self.template = chat_template(tokenizer, task) if (task.format == "messages" or task.use_chat_template) else None
+        self.template = (chat_template(tokenizer, task)
+                         if task.format in ("messages", "preference") or task.use_chat_template else None)
         if task.format == "messages" and not self.template:
             raise LotaError(f"task {task.name}: task.format=messages renders conversations with a chat template, "
                             "and the tokenizer has none; set task.chat_template=FILE.jinja (or the template text)")
@@ -137,7 +138,8 @@ class _Encoder:
         n = len(next(iter(rows.values()))) if rows else 0
         if self.row == 0:  # streamed rows are first seen here
             check_fields(self.task, rows.keys(), self.where)
-        out = self._messages(rows, n) if self.task.format == "messages" else self._text(rows, n)
+        encode_rows = {"messages": self._messages, "preference": self._pairs}.get(self.task.format, self._text)
+        out = encode_rows(rows, n)
         self.row += n
         return out
 
@@ -168,11 +170,13 @@ class _Encoder:
             out.append((ids, trained, len(prompt), reference, "truncated" if len(target) > room else ""))
         return out
 
-    def _turns(self, value, i: int) -> list[dict]:
-        """A row's conversation as [{"role", "content"}] with roles mapped, task.system_prompt first if set."""
+    def _turns(self, value, i: int, field: str | None = None, prompt: bool = False) -> list[dict]:
+        """A row's conversation as [{"role", "content"}] with roles mapped, task.system_prompt first if set (a
+        prompt's turns need no assistant turn; a completion's get no system turn)."""
         task = self.task
+        field = field or task.messages_field
         if not isinstance(value, list) or not value:
-            raise LotaError(f"{self._row(i)}: {task.messages_field!r} is {type(value).__name__} {str(value)[:60]!r}, not "
+            raise LotaError(f"{self._row(i)}: {field!r} is {type(value).__name__} {str(value)[:60]!r}, not "
                             "a list of turns; fix that row")
         turns = []
         for turn in value:
@@ -184,11 +188,82 @@ class _Encoder:
                 raise LotaError(f"{self._row(i)}: unknown role {turn[task.role_field]!r}; known: {', '.join(ROLES)}")
             turns.append({"role": role, "content": "" if turn[task.content_field] is None
                           else str(turn[task.content_field])})
-        if not any(t["role"] == "assistant" for t in turns):
+        if not prompt and not any(t["role"] == "assistant" for t in turns):
             raise LotaError(f"{self._row(i)}: the conversation has no assistant turn, so nothing to train on; drop it")
-        if task.system_prompt and turns[0]["role"] != "system":
+        if task.system_prompt and turns[0]["role"] != "system" and field in (task.messages_field, task.prompt_field):
             turns.insert(0, {"role": "system", "content": task.system_prompt})
         return turns
+
+    def _pairs(self, rows: dict[str, list], n: int):
+        """Preference rows in TRL's layouts, tokenized as TRL tokenizes them: standard (strings: the prompt, and
+        the prompt followed by each completion and the end-of-sequence text) or conversational (lists of turns
+        through the chat template: the prompt with the generation prompt, and the prompt followed by each
+        completion's turns; no prompt field: the turns chosen and rejected share). Each completion starts where
+        the tokenized prompt and the tokenized whole first differ. A pair longer than task.max_length loses the
+        start of its prompt (both completions the same tokens), never a completion token."""
+        task, tok = self.task, self.tok
+        eos = tok.eos_token or ""
+        texts, special = [], []
+        for i in range(n):
+            prompt = rows[task.prompt_field][i] if task.prompt_field in rows else None
+            chosen, rejected = rows[task.chosen_field][i], rows[task.rejected_field][i]
+            for key, value in ((task.chosen_field, chosen), (task.rejected_field, rejected)):
+                if value is None or value == "" or (isinstance(value, list) and not any(
+                        isinstance(turn, dict) and turn.get(task.content_field) for turn in value)):
+                    raise LotaError(f"{self._row(i)}: {key!r} is empty; a pair needs two completions, drop that row")
+            if isinstance(chosen, str) and isinstance(rejected, str) and isinstance(prompt, (str, type(None))):
+                prompt = prompt or ""
+                texts.append([prompt] + [prompt + c + ("" if c.endswith(eos) else eos) for c in (chosen, rejected)])
+                special.append(True)
+                continue
+            if not (isinstance(chosen, list) and isinstance(rejected, list)):
+                raise LotaError(f"{self._row(i)}: {task.chosen_field!r} and {task.rejected_field!r} are "
+                                f"{type(chosen).__name__} and {type(rejected).__name__}: give both as strings "
+                                "(with a string prompt) or both as lists of turns")
+            if not self.template:
+                raise LotaError(f"task {task.name}: conversational pairs are rendered with a chat template, and the "
+                                "tokenizer has none; set task.chat_template=FILE.jinja (or the template text)")
+            chosen_turns = self._turns(chosen, i, task.chosen_field, prompt=True)
+            rejected_turns = self._turns(rejected, i, task.rejected_field, prompt=True)
+            if prompt is None:  # the implicit prompt: the turns both completions start with
+                shared = 0
+                while (shared < min(len(chosen_turns), len(rejected_turns)) - 1
+                       and chosen_turns[shared] == rejected_turns[shared]):
+                    shared += 1
+                prompt_turns = chosen_turns[:shared]
+                chosen_turns, rejected_turns = chosen_turns[shared:], rejected_turns[shared:]
+                if not prompt_turns:
+                    raise LotaError(f"{self._row(i)}: no {task.prompt_field!r} field and the two conversations share "
+                                    "no turn to take as the prompt; give the prompt (task.prompt_field)")
+                if task.system_prompt and prompt_turns[0]["role"] != "system":
+                    prompt_turns.insert(0, {"role": "system", "content": task.system_prompt})
+            elif isinstance(prompt, list):
+                prompt_turns = self._turns(prompt, i, task.prompt_field, prompt=True)
+            else:
+                raise LotaError(f"{self._row(i)}: {task.prompt_field!r} is {type(prompt).__name__}, while the "
+                                "completions are lists of turns; give the prompt as a list of turns too")
+            texts.append(self._chat([prompt_turns], True)
+                         + self._chat([prompt_turns + chosen_turns, prompt_turns + rejected_turns], False))
+            special.append(False)
+        # tokenized in two batches: strings with the tokenizer's special tokens, rendered conversations without
+        by_kind = {kind: [text for row, k in zip(texts, special) if k == kind for text in row] for kind in set(special)}
+        tokenized = {kind: iter(tok(batch, add_special_tokens=kind)["input_ids"]) for kind, batch in by_kind.items()}
+        out = []
+        for i, (row_texts, kind) in enumerate(zip(texts, special)):
+            prompt_ids, *whole = (next(tokenized[kind]) for _ in range(3))
+            start = min(_shared_prefix(prompt_ids, ids) for ids in whole)
+            if any(len(ids) == start for ids in whole):
+                raise LotaError(f"{self._row(i)}: a completion tokenizes to nothing after the prompt; drop that row")
+            over = max(len(ids) for ids in whole) - task.max_length
+            if over >= start:  # the completion's first token needs one before it
+                raise LotaError(f"{self._row(i)}: the pair needs {max(len(ids) for ids in whole) - start + 1} "
+                                f"tokens with one of its prompt, more than task.max_length={task.max_length}; "
+                                "raise task.max_length or drop the row")
+            cut = max(over, 0)
+            pair = [list(ids[cut:]) for ids in whole]
+            trained = [[False] * (start - cut) + [True] * (len(ids) - start) for ids in whole]
+            out.append((pair, trained, start - cut, row_texts[1][len(row_texts[0]):], "truncated" if cut else ""))
+        return out
 
     def _messages(self, rows: dict[str, list], n: int):
         """Render each whole conversation once, find each assistant turn's content in the text (each turn
@@ -250,6 +325,14 @@ class _Encoder:
         return list(ids[:length]), trained, turns_tokens[keep][0], contents[keep], note
 
 
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b have in common."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def _num_proc(task: TaskConfig, n: int) -> int:
     """task.num_proc, or one process per 50,000 rows up to the CPU count."""
     if task.num_proc:
@@ -268,9 +351,12 @@ def _sum_counts(many: list[dict[str, int]]) -> dict[str, int]:
     return {k: sum(c.get(k, 0) for c in many) for k in many[0]} if many and many[0] else {}
 
 
-def _arrays(results: list, keep_references: bool) -> Encoded:
-    """One chunk's results as an Encoded (so no per-row Python objects outlive their chunk)."""
+def _arrays(results: list, keep_references: bool, paired: bool = False) -> Encoded:
+    """One chunk's results as an Encoded (so no per-row Python objects outlive their chunk); a pair's two
+    sequences (chosen, rejected) are two examples, one after the other."""
     kept = [r for r in results if r is not None]
+    if paired:
+        kept = [(ids, trained, r[2], r[3]) for r in kept for ids, trained in zip(r[0], r[1])]
     lengths = [len(r[0]) for r in kept]
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
     flat = [t for r in kept for t in r[0]]
@@ -300,9 +386,13 @@ def _chunks(encoder: _Encoder, rows, procs: int):
 
 
 def _encode_rows(tokenizer, task: TaskConfig, rows, purpose: str) -> Encoded:
+    if purpose == "eval" and task.format == "preference":
+        raise LotaError(f"task {task.name}: task.format=preference is for training (calibrate, sparse-train, lotto "
+                        "with train.objective=dpo|simpo); lota eval does not score preference pairs yet")
     encoder = _Encoder(tokenizer, task, purpose, rows)
-    keep = purpose == "eval"  # evaluation scores generations against the references
-    encoded = Encoded.join([_arrays(results, keep) for results in _chunks(encoder, rows, _num_proc(task, len(rows)))])
+    keep, paired = purpose == "eval", task.format == "preference"  # evaluation scores against the references
+    encoded = Encoded.join([_arrays(results, keep, paired)
+                            for results in _chunks(encoder, rows, _num_proc(task, len(rows)))])
     if not len(encoded):
         raise LotaError(f"task {task.name}: no example fits task.max_length={task.max_length} "
                         "(every prompt is longer); raise it")

@@ -116,6 +116,12 @@ def template_fields(template: str) -> set[str]:
 
 def check_fields(task: TaskConfig, columns, where) -> None:
     """Refuse data without the fields the task reads (what it would train on)."""
+    if task.format == "preference":
+        missing = [f for f in (task.chosen_field, task.rejected_field) if f not in columns]
+        if missing:
+            raise LotaError(f"task {task.name}: the data {where} has no field(s) {missing} (task.chosen_field / "
+                            f"task.rejected_field); its fields are {sorted(columns)}")
+        return
     if task.format == "messages":
         if task.messages_field not in columns:
             raise LotaError(f"task {task.name}: the data {where} has no field {task.messages_field!r} "

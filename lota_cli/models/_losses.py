@@ -1,4 +1,5 @@
-"""The token losses training and evaluation share: each row's summed NLL of its target tokens."""
+"""The token losses training and evaluation share: each row's summed NLL of its target tokens, and a
+completion's log-probability (preference training)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,12 @@ def token_nlls(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
 def token_nll_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The training loss before normalization: every target token's NLL of the batch, summed."""
     return token_nlls(model, batch).sum()
+
+
+def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
+    """Per row, the log-probability of its target tokens (a completion) given what precedes them: summed, or
+    with `average` their mean (SimPO's length-normalized score)."""
+    logps = -token_nlls(model, batch)
+    if average:
+        logps = logps / (batch["labels"][:, 1:] != IGNORE).sum(dim=1).clamp(min=1)
+    return logps

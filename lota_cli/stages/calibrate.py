@@ -15,7 +15,7 @@ from lota_cli.artifacts import save_dense, stage_meta
 from lota_cli.config import CalibrateConfig
 from lota_cli.models import attach_lora, select_params, weight_shape
 from lota_cli.tensors import torch_dtype
-from lota_cli.training import export_model, lora_task_vector, setup, train
+from lota_cli.training import PrecomputedReference, export_model, lora_task_vector, setup, train
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ def run(cfg: CalibrateConfig, out: Path) -> list[Path]:
     else:
         fitted = {n: p.requires_grad_(True) for n, p in trainable.items()}
     result = train(model, fitted, run.data, run.tokenizer.pad_token_id, cfg, out, run.engine,
-                   depends={"stage": "calibrate", "method": cfg.method, "base": run.base_fingerprint})
+                   depends={"stage": "calibrate", "method": cfg.method, "base": run.base_fingerprint},
+                   reference=PrecomputedReference())
     if cfg.method == "lora":
         delta, trained = lora_task_vector(run, model, fitted, trainable, base)
         model = run.engine.accelerator.unwrap_model(model).get_base_model()  # merged in place (full precision)

@@ -74,14 +74,14 @@ def _fixed_stats(data: Fixed, cfg: DataConfig, tokenizer) -> dict:
     tasks = {}
     for k, (name, counts) in enumerate(data.stats.items()):
         rows = range(int(data.starts[k]), int(data.starts[k + 1]))
-        tasks[name] = {**counts, **_token_stats([e.tokens(i) for i in rows], [e.trained_mask(i) for i in rows])}
-    other = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, packing=not cfg.task.packing))
-    twin = Fixed(e, data.order, other, data.stats, data.proportions)
-    real = {cfg.task.packing: data.real_tokens(), other.task.packing: twin.real_tokens()}
+        tasks[name] = {**_token_stats([e.tokens(i) for i in rows], [e.trained_mask(i) for i in rows]), **counts}
+    real = {cfg.task.packing: data.real_tokens()}
+    if cfg.task.format != "preference":  # pairs are not packed
+        other = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, packing=not cfg.task.packing))
+        real[other.task.packing] = Fixed(e, data.order, other, data.stats, data.proportions).real_tokens()
     return {"tasks": tasks, "mixture": data.proportions if len(tasks) > 1 else None,
             "sequences": data.n, "packing": cfg.task.packing, "batch_size": cfg.train.batch_size,
-            "real_token_fraction": {"unpacked": real[False][0] / real[False][1],
-                                    "packed": real[True][0] / real[True][1]}}
+            "real_token_fraction": {("packed" if packed else "unpacked"): r / p for packed, (r, p) in real.items()}}
 
 
 def _table(stats: dict) -> Table:
@@ -95,8 +95,9 @@ def _table(stats: dict) -> Table:
                       f"{t['trained_fraction']:.1%}")
     if stats.get("real_token_fraction"):
         f = stats["real_token_fraction"]
-        table.caption = (f"real tokens per batch of {stats['batch_size']}: {f['unpacked']:.1%} unpacked, "
-                         f"{f['packed']:.1%} packed (task.packing={str(stats['packing']).lower()})")
+        table.caption = (f"real tokens per batch of {stats['batch_size']}: {f['unpacked']:.1%} unpacked"
+                         + (f", {f['packed']:.1%} packed (task.packing={str(stats['packing']).lower()})"
+                            if "packed" in f else " (preference pairs: not packed)"))
         if stats.get("mixture"):
             table.caption += "; mixture " + ", ".join(f"{k} {v:.3f}" for k, v in stats["mixture"].items())
     return table

@@ -27,7 +27,8 @@ from lota_cli.inputs import open_artifact
 from lota_cli.models import add_delta, attach_lora, select_params, weight_shape
 from lota_cli.ops import k_for, top_k_mask
 from lota_cli.tensors import count_bits, encode_positions, pack_bits, torch_dtype, unpack_bits
-from lota_cli.training import attach_sparse, export_model, load_base, lora_task_vector, setup, train
+from lota_cli.training import (PrecomputedReference, SparseOffReference, attach_sparse, export_model, load_base,
+                               lora_task_vector, setup, train)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def _dense_calibration(run, model, names: list[str], numel: dict[str, int], froz
             engine.write_entries(trainable[n], index, frozen_values[n])
 
     train(model, trainable, run.data, run.tokenizer.pad_token_id, cfg, out, engine,
-          depends={"phase": "calibrate", **depends}, after_step=restore_frozen)
+          depends={"phase": "calibrate", **depends}, after_step=restore_frozen, reference=PrecomputedReference())
     trained = engine.trained_values(trainable)
     return {n: trained[n] - start[n].float() for n in names} if main else {}
 
@@ -84,7 +85,7 @@ def _lora_calibration(run, model, names: list[str], cfg: LottoConfig, out: Path,
     start = None if cfg.model.quantize else run.start_values(selected)
     peft_model, fitted = attach_lora(model, names, cfg.lora)
     train(peft_model, fitted, run.data, run.tokenizer.pad_token_id, cfg, out, run.engine,
-          depends={"phase": "calibrate", "method": "lora", **depends})
+          depends={"phase": "calibrate", "method": "lora", **depends}, reference=PrecomputedReference())
     return lora_task_vector(run, peft_model, fitted, selected, start)[0]
 
 
@@ -153,7 +154,7 @@ def run(cfg: LottoConfig, out: Path) -> list[Path]:
     positions = {n: torch.from_numpy(np.flatnonzero(unpack_bits(new_mask[n], numel[n]))).int() for n in names}
     trainable = attach_sparse(model, positions)
     result = train(model, trainable, run.data, run.tokenizer.pad_token_id, cfg, out / "sparse-train",
-                   engine, depends={"phase": "sparse-train", **depends})
+                   engine, depends={"phase": "sparse-train", **depends}, reference=SparseOffReference())
     trained = engine.trained_values(trainable)
 
     written = []

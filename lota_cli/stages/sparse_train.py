@@ -13,7 +13,7 @@ from lota_cli.artifacts import Artifact, save_sparse, stage_meta
 from lota_cli.config import SparseTrainConfig
 from lota_cli.models import check_tensor, check_trainable
 from lota_cli.tensors import encode_positions, torch_dtype
-from lota_cli.training import attach_sparse, export_model, setup, train
+from lota_cli.training import SparseOffReference, attach_sparse, export_model, setup, train
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ def run(cfg: SparseTrainConfig, out: Path) -> list[Path]:
              sum(p.numel() for p in trainable.values()), len(trainable), mask.density())
 
     result = train(run.model, trainable, run.data, run.tokenizer.pad_token_id, cfg, out, run.engine,
-                   depends={"stage": "sparse_train", "base": run.base_fingerprint, "mask": mask.meta.fingerprint})
+                   depends={"stage": "sparse_train", "base": run.base_fingerprint, "mask": mask.meta.fingerprint},
+                   reference=SparseOffReference())
     trained = run.engine.trained_values(trainable)
 
     written = []

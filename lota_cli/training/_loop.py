@@ -4,10 +4,12 @@ Batch: one optimizer step sees train.batch_size x train.grad_accum sequences wha
 processes N: each of its grad_accum micro-batches of train.batch_size sequences is sharded over the N
 processes (train.batch_size / N each, the per-device batch), never duplicated.
 
-Loss normalization: each micro-batch's loss is the sum of its target-token NLLs divided by the number of
-target tokens in the whole global batch (all micro-steps, all processes), times the number of processes
-(data-parallel engines average gradients over processes). So the gradient of one optimizer step is the
-same whatever the number of processes or the split of the global batch into micro-batches.
+Loss normalization: each micro-batch's loss is the sum of its target-token NLLs (train.objective=sft; for
+dpo and simpo, of its pairs' losses) divided by the number of target tokens (pairs) in the whole global batch
+(all micro-steps, all processes), times the number of processes (data-parallel engines average gradients
+over processes). So the gradient of one optimizer step is the same whatever the number of processes or the
+split of the global batch into micro-batches. What the objective is and what it compares with is
+_objectives.py's.
 
 What differs between engines is asked of the engine (_engines.py); checkpoints are _checkpoints.py's, the
 numbers' destinations _metrics.py's.
@@ -28,10 +30,10 @@ from torch import nn
 from lota_cli import LotaError
 from lota_cli.config import OptimConfig, TrainConfig, TrainStageConfig
 from lota_cli.console import progress_bar
-from lota_cli.data import MicroBatches, collate, targets
-from lota_cli.models import token_nll_sum
+from lota_cli.data import MicroBatches, collate
 from lota_cli.training._checkpoints import Checkpointer, latest
 from lota_cli.training._metrics import Metrics
+from lota_cli.training._objectives import make_objective
 
 
 def optimizer_steps(cfg: TrainConfig, n_items: int | None) -> int:
@@ -96,18 +98,24 @@ class TrainResult:
 
 def train(model: nn.Module, trainable: dict[str, nn.Parameter], data, pad_id: int,
           cfg: TrainStageConfig, out: Path, engine, depends: dict,
-          after_step: Callable[[], None] | None = None) -> TrainResult:
+          after_step: Callable[[], None] | None = None, reference=None) -> TrainResult:
     """Train `trainable` on `data` (data.Fixed or Streamed); everything else in `model` must already be frozen.
 
     `depends` names the inputs the run is tied to (fingerprints); a checkpoint from other inputs is refused.
-    `after_step` runs after every optimizer step (LoTTO uses it to restore frozen entries).
+    `after_step` runs after every optimizer step (LoTTO uses it to restore frozen entries). `reference`: what
+    train.objective=dpo compares with, the stage's model before training (_objectives.SparseOffReference or
+    PrecomputedReference).
     """
     tcfg, acc = cfg.train, engine.accelerator
+    objective = make_objective(tcfg, reference)
+    if tcfg.objective != "sft":  # a checkpoint of another objective is refused
+        depends = {**depends, "objective": tcfg.objective}
     steps = optimizer_steps(tcfg, data.n)
     model, optimizer = engine.prepare(model, make_optimizer(list(trainable.values()), tcfg, cfg.optim))
     # Made on the prepared optimizer (DeepSpeed may replace it) and stepped once per optimizer step by this
     # loop: accelerate's wrapper would step it once per process.
     schedule = make_schedule(optimizer, tcfg, steps)
+    objective.start(model, data, steps, tcfg, pad_id, engine)  # on the model as loaded, before any checkpoint
     checkpoints = Checkpointer(out, depends, tcfg.keep_checkpoints, engine, trainable, optimizer, schedule)
     start, losses = checkpoints.restore(cfg.resume, steps)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,30 +125,32 @@ def train(model: nn.Module, trainable: dict[str, nn.Parameter], data, pad_id: in
     model.train()
     with StopRequest() as stop, progress_bar(steps, start, acc.is_main_process) as bar:
         for step in range(start, steps):
-            t0, tokens, loss_sum = time.perf_counter(), 0, 0.0
-            micro = [data.micro_batch(step * tcfg.grad_accum + j) for j in range(tcfg.grad_accum)]
-            global_targets = sum(targets(item) for items in micro for item in items)
-            if global_targets == 0:
+            t0, tokens, sums = time.perf_counter(), 0, [0.0] * len(objective.metrics)
+            micro = [step * tcfg.grad_accum + j for j in range(tcfg.grad_accum)]
+            micro = [(data.micro_indices(i), data.micro_batch(i)) for i in micro]
+            global_units = sum(objective.units(item) for _, items in micro for item in items)
+            if global_units == 0:
                 raise LotaError(f"step {step + 1}'s batch has no token to train on (check task.train_on and the "
                                 "data's answers)")
-            for items in micro:
+            for indices, items in micro:
                 mine = MicroBatches.shard(items, rank, world)
-                batch = collate(mine, pad_id, data.packed)
+                batch = collate(objective.rows(mine), pad_id, data.packed)
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 # accumulate(): gradients are synchronized (DDP's all-reduce; DeepSpeed's reduce, clip and
                 # optimizer step, inside backward) on the last micro-step of the step only. accelerate and
                 # DeepSpeed's engine.backward both divide the loss by grad_accum: the factor undoes that, so the
                 # step's gradient is the single-process sum over the global batch.
                 with acc.accumulate(model):
-                    nll = token_nll_sum(model, batch)
-                    acc.backward(nll * (world * tcfg.grad_accum / global_targets))
-                loss_sum += nll.item()
+                    value, terms = objective.terms(model, batch, MicroBatches.shard(indices, rank, world))
+                    acc.backward(value * (world * tcfg.grad_accum / global_units))
+                sums = [total + term.item() for total, term in zip(sums, terms)]
                 tokens += sum(len(ids) for item in mine for ids, _ in item)
             grad_norm = engine.clip_grad_norm(params, tcfg.max_grad_norm)
-            # one all-reduce for the loss and for a stop request that reached only some processes
-            totals = acc.reduce(torch.tensor([loss_sum, float(stop.signal is not None)], dtype=torch.float64,
+            # one all-reduce for the numbers and for a stop request that reached only some processes
+            totals = acc.reduce(torch.tensor([*sums, float(stop.signal is not None)], dtype=torch.float64,
                                              device=acc.device), "sum")
-            loss, stop_now = totals[0].item() / global_targets, totals[1].item() > 0
+            numbers = {name: totals[k].item() / global_units for k, name in enumerate(objective.metrics)}
+            loss, stop_now = numbers.pop("loss"), totals[-1].item() > 0
             if not math.isfinite(loss):  # (DeepSpeed has already stepped by now; the run stops all the same)
                 raise LotaError(f"the loss became {loss} at step {step + 1}; stopped. Last good checkpoint: "
                                 f"{latest(out) or 'none (set train.save_every)'}. Lower train.lr or set "
@@ -155,7 +165,7 @@ def train(model: nn.Module, trainable: dict[str, nn.Parameter], data, pad_id: in
             tok_s = tokens * world / elapsed
             bar.advance(loss=loss, tok_s=tok_s)
             metrics.record(done, loss=loss, lr=schedule.get_last_lr()[0], grad_norm=grad_norm, tokens_per_s=tok_s,
-                           step_s=elapsed)
+                           step_s=elapsed, **numbers)
             if tcfg.save_every and done % tcfg.save_every == 0 and done < steps:
                 checkpoints.save(done, losses)
             if stop_now:

@@ -51,5 +51,7 @@ class Metrics:
             values["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         append_line(self.path, json.dumps({"step": step, **values}))
         self.accelerator.log({self.prefix + k: v for k, v in values.items()}, step=step)
-        log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f", step, self.steps, values["loss"],
-                 values["lr"], values["grad_norm"], values["tokens_per_s"])
+        pairs = (f" reward_accuracy {values['reward_accuracy']:.3f} margin {values['margin']:.4f}"
+                 if "reward_accuracy" in values else "")  # a preference objective's
+        log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f%s", step, self.steps, values["loss"],
+                 values["lr"], values["grad_norm"], values["tokens_per_s"], pairs)

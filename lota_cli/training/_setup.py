@@ -62,7 +62,8 @@ def setup(cfg: TrainStageConfig, out: Path, check: Callable[[nn.Module], None] |
         model, tokenizer = load_model(cfg.model)
     base = fingerprint(model)
     data = train_data(tokenizer, cfg)
-    what = "streamed" if data.n is None else f"{data.n} training {'sequences' if data.packed else 'examples'}"
+    unit = "sequences" if data.packed else "pairs" if cfg.task.format == "preference" else "examples"
+    what = "streamed" if data.n is None else f"{data.n} training {unit}"
     log.info("model %s (%.1fM parameters), task %s: %s", cfg.model.path,
              sum(p.numel() for p in model.parameters()) / 1e6, cfg.task.name, what)
     if cfg.train.log_with:

@@ -44,6 +44,7 @@ module's forward that reads the parameter directly sees the frozen base and trai
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import types
 
@@ -54,7 +55,29 @@ from lota_cli import LotaError
 from lota_cli.models import check_trainable, frozen_linear, is_quantized, owner, with_values
 
 
+_SWITCH = threading.local()  # .off: the attached values are left out of every forward (sparse_off)
+
+
+@contextlib.contextmanager
+def sparse_off():
+    """While inside, every module with attached values computes with its frozen tensors alone: the model as it
+    was before attach_sparse (preference training's reference, with no second copy of the model). For this
+    thread's forwards; under an engine, inside the engine's forward too (the values are gathered, then unused)."""
+    was = _off()
+    _SWITCH.off = True
+    try:
+        yield
+    finally:
+        _SWITCH.off = was
+
+
+def _off() -> bool:
+    return getattr(_SWITCH, "off", False)
+
+
 def _sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if _off():
+        return frozen_linear(self, x)
     if _ATTRS in self.__dict__:  # other masked tensors too (its bias): they read merged inside _Merging
         with _Merging(self):
             return frozen_linear(self, x, self.lota_index, self.lota_values)
@@ -182,6 +205,8 @@ def _reader(attr: str):
 
 
 def _merging_forward(self, *args, **kwargs):
+    if _off():  # outside _Merging every attribute reads as the frozen parameter itself
+        return self.__dict__[_BASE].forward(self, *args, **kwargs)
     with _Merging(self):
         return self.__dict__[_BASE].forward(self, *args, **kwargs)
 
