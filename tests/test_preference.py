@@ -1,5 +1,5 @@
-"""Preference training (train.objective=dpo|simpo over task.format=preference): pairs encoded as TRL encodes
-them, the loss equal to TRL's on the same batch, the values' gradient equal to one computed with a separate
+"""Preference training (train.objective=dpo|simpo over task.format=preference) and evaluation: pairs encoded as
+TRL encodes them, the loss equal to TRL's on the same batch, the values' gradient equal to one computed with a separate
 frozen reference model in plain torch, the reference held without a second model (the sparse values switched
 off; a calibration's precomputed before its first step), resumed runs bitwise the unbroken ones, two processes
 (ddp, zero2) as one, and bad input refused in one line with nothing written."""
@@ -71,6 +71,7 @@ def pairs(tmp_path_factory) -> dict[str, Path]:
 
 def task(path: Path, **extra) -> TaskConfig:
     return TaskConfig(**{"name": "pairs", "format": "preference", "data_files": str(path), "max_length": 256,
+                         "eval_data_files": str(path),
                          "chat_template": TEMPLATE, **extra})
 
 
@@ -270,6 +271,50 @@ def test_bad_preference_input_is_refused_in_one_line(pairs, tiny_model, tmp_path
         result = in_process("calibrate", *tiny_overrides(tiny_model, out, **{
             **SMALL, "task.data_files": data, "task.max_examples": "null", **extra}), check=False)
         refused(result, "calibrate", *needles, target=out / "task_vector.safetensors")
-    result = in_process("eval", f"model.path={tiny_model}", "task=gsm8k", "task.format=preference",
-                        f"task.eval_data_files={pairs['standard']}", f"out={tmp_path / 'ev'}", check=False)
-    refused(result, "eval", "lota eval does not score preference pairs yet", target=tmp_path / "ev" / "results.json")
+
+
+def test_eval_scores_pairs_against_the_model_before_the_deltas(pairs, tiny_model, tmp_path):
+    """lota eval on pairs: the chosen completions' NLL, pair_accuracy (chosen more likely than rejected), and with
+    eval.deltas the reward accuracy and margin against the model before them, each pair's equal to log-
+    probabilities computed here one pair at a time; eval.compare_to pairs the changes."""
+    from lota_cli.artifacts import Artifact
+    from lota_cli.models import add_delta
+
+    tv = paths(in_process("calibrate", *tiny_overrides(tiny_model, tmp_path / "cal", **{
+        **SMALL, "train.objective": "sft", "task.format": "text", "task.data_files": DATA["arith_train"]})))[0]
+    (mask,) = paths(in_process("extract", f"extract.task_vector={tv}", f"out={tmp_path / 'ext'}"))
+    (delta,) = paths(in_process("sparse-train", *tiny_overrides(tiny_model, tmp_path / "st", **{
+        **SMALL, "task.data_files": pairs["standard"], "sparse_train.mask": mask, "train.max_steps": 6})))
+    task_args = ["task=gsm8k", "task.format=preference", f"task.eval_data_files={pairs['standard']}",
+                 "task.max_length=256", "eval.max_examples=24", f"model.path={tiny_model}"]
+    (before,) = paths(in_process("eval", *task_args, f"out={tmp_path / 'base'}"))
+    (after,) = paths(in_process("eval", *task_args, f"eval.deltas=[{delta}]", f"eval.compare_to={before}",
+                                f"out={tmp_path / 'dpo'}"))
+    base_scores, scores = (json.loads(Path(r).read_text()) for r in (before, after))
+    assert set(base_scores["tasks"]["gsm8k"]) == {"nll", "nll_stderr", "ppl", "ppl_stderr", "pair_accuracy",
+                                                  "pair_accuracy_stderr", "n"}
+    got = scores["tasks"]["gsm8k"]
+    assert got["n"] == 24 and got["reward_accuracy_stderr"] > 0 and got["margin_stderr"] > 0
+
+    model, tokenizer = load_model(ModelConfig(path=str(tiny_model)))
+    cfg = task(pairs["standard"], name="gsm8k")
+    encoded = encode(tokenizer, cfg, load_rows(cfg, "eval", 24), "eval")
+
+    def logps() -> list[float]:
+        with torch.no_grad():
+            return [completion_logps(model, collate([[encoded.example(i)]], tokenizer.pad_token_id)).item()
+                    for i in range(len(encoded))]
+
+    reference = logps()
+    add_delta(model, Artifact(delta))
+    policy = logps()
+    rows = [json.loads(line) for line in open(tmp_path / "dpo" / "examples.jsonl")]
+    for k, row in enumerate(rows):
+        c, r = policy[2 * k], policy[2 * k + 1]
+        assert row["margin"] == pytest.approx((c - reference[2 * k]) - (r - reference[2 * k + 1]), abs=1e-4)
+        assert row["pair_accuracy"] == float(c > r) and row["nll"] == pytest.approx(-c, abs=1e-4)
+    assert got["reward_accuracy"] == pytest.approx(sum(row["margin"] > 0 for row in rows) / 24)
+    assert got["margin"] == pytest.approx(sum(row["margin"] for row in rows) / 24)
+    change = scores["compare"]["tasks"]["gsm8k"]["pair_accuracy"]
+    assert change["change"] == pytest.approx(got["pair_accuracy"] - base_scores["tasks"]["gsm8k"]["pair_accuracy"])
+    assert "change_stderr" in change

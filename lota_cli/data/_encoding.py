@@ -386,9 +386,6 @@ def _chunks(encoder: _Encoder, rows, procs: int):
 
 
 def _encode_rows(tokenizer, task: TaskConfig, rows, purpose: str) -> Encoded:
-    if purpose == "eval" and task.format == "preference":
-        raise LotaError(f"task {task.name}: task.format=preference is for training (calibrate, sparse-train, lotto "
-                        "with train.objective=dpo|simpo); lota eval does not score preference pairs yet")
     encoder = _Encoder(tokenizer, task, purpose, rows)
     keep, paired = purpose == "eval", task.format == "preference"  # evaluation scores against the references
     encoded = Encoded.join([_arrays(results, keep, paired)

@@ -54,6 +54,9 @@ class LmEvalBackend:
         self.settings = {"tasks": list(o.tasks), "include_path": o.include_path, "num_fewshot": o.num_fewshot,
                          "limit": o.limit, "batch_size": o.batch_size or opts.batch_size}
 
+    def before_deltas(self, model, tokenizer) -> None:
+        """lm_eval's tasks score the model as it is: nothing is measured against the model before the deltas."""
+
     def evaluate(self, model, tokenizer) -> Scores:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM

@@ -1,5 +1,7 @@
 """eval.backend=lota: lota's own scores per task of eval.tasks (answer NLL always; with generation exact match
-or ROUGE-1/2/L), each with its standard error over the examples, and each example's scores."""
+or ROUGE-1/2/L; for preference pairs, how often the chosen completion wins, and against the model before
+eval.deltas DPO's reward accuracy and margin), each with its standard error over the examples, and each
+example's scores."""
 
 from __future__ import annotations
 
@@ -22,6 +24,14 @@ STDERR_RULES = {
     "ppl": "delta method: ppl * nll_stderr",
 }
 MEAN_STDERR_RULE = "sample standard deviation (n - 1) of the per-example scores / sqrt(n), lm-eval's mean_stderr"
+PAIR_RULES = {
+    "nll": "answer-token NLL of the chosen completions (ppl: its exp)",
+    "pair_accuracy": "share of pairs whose chosen completion has the higher log-probability (summed over its "
+                     "tokens) under the evaluated model",
+    "reward_accuracy": "share of pairs with log p(chosen) - log ref(chosen) > log p(rejected) - log ref(rejected), "
+                       "ref: the model before eval.deltas (DPO's implicit rewards over beta)",
+    "margin": "mean of (log p(chosen) - log ref(chosen)) - (log p(rejected) - log ref(rejected)), in nats",
+}
 
 
 class LotaBackend:
@@ -32,13 +42,22 @@ class LotaBackend:
 
     def __init__(self, cfg: EvalConfig):
         self.cfg, opts = cfg, cfg.eval
+        self.reference: dict[str, list[float]] = {}  # per preference task: the pairs' log-probabilities before deltas
         self.settings = {"max_examples": opts.max_examples, "max_new_tokens": opts.max_new_tokens,
                          "generate": opts.generate, "generate_examples": opts.generate_examples,
                          "rouge_stemmer": opts.rouge_stemmer}
 
+    def before_deltas(self, model, tokenizer) -> None:
+        """Each preference task's completion log-probabilities under the model before eval.deltas are added: the
+        reference of the rewards (no copy of the model is kept)."""
+        for name in self.cfg.eval.tasks:
+            task = self.cfg.tasks[name]
+            if task.format == "preference":
+                self.reference[name] = [-total for total, _ in self._completions(model, tokenizer, task, "reference")]
+
     def evaluate(self, model, tokenizer) -> Scores:
         examples = {name: self._task(model, tokenizer, self.cfg.tasks[name]) for name in self.cfg.eval.tasks}
-        tasks = {name: {**summary(rows, self._generated(self.cfg.tasks[name])), "n": len(rows)}
+        tasks = {name: {**summary(rows, self._metrics(self.cfg.tasks[name])), "n": len(rows)}
                  for name, rows in examples.items()}
         higher = {name: {m: m not in self.LOWER_IS_BETTER for m in t if m != "n" and not is_stderr(m)}
                   for name, t in tasks.items()}
@@ -47,13 +66,45 @@ class LotaBackend:
 
     def _generated(self, task: TaskConfig) -> list[str]:
         """The metrics of generated answers a task is scored by."""
-        if not self.cfg.eval.generate:
+        if not self.cfg.eval.generate or task.format == "preference":
             return []
         return ["exact_match"] if task.metric == "exact_match" else list(ROUGE_TYPES)
 
+    def _metrics(self, task: TaskConfig) -> list[str]:
+        """The means a task reports beside nll and ppl."""
+        if task.format == "preference":
+            return ["pair_accuracy", *(["reward_accuracy", "margin"] if task.name in self.reference else [])]
+        return self._generated(task)
+
+    def _completions(self, model, tokenizer, task: TaskConfig, what: str) -> list[tuple[float, int]]:
+        """(NLL sum, tokens) of each completion of a preference task's pairs: chosen, rejected, chosen, ..."""
+        opts = self.cfg.eval
+        encoded = encode(tokenizer, task, load_rows(task, "eval", opts.max_examples), "eval")
+        return nll_per_example(model, eval_examples(encoded), opts.batch_size, tokenizer.pad_token_id or 0,
+                               what=f"{task.name} {what}")
+
+    def _pairs(self, model, tokenizer, task: TaskConfig) -> list[dict]:
+        """One preference task's per-pair scores: the chosen completion's NLL, whether it wins, and against
+        the reference (before_deltas) the reward margin."""
+        nlls = self._completions(model, tokenizer, task, "pairs")
+        logps, reference = [-total for total, _ in nlls], self.reference.get(task.name)
+        log.info("task %s: %d pairs", task.name, len(nlls) // 2)
+        rows = []
+        for k in range(len(nlls) // 2):
+            chosen, rejected = logps[2 * k], logps[2 * k + 1]
+            row = {"task": task.name, "index": k, "nll": nlls[2 * k][0], "answer_tokens": nlls[2 * k][1],
+                   "pair_accuracy": float(chosen > rejected)}
+            if reference is not None:
+                margin = (chosen - reference[2 * k]) - (rejected - reference[2 * k + 1])
+                row.update(reward_accuracy=float(margin > 0), margin=margin)
+            rows.append(row)
+        return rows
+
     def _task(self, model, tokenizer, task: TaskConfig) -> list[dict]:
         """One task's per-example scores (evaluation.per_example): answer NLL always; exact_match or
-        rouge1/rouge2/rougeL when generating."""
+        rouge1/rouge2/rougeL when generating; a preference task's per pair (_pairs)."""
+        if task.format == "preference":
+            return self._pairs(model, tokenizer, task)
         opts = self.cfg.eval
         started = time.perf_counter()
         encoded = encode(tokenizer, task, load_rows(task, "eval", opts.max_examples), "eval")
@@ -77,8 +128,10 @@ class LotaBackend:
     def _definitions(self, task: TaskConfig) -> dict[str, str]:
         """How each score of generated answers and each standard error was computed, as results.json's
         metric_definitions.<task> has it."""
-        metrics = ["nll", "ppl", *self._generated(task)]
+        metrics = ["nll", "ppl", *self._metrics(task)]
         stderrs = {stderr_key(m): STDERR_RULES.get(m, MEAN_STDERR_RULE) for m in metrics}
+        if task.format == "preference":
+            return {**{m: PAIR_RULES[m] for m in metrics if m in PAIR_RULES}, **stderrs}
         if not self.cfg.eval.generate:
             return stderrs
         if task.metric == "exact_match":

@@ -137,8 +137,8 @@ def add_delta(model: nn.Module, artifact, scale: float = 1.0) -> None:
                                 "extract a mask and sparse-train")
             module = model.get_submodule(name.rpartition(".")[0])
             add_to_quantized(module, artifact.indices(name), artifact.values(name).float() * scale)
-        elif artifact.kind == "sparse_delta":
-            values = artifact.values(name).to(param.dtype)
-            param.view(-1).index_add_(0, artifact.indices(name).long(), values, alpha=scale)
+        elif artifact.kind == "sparse_delta":  # (on the parameter's device: eval adds to a model on the GPU)
+            values = artifact.values(name).to(device=param.device, dtype=param.dtype)
+            param.view(-1).index_add_(0, artifact.indices(name).long().to(param.device), values, alpha=scale)
         else:
-            param.add_(artifact.dense(name, param.dtype), alpha=scale)
+            param.add_(artifact.dense(name, param.dtype).to(param.device), alpha=scale)

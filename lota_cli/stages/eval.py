@@ -43,14 +43,16 @@ def run(cfg: EvalConfig, out: Path) -> list[Path]:
     # a saved directory keeps the dtype and trust settings of model.*, not its hub revision or GGUF file
     model_cfg = replace(cfg.model, path=opts.model_dir, gguf_file=None, revision=None) if opts.model_dir else cfg.model
     model, tokenizer = load_model(model_cfg)
-    if deltas:
-        base = fingerprint(model)
-        for artifact, scale in zip(deltas, scales):
-            artifact.check_base(base, model_cfg.path)
-            add_delta(model, artifact, scale)
-            log.info("added %s (%s, %d tensors) x %g", artifact.path, artifact.kind, len(artifact.names), scale)
+    base = fingerprint(model) if deltas else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).eval()
+    if deltas:
+        for artifact in deltas:
+            artifact.check_base(base, model_cfg.path)
+        backend.before_deltas(model, tokenizer)  # what the deltas are measured against (preference rewards)
+        for artifact, scale in zip(deltas, scales):
+            add_delta(model, artifact, scale)
+            log.info("added %s (%s, %d tensors) x %g", artifact.path, artifact.kind, len(artifact.names), scale)
     log.info("evaluating %s%s on %s", model_cfg.path, f" + {len(deltas)} delta(s)" if deltas else "", device)
 
     scores = backend.evaluate(model, tokenizer)
