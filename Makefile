@@ -6,6 +6,8 @@ TORCH_SPEC ?= torch==2.13.0
 # --no-loadscope-reorder keeps that order): the two-process tests share
 # their launched runs within their file
 TEST_WORKERS ?= 2
+# `make bench BENCH="parts=[scale] scale.shape=3b"`: the bench's own key=value settings (scripts/bench.py)
+BENCH      ?=
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
@@ -35,7 +37,7 @@ demo: install
 	$(BIN)/python scripts/demo.py
 
 bench: install
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py $(BENCH)
 
 clean:
 	rm -rf $(VENV) runs outputs multirun .pytest_cache

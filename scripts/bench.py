@@ -16,6 +16,8 @@ Parts (each measurement runs in a fresh child process, so peak RSS is that call'
   startup    whole-process time of lota info, extract, merge and overlap on tiny inputs (start-up to first work)
   quantized  (not in the default parts: ~20 min) LoTA over an nf4 base vs over the float32 one on SmolLM2-135M
              and GSM8K: held-out NLL gain, the cost of deploying into the fp base, peak RSS and time
+  preference (not in the default parts: minutes) DPO sparse-train on SmolLM2-135M and GSM8K pairs: peak RSS
+             and step time against SFT on the same sequences, and against DPO with a second reference model
   scale      (not in the default parts: ~45 GB of disk, minutes) merge into and extract from a random bf16
              Llama of 8B shape (scale.shape=3b|1b for smaller disks) vs cp of its shards and a plain pass
 
@@ -55,6 +57,7 @@ DEFAULTS = {
     "mergekit_bin": None,  # a directory holding mergekit-yaml (mergekit's own venv), if not beside python
     "scale": {"shape": "8b", "mergekit": True, "rounds": 2},
     "quantized": {"steps": 20, "batch": 2, "length": 192, "lr": 1e-4, "sparsity": 0.9, "eval_examples": 64},
+    "preference": {"steps": 4, "batch": 2, "length": 512, "sparsity": 0.9},
     "data": {"encode_rounds": 3, "batch": 8, "rounds": 6},
     "startup": {"rounds": 5},
     "memory": {"dtypes": ["float32", "bfloat16"], "batch": 1, "seq": 32, "sparsity": 0.9, "cli": True,
@@ -62,7 +65,8 @@ DEFAULTS = {
 }
 PARTS = {"extract": "bench_extract", "artifacts": "bench_artifacts", "train": "bench_train",
          "merge": "bench_merge", "eval": "bench_eval", "memory": "bench_memory", "scale": "bench_scale",
-         "data": "bench_data", "startup": "bench_startup", "quantized": "bench_quantized"}
+         "data": "bench_data", "startup": "bench_startup", "quantized": "bench_quantized",
+         "preference": "bench_preference"}
 
 
 def machine(threads) -> dict:

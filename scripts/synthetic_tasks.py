@@ -3,13 +3,16 @@
   arith    two-step grade-school word problems, answered GSM8K-style: worked steps, then `#### <number>`
   reverse  reverse the order of a list of words (free-form text, scored by ROUGE-L)
 
-`python scripts/synthetic_tasks.py OUT_DIR` writes {arith,reverse}_{train,test}.jsonl there.
+`python scripts/synthetic_tasks.py OUT_DIR` writes {arith,reverse}_{train,test}.jsonl there;
+`python scripts/synthetic_tasks.py --pairs GSM8K.jsonl OUT.jsonl [N]` writes preference pairs made from
+GSM8K-shaped rows (preference_pair).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -79,6 +82,34 @@ def write_conversations(path: Path, math: list[dict], instructions: list[dict], 
     return path
 
 
+def preference_pair(math: dict, layout: str = "standard") -> dict | None:
+    """A preference pair from a GSM8K-shaped row (question / answer): chosen its solution, rejected the same
+    solution with its final answer changed (real text, a known preference); None where the answer has no
+    `#### <number>`. layout: standard (strings), conversational (turns) or implicit (two whole conversations,
+    no prompt field)."""
+    found = re.search(r"####\s*(-?[\d,]+)", math["answer"])
+    if not found:
+        return None
+    chosen = math["answer"]
+    rejected = chosen[:found.start(1)] + str(int(found.group(1).replace(",", "")) + 7)
+    if layout == "standard":
+        return {"prompt": math["question"] + "\n", "chosen": chosen, "rejected": rejected}
+    user = {"role": "user", "content": math["question"]}
+    if layout == "conversational":
+        return {"prompt": [user], "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+    return {"chosen": [user, {"role": "assistant", "content": chosen}],
+            "rejected": [user, {"role": "assistant", "content": rejected}]}
+
+
+def write_pairs(path: Path, math: list[dict], layout: str = "standard", n: int | None = None) -> Path:
+    """Preference pairs (preference_pair) of the first n rows that have a final answer, one JSON line each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pairs = [pair for pair in map(lambda row: preference_pair(row, layout), math) if pair is not None][:n]
+    path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    return path
+
+
 def write(out: Path, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> dict[str, Path]:
     """Write both tasks' train and test files; returns {'arith_train': path, ...}."""
     out.mkdir(parents=True, exist_ok=True)
@@ -95,5 +126,9 @@ def write(out: Path, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> d
 
 
 if __name__ == "__main__":
-    for path in write(Path(sys.argv[1] if len(sys.argv) > 1 else "data")).values():
-        print(path)
+    if len(sys.argv) > 1 and sys.argv[1] == "--pairs":
+        rows = [json.loads(line) for line in open(sys.argv[2])]
+        print(write_pairs(Path(sys.argv[3]), rows, n=int(sys.argv[4]) if len(sys.argv) > 4 else None))
+    else:
+        for path in write(Path(sys.argv[1] if len(sys.argv) > 1 else "data")).values():
+            print(path)

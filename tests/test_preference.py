@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,54 +17,30 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import synthetic_tasks
 from conftest import DATA, losses, random_positions, refused, tiny_overrides
-from lota_cli.config import TaskConfig, TrainConfig
+from lota_cli.config import ModelConfig, TaskConfig, TrainConfig
 from lota_cli.data import collate, encode, load_rows
 from lota_cli.models import completion_logps, load_model
-from lota_cli.config import ModelConfig
 from lota_cli.testing import in_process, lota, paths
-from lota_cli.training import SparseOffReference, attach_sparse, fold_sparse
-from lota_cli.training._objectives import Preference
+from lota_cli.training import SparseOffReference, attach_sparse, fold_sparse, make_objective
 
 needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None,
                                reason="trl is not installed (make install adds it)")
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed")
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
             "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
 SMALL = {"task.format": "preference", "train.objective": "dpo", "task.max_examples": 32, "train.max_steps": 3,
          "train.batch_size": 4, "train.grad_accum": 2, "train.lr": 3e-3}
 
 
-def _wrong(answer: str) -> str:
-    """The solution with its final answer changed: real text, a known preference."""
-    found = re.search(r"#### (-?\d+)", answer)
-    return answer[:found.start(1)] + str(int(found.group(1)) + 7)
-
-
-def write_pairs(path: Path, n: int = 64, layout: str = "standard") -> Path:
-    """Pairs from the generated arithmetic rows: chosen the reference solution, rejected the same with its final
-    answer changed; standard (strings), conversational (turns) or implicit (whole conversations, no prompt)."""
-    rows = [json.loads(line) for line in open(DATA["arith_train"])][:n]
-    with open(path, "w") as f:
-        for r in rows:
-            q, chosen, rejected = r["question"], r["answer"], _wrong(r["answer"])
-            if layout == "standard":
-                row = {"prompt": q + "\n", "chosen": chosen, "rejected": rejected}
-            elif layout == "conversational":
-                row = {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": chosen}],
-                       "rejected": [{"role": "assistant", "content": rejected}]}
-            else:
-                user = {"role": "user", "content": q}
-                row = {"chosen": [user, {"role": "assistant", "content": chosen}],
-                       "rejected": [user, {"role": "assistant", "content": rejected}]}
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> dict[str, Path]:
+    """64 pairs in each layout from the generated arithmetic rows (synthetic_tasks.preference_pair)."""
     root = tmp_path_factory.mktemp("pairs")
-    return {layout: write_pairs(root / f"{layout}.jsonl", layout=layout)
+    rows = [json.loads(line) for line in open(DATA["arith_train"])][:64]
+    return {layout: synthetic_tasks.write_pairs(root / f"{layout}.jsonl", rows, layout)
             for layout in ("standard", "conversational", "implicit")}
 
 
@@ -135,7 +110,7 @@ def test_pairs_tokens_and_dpo_loss_equal_trls(layout, pairs, tiny_model, tmp_pat
     trl_batch = trainer.data_collator([trainer.train_dataset[k] for k in range(n)])
     with torch.no_grad():
         trl_loss = trainer.compute_loss(trainer.model, trl_batch)
-        objective = Preference(TrainConfig(objective="dpo", beta=0.1), SparseOffReference())
+        objective = make_objective(TrainConfig(objective="dpo", beta=0.1), SparseOffReference())
         value, terms = objective.terms(model, batch, indices)
     print(f"\n{layout}: lota {value.item() / n:.8f} TRL {trl_loss.item():.8f}")
     # float32 log-probabilities summed over completions of ~300 nats, TRL's through its fused LM head: 1e-5 to
@@ -161,7 +136,7 @@ def test_simpo_loss_equals_trls(pairs, tiny_model):
                                        loss_type="simpo", accelerator=SimpleNamespace(device="cpu"))
             trl_losses = CPOTrainer.cpo_loss(trl_self, mean[0::2], mean[1::2])[0]
             simpo = TrainConfig(objective="simpo", beta=2.0, gamma=0.5, label_smoothing=smoothing)
-            objective = Preference(simpo, None)
+            objective = make_objective(simpo, None)
             value, _ = objective.terms(model, batch, indices)
             assert value.item() == pytest.approx(trl_losses.sum().item(), rel=1e-6)
 
@@ -171,7 +146,7 @@ def test_values_gradient_equals_a_two_model_reference(pairs, tiny_model):
     through a plain-torch policy (base + values scattered in, torch.func) against a separate frozen base."""
     model, trainable, _, base, tokenizer, positions = policy_and_reference(tiny_model)
     _, batch, indices = lota_batch(tokenizer, task(pairs["standard"]), 4)
-    objective = Preference(TrainConfig(objective="dpo", beta=0.5, label_smoothing=0.1), SparseOffReference())
+    objective = make_objective(TrainConfig(objective="dpo", beta=0.5, label_smoothing=0.1), SparseOffReference())
     value, _ = objective.terms(model, batch, indices)
     value.backward()
 
@@ -257,7 +232,8 @@ def test_bad_preference_input_is_refused_in_one_line(pairs, tiny_model, tmp_path
         ([good, {**good, "rejected": ""}], {}, "row 1 of", "'rejected' is empty"),
         ([{**good, "chosen": [{"role": "assistant", "content": "x"}]}], {}, "'chosen' and 'rejected' are list and str",
          "give both as strings"),
-        ([{**good, "chosen": " 2" * 40}], {"task.max_length": 16}, "more than task.max_length=16"),
+        ([{**good, "chosen": " 2" * 40}], {"task.max_length": 16}, "more than task.max_length=16",
+         "task.truncation=drop"),
         ([good], {"task.packing": "true"}, "task.packing=true with task.format=preference"),
         ([good], {"train.objective": "sft"}, "set train.objective=dpo"),
         ([good], {"task.format": "text"}, "set task.format=preference"),
@@ -318,3 +294,24 @@ def test_eval_scores_pairs_against_the_model_before_the_deltas(pairs, tiny_model
     change = scores["compare"]["tasks"]["gsm8k"]["pair_accuracy"]
     assert change["change"] == pytest.approx(got["pair_accuracy"] - base_scores["tasks"]["gsm8k"]["pair_accuracy"])
     assert "change_stderr" in change
+
+
+def test_a_long_pair_loses_the_start_of_its_prompt_never_a_completion_token(tmp_path):
+    """Longer than task.max_length: the prompt's first tokens are cut from both sequences alike and counted as
+    truncated; a pair that does not fit even so is dropped (and counted) with task.truncation=drop."""
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    rows = [{"prompt": "Q: " + "many words in a long question " * 6 + "?", "chosen": " 1 2 3", "rejected": " 4 5"},
+            {"prompt": "Q:", "chosen": " 7" * 60, "rejected": " 8"},
+            {"prompt": "Q: short", "chosen": " 5", "rejected": " 6"}]
+    cfg = task(_bad(tmp_path / "long.jsonl", rows), max_length=24, truncation="drop", cache=False)
+    encoded = encode(tok, cfg, load_rows(cfg))
+    assert encoded.stats["dropped"] == 1 and encoded.stats["truncated"] == 1 and len(encoded) == 4
+    pairs = [(encoded.example(2 * k), encoded.example(2 * k + 1)) for k in range(2)]
+    (cut_pair,) = [pair for pair in pairs if max(len(ids) for ids, _ in pair) == 24]  # the long prompt's
+    full = [tok(rows[0]["prompt"] + c + tok.eos_token)["input_ids"] for c in (rows[0]["chosen"], rows[0]["rejected"])]
+    cut = max(len(f) for f in full) - 24  # the longer sequence fills max_length; both lose the same prompt tokens
+    for (ids, trained), whole, completion in zip(cut_pair, full, (rows[0]["chosen"], rows[0]["rejected"])):
+        assert ids.tolist() == whole[cut:]
+        assert tok.decode(ids[trained]) == completion + tok.eos_token  # every completion token kept

@@ -81,23 +81,36 @@ def test_wandb_offline_run_directory_lands_in_out_with_every_logged_scalar(tiny_
     assert any(r.WhichOneof("record_type") == "exit" for r in logged)  # finished, not cut off
 
 
+class Accelerator:
+    """What Metrics asks of accelerate's: whether this is the main process, and the trackers' log."""
+
+    is_main_process = True
+
+    def __init__(self):
+        self.logged = []
+
+    def log(self, values, step):
+        self.logged.append(values)
+
+
 def test_a_phase_names_its_scalars_apart(tmp_path):
     """lotto trains twice in one run (calibrate, then sparse-train): the trackers keep the phases apart."""
-    class Accelerator:
-        is_main_process = True
-
-        def __init__(self):
-            self.logged = []
-
-        def log(self, values, step):
-            self.logged.append(values)
-
     acc = Accelerator()
     for phase in (None, "calibrate"):
         Metrics(tmp_path, acc, every=1, steps=1, phase=phase).record(1, loss=2.0, lr=0.1, grad_norm=1.0,
                                                                      tokens_per_s=9.0, step_s=0.5)
     plain, phased = acc.logged
     assert SCALARS <= set(plain) and set(phased) == {f"calibrate/{name}" for name in plain}
+
+
+def test_a_fresh_run_replaces_the_metrics_of_an_earlier_run_and_a_resumed_one_appends(tmp_path):
+    acc = Accelerator()
+    step = {"loss": 2.0, "lr": 0.1, "grad_norm": 1.0, "tokens_per_s": 9.0, "step_s": 0.5}
+    Metrics(tmp_path, acc, every=1, steps=2).record(1, **step)
+    Metrics(tmp_path, acc, every=1, steps=2, fresh=False).record(2, **step)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
+    Metrics(tmp_path, acc, every=1, steps=2).record(1, **step)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1]
 
 
 def test_a_tracker_that_is_not_installed_is_refused_at_start(monkeypatch):

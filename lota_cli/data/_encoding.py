@@ -200,7 +200,8 @@ class _Encoder:
         through the chat template: the prompt with the generation prompt, and the prompt followed by each
         completion's turns; no prompt field: the turns chosen and rejected share). Each completion starts where
         the tokenized prompt and the tokenized whole first differ. A pair longer than task.max_length loses the
-        start of its prompt (both completions the same tokens), never a completion token."""
+        start of its prompt (both completions the same tokens), never a completion token; one that does not fit
+        even so is refused, or with task.truncation=drop left out (counted)."""
         task, tok = self.task, self.tok
         eos = tok.eos_token or ""
         texts, special = [], []
@@ -256,9 +257,12 @@ class _Encoder:
                 raise LotaError(f"{self._row(i)}: a completion tokenizes to nothing after the prompt; drop that row")
             over = max(len(ids) for ids in whole) - task.max_length
             if over >= start:  # the completion's first token needs one before it
+                if task.truncation == "drop":
+                    out.append(None)
+                    continue
                 raise LotaError(f"{self._row(i)}: the pair needs {max(len(ids) for ids in whole) - start + 1} "
                                 f"tokens with one of its prompt, more than task.max_length={task.max_length}; "
-                                "raise task.max_length or drop the row")
+                                "raise task.max_length, or set task.truncation=drop to leave such pairs out")
             cut = max(over, 0)
             pair = [list(ids[cut:]) for ids in whole]
             trained = [[False] * (start - cut) + [True] * (len(ids) - start) for ids in whole]

@@ -8,7 +8,7 @@ from lota_cli.training._engines import (DeepSpeedZero, FullyShardedV2, Replicate
 from lota_cli.training._launch import check, failure, free_port, launch, launched, needs_launch, uses_fsdp
 from lota_cli.training._loop import TrainResult, make_optimizer, optimizer_steps, train
 from lota_cli.training._metrics import Metrics, finish_trackers, start_trackers
-from lota_cli.training._objectives import PrecomputedReference, SparseOffReference
+from lota_cli.training._objectives import PrecomputedReference, SparseOffReference, make_objective
 from lota_cli.training._plan import model_shape, plan, smallest_fit
 from lota_cli.training._setup import Run, export_model, load_base, lora_task_vector, setup
 from lota_cli.training._sparse import attach_sparse, fold_sparse, sparse_off
@@ -16,6 +16,6 @@ from lota_cli.training._sparse import attach_sparse, fold_sparse, sparse_off
 __all__ = ["Checkpointer", "DeepSpeedZero", "FullyShardedV2", "Metrics", "PrecomputedReference", "Replicated", "Run",
            "SparseOffReference", "TrainResult", "attach_sparse", "check", "deepspeed_config", "export_model",
            "failure", "finish_trackers", "fold_sparse", "free_port", "latest", "launch", "launched", "load_base",
-           "lora_task_vector", "make_engine", "make_optimizer", "model_shape", "needs_launch", "newest_below",
-           "optimizer_steps", "plan", "resume_point", "setup", "shutdown", "smallest_fit", "sparse_off",
-           "start_trackers", "train", "uses_fsdp"]
+           "lora_task_vector", "make_engine", "make_objective", "make_optimizer", "model_shape", "needs_launch",
+           "newest_below", "optimizer_steps", "plan", "resume_point", "setup", "shutdown", "smallest_fit",
+           "sparse_off", "start_trackers", "train", "uses_fsdp"]

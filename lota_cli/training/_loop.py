@@ -119,7 +119,8 @@ def train(model: nn.Module, trainable: dict[str, nn.Parameter], data, pad_id: in
     checkpoints = Checkpointer(out, depends, tcfg.keep_checkpoints, engine, trainable, optimizer, schedule)
     start, losses = checkpoints.restore(cfg.resume, steps)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics(out, acc, tcfg.log_every, steps, phase=depends.get("phase"))  # lotto names its phases
+    metrics = Metrics(out, acc, tcfg.log_every, steps, phase=depends.get("phase"),  # lotto names its phases
+                      fresh=start == 0)
     world, rank, params = acc.num_processes, acc.process_index, list(trainable.values())
 
     model.train()

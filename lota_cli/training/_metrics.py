@@ -39,9 +39,14 @@ def finish_trackers() -> None:
 
 
 class Metrics:
-    def __init__(self, out: Path, accelerator, every: int, steps: int, phase: str | None = None):
+    def __init__(self, out: Path, accelerator, every: int, steps: int, phase: str | None = None,
+                 fresh: bool = True):
+        """fresh: a run from its first step, whose metrics.jsonl starts empty (an earlier run's in the same out is
+        replaced, not appended to); a resumed run appends to the steps before."""
         self.path, self.accelerator, self.every, self.steps = out / "metrics.jsonl", accelerator, every, steps
         self.prefix = f"{phase}/" if phase else ""
+        if fresh and accelerator.is_main_process:
+            self.path.unlink(missing_ok=True)
 
     def record(self, step: int, **values: float) -> None:
         """Record the numbers of optimizer step `step` (1-based) when it is due."""
