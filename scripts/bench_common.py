@@ -14,6 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"  # the shared real data, beside the checkout
 GiB, MiB = 1 << 30, 1 << 20
 THREADS: dict = {"n": None}  # set from the config by bench.py
 
@@ -148,6 +149,11 @@ def in_child(module: str, func: str, timeout: float = 900, **kwargs) -> dict:
         tail = (proc.stderr or proc.stdout)[-3000:]
         raise RuntimeError(f"{module}.{func} failed (exit {proc.returncode}):\n{tail}")
     return json.loads(lines[-1][len(marker):])
+
+
+def timed_lota(*args) -> dict:
+    """`lota ARGS` in a fresh process: its wall time and peak RSS (bench_merge.timed)."""
+    return in_child("bench_merge", "timed", cmd=[sys.executable, "-m", "lota_cli", *map(str, args)], timeout=3600)
 
 
 def child_main(argv: list[str]) -> None:

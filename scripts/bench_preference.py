@@ -17,10 +17,9 @@ import sys
 from pathlib import Path
 
 import synthetic_tasks
-from bench_common import Figure, in_child, log
+from bench_common import GSM8K, Figure, in_child, log, timed_lota
 from bench_models import smollm2_dir
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 
 def write_pairs(directory: Path, n: int) -> tuple[Path, Path]:
@@ -72,8 +71,7 @@ def run(cfg) -> list[Figure]:
     model = smollm2_dir(cfg)
     root = Path(cfg.out).resolve() / "preference"
     pairs, rows = write_pairs(root / "data", c.steps * c.batch)
-    lota = lambda *args: in_child("bench_merge", "timed", cmd=[sys.executable, "-m", "lota_cli", *map(str, args)],
-                                  timeout=3600)
+    lota = timed_lota
     mask = root / "mask" / "mask.safetensors"
     lota("extract", "extract.source=random", f"extract.sparsity={c.sparsity}", f"model.path={model}",
          f"out={mask.parent}")

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
-from bench_common import Figure, in_child, log
+from bench_common import GSM8K, Figure, log, timed_lota
 from bench_models import smollm2_dir
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 
 def run(cfg) -> list[Figure]:
@@ -32,8 +30,7 @@ def run(cfg) -> list[Figure]:
               f"task.max_examples={c.steps * c.batch}", f"task.max_length={c.length}", f"train.batch_size={c.batch}",
               f"train.max_steps={c.steps}", f"train.lr={c.lr}", "train.warmup_steps=0", "train.log_every=10"]
     # each stage a fresh process: its wall time and peak RSS (bench_merge.timed, as the memory part runs them)
-    lota = lambda *args: in_child("bench_merge", "timed", cmd=[sys.executable, "-m", "lota_cli", *map(str, args)],
-                                  timeout=3600)
+    lota = timed_lota
     log(f"calibrate (FFT, float32, {c.steps} steps) -> extract (sparsity {c.sparsity})")
     lota("calibrate", *common, f"out={root / 'cal'}")
     mask = root / "ext" / "mask.safetensors"
