@@ -88,6 +88,16 @@ def test_every_failure_is_one_line(args, says, tmp_path):
     assert not any(line.startswith(("Error executing job", "Traceback")) for line in lines), failed.stderr
 
 
+def test_a_key_of_a_task_eval_has_not_chosen_is_one_line(tmp_path):
+    """eval chooses no task by default (task: null): task.KEY=VALUE alone was OmegaConf's bare AssertionError
+    'Unexpected type for root: NoneType'."""
+    failed = in_process("eval", "task.format=preference", f"out={tmp_path / 'out'}", check=False)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1] == (
+        "lota eval: error: task.format=preference: lota eval has no task chosen (none by default), so task.* has "
+        "nothing to set; choose one first, e.g. task=gsm8k task.format=preference")
+
+
 @pytest.mark.parametrize("given", ["out=DIR", "out=${oc.env:...}"])
 def test_a_second_command_on_the_same_out_refuses(given, tiny_model, tmp_path, monkeypatch):
     """While one run holds out/.lota.lock (an flock: this process holds it, as another run would), another given

@@ -128,6 +128,13 @@ def run_stage(stage: str, args: list[str]) -> None:
         with exclusive(locked_out(args), stage), _composed_once(args):  # before Hydra writes out/.hydra, lota.log
             try:
                 hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=spec.module)(task)()
+            except AssertionError as err:  # OmegaConf, setting a key inside a config group that holds nothing
+                unchosen = _unchosen_groups(spec.module, args)
+                if "Unexpected type for root: NoneType" not in str(err) or not unchosen:
+                    raise
+                group, override = unchosen[0]
+                raise LotaError(f"{override}: lota {stage} has no {group} chosen (none by default), so {group}.* "
+                                f"has nothing to set; choose one first, e.g. {group}=gsm8k {override}") from None
             except OSError as err:  # Hydra writing out/.hydra before the stage runs: a full disk names no file
                 if err.filename:
                     raise
@@ -135,6 +142,22 @@ def run_stage(stage: str, args: list[str]) -> None:
                 raise LotaError(f"could not write the run's files (.hydra/, lota.log) in {where}: "
                                 f"{err.strerror or err}; make sure it is a writable directory with free space (or "
                                 "choose another out=)") from err
+
+
+def _unchosen_groups(config: str, args: list[str]) -> list[tuple[str, str]]:
+    """(group, override) of each override that sets a key of a config group the stage's defaults leave empty
+    (eval's `task: null`) with no `group=` choice on the command line."""
+    from omegaconf import OmegaConf
+
+    from lota_cli.config import CONF_DIR
+
+    defaults = OmegaConf.load(CONF_DIR / f"{config}.yaml").get("defaults", [])
+    empty = {k for entry in defaults if isinstance(entry, dict) or OmegaConf.is_dict(entry)
+             for k, v in entry.items() if v is None}
+    keys = [(arg.split("=", 1)[0].lstrip("+~"), arg) for arg in args if "=" in arg]
+    chosen = {key for key, _ in keys}
+    return [(key.split(".", 1)[0], arg) for key, arg in keys
+            if "." in key and key.split(".", 1)[0] in empty and key.split(".", 1)[0] not in chosen]
 
 
 @contextlib.contextmanager
