@@ -178,6 +178,36 @@ def test_composing_any_stage_imports_no_torch(tmp_path):
     assert imported_by(calls, cwd=tmp_path) == [([], False)]
 
 
+def test_the_launching_process_imports_no_torch(tiny_model, tmp_path):
+    """`lota calibrate dist=ddp dist.num_processes=2` composes, checks the engine settings and starts `accelerate
+    launch` without importing torch (3 s and ~300 MiB it held while its processes trained); here the launcher
+    is a stand-in that records its command and exits 0."""
+    import subprocess
+    import sys
+
+    from conftest import tiny_overrides
+    from lota_cli.testing import OFFLINE_ENV
+
+    args = tiny_overrides(tiny_model, tmp_path / "cal", **{"dist": "ddp", "dist.num_processes": 2})
+    code = f"""
+import subprocess, sys
+class Launcher(subprocess.Popen):
+    def __init__(self, cmd, **kwargs):
+        if "accelerate.commands.launch" in cmd:
+            print("launched", " ".join(cmd))
+            cmd = [sys.executable, "-c", ""]
+        super().__init__(cmd, **kwargs)
+subprocess.Popen = Launcher
+from lota_cli import cli
+cli.main(["calibrate", *{args!r}])
+print("torch", "torch" in sys.modules, "transformers" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=OFFLINE_ENV, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "launched " in result.stdout and "accelerate.commands.launch --num_processes 2" in result.stdout
+    assert result.stdout.splitlines()[-1] == "torch False False", result.stdout
+
+
 def test_artifact_stages_import_no_model_or_data_library(tmp_path):
     """extract from a task vector, overlap, merge of sparse deltas (sum, to a task vector) and info work with
     numpy and the native kernels alone: not even torch (two seconds here) before their first work. Merging

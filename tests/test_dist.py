@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import changed_inside, losses, saved_weights, tiny_overrides
-from lota_cli import LotaError, training
+from lota_cli import LotaError, runs
 from lota_cli.artifacts import Artifact
 from lota_cli.config import ExtractConfig, ExtractOptions
 from lota_cli import testing
@@ -59,7 +59,7 @@ def reference(tiny_model, tmp_path_factory):
 
 
 def free_port() -> str:
-    return str(training.free_port())
+    return str(runs.free_port())
 
 
 def on_terminal(*lota_args) -> tuple[subprocess.CompletedProcess, str]:
@@ -255,8 +255,8 @@ def test_two_machines_train_like_one(engine, reference, tiny_model, tmp_path):
     assert losses(out) == pytest.approx(losses(reference["root"] / "cal"), rel=1e-5)
 
 def test_engine_errors_are_one_line(monkeypatch):
-    from lota_cli import training as dist
-    from lota_cli.training import _launch
+    from lota_cli import runs as dist
+    from lota_cli.runs import _launch
     from lota_cli.config import DistConfig, TrainConfig, TrainStageConfig
 
     def cfg(**kw):

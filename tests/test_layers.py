@@ -22,11 +22,12 @@ FLOORS = [
     {"artifacts"},  # lota's file format: metadata, the torch-free reader, the torch side, the writers
     {"ops"},  # top-k selection, merge methods, overlap statistics
     {"config"},  # the option machinery, the stage schemas, the parameter selection, Hydra's registry
+    {"runs"},  # a training run outside its model, torch-free: launching its processes, its checkpoints' places
     {"data"},  # rows, encoding and its cache, batches
     {"models"},  # HF loading and saving, weights, LoRA, token losses
     {"interop"},  # PEFT adapters
     {"inputs"},  # opening whatever path a stage was given
-    {"evaluation", "training"},  # scores and backends; the loop, engines, launch, checkpoints, sparse layers
+    {"evaluation", "training"},  # scores and backends; the loop, objectives, engines, checkpoints, sparse layers
     {"workflows"},  # the streaming merge, the mask sources
     {"stages"},  # one module per stage
     {"cli"},  # the command
@@ -140,7 +141,7 @@ def test_imports_run_down_the_floors_with_no_cycle_and_no_private_names():
 
 
 @pytest.mark.parametrize("added, says", [
-    ("from lota_cli.training import train\n", "tensors (floor 1) imports lota_cli.training (floor 11): up"),
+    ("from lota_cli.training import train\n", "tensors (floor 1) imports lota_cli.training (floor 12): up"),
     ("def f():\n    from lota_cli.stages import merge\n", "tensors (floor 1) imports lota_cli.stages.merge"),
     ("from lota_cli.io._mapping import mapped\n", "a private module of another package"),
     ("from lota_cli.native import _kernels\n", "a private module of another package"),

@@ -54,16 +54,16 @@ def _launch_if_needed(cfg, stage: str, out: Path, raw_out: str) -> bool:
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from lota_cli import training  # torch: only for the training stages
+    from lota_cli import runs  # torch-free: the launching process never imports torch
 
-    if training.launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "${now:" in raw_out:
+    if runs.launched() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "${now:" in raw_out:
         raise LotaError("under accelerate launch, set out=DIR: the default out holds the start time, which "
                         "differs between the processes")
-    training.check(cfg)
-    if not training.needs_launch(cfg):
+    runs.check(cfg)
+    if not runs.needs_launch(cfg):
         return False
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("out=")]
-    training.launch(cfg, [stage, *overrides, f"out={_quote(str(out))}"], out)
+    runs.launch(cfg, [stage, *overrides, f"out={_quote(str(out))}"], out)
     return True
 
 

@@ -15,23 +15,9 @@ from pathlib import Path
 import torch
 
 from lota_cli import LotaError, first_line
+from lota_cli.runs import checkpoint_dir, latest
 
 log = logging.getLogger(__package__)
-
-
-def checkpoint_dir(out: Path) -> Path:
-    return out / "checkpoints"
-
-
-def latest(out: Path) -> Path | None:
-    done = sorted(p for p in checkpoint_dir(out).glob("step-*") if (p / "state.pt").is_file())
-    return done[-1] if done else None
-
-
-def newest_below(out: Path) -> Path | None:
-    """The most recently written complete checkpoint of out or of its phases (lotto: out/calibrate, ...)."""
-    done = [p.parent for p in out.glob("**/checkpoints/step-*/state.pt")]
-    return max(done, key=lambda p: (p / "state.pt").stat().st_mtime) if done else None
 
 
 def resume_point(resume, out: Path) -> Path | None:

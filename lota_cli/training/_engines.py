@@ -10,7 +10,7 @@
 
 The loop and the stages call an Engine for everything that differs (loading, prepare, clipping, checkpoints,
 reading and writing trained values, the model to export) and never ask which engine it is. How processes
-are started is _launch.py's business; the Accelerator here is built inside each of them.
+are started is lota_cli.runs' business; the Accelerator here is built inside each of them.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from lota_cli import LotaError, first_line
 from lota_cli.config import TrainStageConfig
-from lota_cli.training._launch import ZERO_STAGES, check, uses_fsdp
+from lota_cli.runs import ZERO_STAGES, check, uses_fsdp
 
 log = logging.getLogger(__package__)
 

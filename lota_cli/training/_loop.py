@@ -31,7 +31,8 @@ from lota_cli import LotaError
 from lota_cli.config import OptimConfig, TrainConfig, TrainStageConfig
 from lota_cli.console import progress_bar
 from lota_cli.data import MicroBatches, collate
-from lota_cli.training._checkpoints import Checkpointer, latest
+from lota_cli.runs import latest
+from lota_cli.training._checkpoints import Checkpointer
 from lota_cli.training._metrics import Metrics
 from lota_cli.training._objectives import make_objective
 

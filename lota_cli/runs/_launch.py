@@ -1,4 +1,4 @@
-"""Processes: how a training stage spreads over processes (what each engine then does is _engines.py's).
+"""Processes: how a training stage spreads over processes (what each engine then does is training's _engines.py).
 
 Engines (conf/dist/<name>.yaml, chosen with `dist=<name>`):
   single  one process (the default).
@@ -37,12 +37,10 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
-
 from lota_cli import LotaError
 from lota_cli.config import TrainStageConfig
 from lota_cli.console import terminal_env
-from lota_cli.training._checkpoints import newest_below
+from lota_cli.runs._layout import newest_below
 
 log = logging.getLogger(__package__)
 
@@ -104,6 +102,20 @@ def needs_launch(cfg: TrainStageConfig) -> bool:
     return not launched() and (cfg.dist.num_processes > 1 or cfg.dist.engine in ZERO_STAGES)
 
 
+def gpus() -> bool:
+    """Whether this machine may run on GPUs, without importing torch where its build has no GPU support (torch's
+    version.py: cuda and hip None, as in the CPU wheel); otherwise torch.cuda answers."""
+    spec = importlib.util.find_spec("torch")
+    version = Path(next(iter(spec.submodule_search_locations or []), "")) / "version.py" if spec else None
+    if version is not None and version.is_file():
+        built = dict(re.findall(r"^(cuda|hip)\s*(?::[^=]*)?=\s*(.+?)\s*$", version.read_text(), re.M))
+        if built and all(value == "None" for value in built.values()):
+            return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def free_port() -> int:
     """A TCP port free on this machine now (for a process group's rendezvous)."""
     with socket.socket() as s:
@@ -125,7 +137,7 @@ def launch(cfg: TrainStageConfig, lota_args: list[str], out: Path) -> None:
         cmd += ["--use_deepspeed", "--zero_stage", str(ZERO_STAGES[d.engine])]
     else:  # ddp, and fsdp: lota shards with FSDP2 itself in each process (engines.FullyShardedV2)
         cmd += ["--multi_gpu"]
-        if not torch.cuda.is_available():  # DDP over gloo; accelerate's --cpu alone would start one process
+        if not gpus():  # DDP over gloo; accelerate's --cpu alone would start one process
             env["ACCELERATE_USE_CPU"] = "true"
     if d.num_machines > 1:
         missing = [k for k in ("MACHINE_RANK", "MASTER_ADDR") if k not in os.environ]
@@ -136,7 +148,7 @@ def launch(cfg: TrainStageConfig, lota_args: list[str], out: Path) -> None:
                 "--main_process_port", os.environ.get("MASTER_PORT", "29500")]
     else:
         cmd += ["--main_process_port", str(free_port())]
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in env:  # share the cores, don't oversubscribe
+    if not gpus() and "OMP_NUM_THREADS" not in env:  # share the cores, don't oversubscribe
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // d.num_processes))
     env.update(terminal_env())  # the main process draws its progress bar on this terminal, through the pipe
     cmd += ["-m", "lota_cli", *lota_args]
