@@ -441,13 +441,14 @@ def encode_stream(tokenizer, task: TaskConfig) -> Iterator[tuple[np.ndarray, np.
 
 def report(task: TaskConfig, stats: dict) -> None:
     """Say what truncation did (a warning: it changes what trains)."""
+    pairs = task.format == "preference"
     if stats.get("dropped"):
-        log.warning("task %s: %d of %d examples dropped (longer than task.max_length=%d with "
-                    "task.truncation=%s)", task.name, stats["dropped"], stats["rows"], task.max_length,
+        log.warning("task %s: %d of %d %s dropped (longer than task.max_length=%d with task.truncation=%s)",
+                    task.name, stats["dropped"], stats["rows"], "pairs" if pairs else "examples", task.max_length,
                     task.truncation)
     if stats.get("truncated"):
-        log.warning("task %s: %d examples' answers cut to fit task.max_length=%d", task.name, stats["truncated"],
-                    task.max_length)
+        log.warning("task %s: %d %s to fit task.max_length=%d", task.name, stats["truncated"],
+                    "pairs' prompts cut at their start" if pairs else "examples' answers cut", task.max_length)
     if stats.get("turns_dropped"):
         log.warning("task %s: %d conversations lost their last turns to fit task.max_length=%d (whole turns "
                     "kept)", task.name, stats["turns_dropped"], task.max_length)
