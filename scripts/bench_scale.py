@@ -299,12 +299,11 @@ def _scaled(path: Path, info: dict) -> str:
     """The memory mergekit would need at this shape: its peak at the largest shape it finished here, scaled by
     the model's size, against this machine's memory."""
     record = json.loads(path.read_text()) if path.is_file() else {}
-    done = [r for r in record.values() if r["parameters"] < info["parameters"]]
+    done = {shape: r for shape, r in record.items() if r["parameters"] < info["parameters"]}
     if not done:
         return "its memory is unmeasured: run scale.shape=3b (or 1b) first"
-    largest = max(done, key=lambda r: r["parameters"])
+    shape, largest = max(done.items(), key=lambda item: item[1]["parameters"])
     ratio = largest["rss_peak"] / largest["bytes"]
-    shape = next(k for k, r in record.items() if r is largest)
     return (f"at {shape} it peaked at {largest['rss_peak'] / GiB:.1f} GiB RSS ({ratio:.2f}x the model), so about "
             f"{ratio * info['bytes'] / GiB:.0f} GiB here, against this machine's {memory_bytes() / GiB:.0f} GiB")
 

@@ -152,12 +152,12 @@ def _unchosen_groups(config: str, args: list[str]) -> list[tuple[str, str]]:
     from lota_cli.config import CONF_DIR
 
     defaults = OmegaConf.load(CONF_DIR / f"{config}.yaml").get("defaults", [])
-    empty = {k for entry in defaults if isinstance(entry, dict) or OmegaConf.is_dict(entry)
-             for k, v in entry.items() if v is None}
+    empty = {group for entry in defaults if OmegaConf.is_dict(entry) for group, choice in entry.items()
+             if choice is None}
     keys = [(arg.split("=", 1)[0].lstrip("+~"), arg) for arg in args if "=" in arg]
     chosen = {key for key, _ in keys}
-    return [(key.split(".", 1)[0], arg) for key, arg in keys
-            if "." in key and key.split(".", 1)[0] in empty and key.split(".", 1)[0] not in chosen]
+    groups = [(key.partition(".")[0], arg) for key, arg in keys if "." in key]
+    return [(group, arg) for group, arg in groups if group in empty and group not in chosen]
 
 
 @contextlib.contextmanager

@@ -170,9 +170,9 @@ class _Encoder:
             out.append((ids, trained, len(prompt), reference, "truncated" if len(target) > room else ""))
         return out
 
-    def _turns(self, value, i: int, field: str | None = None, prompt: bool = False) -> list[dict]:
-        """A row's conversation as [{"role", "content"}] with roles mapped, task.system_prompt first if set (a
-        prompt's turns need no assistant turn; a completion's get no system turn)."""
+    def _turns(self, value, i: int, field: str | None = None, need_assistant: bool = True) -> list[dict]:
+        """A row's turns (its conversation, or a preference pair's prompt or completion; `field` names it) as
+        [{"role", "content"}] with roles mapped."""
         task = self.task
         field = field or task.messages_field
         if not isinstance(value, list) or not value:
@@ -188,10 +188,14 @@ class _Encoder:
                 raise LotaError(f"{self._row(i)}: unknown role {turn[task.role_field]!r}; known: {', '.join(ROLES)}")
             turns.append({"role": role, "content": "" if turn[task.content_field] is None
                           else str(turn[task.content_field])})
-        if not prompt and not any(t["role"] == "assistant" for t in turns):
+        if need_assistant and not any(t["role"] == "assistant" for t in turns):
             raise LotaError(f"{self._row(i)}: the conversation has no assistant turn, so nothing to train on; drop it")
-        if task.system_prompt and turns[0]["role"] != "system" and field in (task.messages_field, task.prompt_field):
-            turns.insert(0, {"role": "system", "content": task.system_prompt})
+        return turns
+
+    def _with_system(self, turns: list[dict]) -> list[dict]:
+        """The turns with task.system_prompt first, where it is set and they start with no system turn."""
+        if self.task.system_prompt and turns[0]["role"] != "system":
+            return [{"role": "system", "content": self.task.system_prompt}, *turns]
         return turns
 
     def _pairs(self, rows: dict[str, list], n: int):
@@ -224,8 +228,8 @@ class _Encoder:
             if not self.template:
                 raise LotaError(f"task {task.name}: conversational pairs are rendered with a chat template, and the "
                                 "tokenizer has none; set task.chat_template=FILE.jinja (or the template text)")
-            chosen_turns = self._turns(chosen, i, task.chosen_field, prompt=True)
-            rejected_turns = self._turns(rejected, i, task.rejected_field, prompt=True)
+            chosen_turns = self._turns(chosen, i, task.chosen_field, need_assistant=False)
+            rejected_turns = self._turns(rejected, i, task.rejected_field, need_assistant=False)
             if prompt is None:  # the implicit prompt: the turns both completions start with
                 shared = 0
                 while (shared < min(len(chosen_turns), len(rejected_turns)) - 1
@@ -236,13 +240,12 @@ class _Encoder:
                 if not prompt_turns:
                     raise LotaError(f"{self._row(i)}: no {task.prompt_field!r} field and the two conversations share "
                                     "no turn to take as the prompt; give the prompt (task.prompt_field)")
-                if task.system_prompt and prompt_turns[0]["role"] != "system":
-                    prompt_turns.insert(0, {"role": "system", "content": task.system_prompt})
             elif isinstance(prompt, list):
-                prompt_turns = self._turns(prompt, i, task.prompt_field, prompt=True)
+                prompt_turns = self._turns(prompt, i, task.prompt_field, need_assistant=False)
             else:
                 raise LotaError(f"{self._row(i)}: {task.prompt_field!r} is {type(prompt).__name__}, while the "
                                 "completions are lists of turns; give the prompt as a list of turns too")
+            prompt_turns = self._with_system(prompt_turns)
             texts.append(self._chat([prompt_turns], True)
                          + self._chat([prompt_turns + chosen_turns, prompt_turns + rejected_turns], False))
             special.append(False)
@@ -274,7 +277,7 @@ class _Encoder:
         starts where the conversation before it, with the generation prompt, renders to), and train the tokens
         of those contents and the end-of-turn token after each."""
         task = self.task
-        conversations = [self._turns(v, i) for i, v in enumerate(rows[task.messages_field])]
+        conversations = [self._with_system(self._turns(v, i)) for i, v in enumerate(rows[task.messages_field])]
         texts = self._chat(conversations, False)
         spans_per_row = []
         for i, (turns, text) in enumerate(zip(conversations, texts)):

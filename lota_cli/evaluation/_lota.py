@@ -43,6 +43,7 @@ class LotaBackend:
     def __init__(self, cfg: EvalConfig):
         self.cfg, opts = cfg, cfg.eval
         self.reference: dict[str, list[float]] = {}  # per preference task: the pairs' log-probabilities before deltas
+        self._pair_examples: dict[str, list] = {}  # per preference task: its pairs, encoded once for both passes
         self.settings = {"max_examples": opts.max_examples, "max_new_tokens": opts.max_new_tokens,
                          "generate": opts.generate, "generate_examples": opts.generate_examples,
                          "rouge_stemmer": opts.rouge_stemmer}
@@ -79,8 +80,10 @@ class LotaBackend:
     def _completions(self, model, tokenizer, task: TaskConfig, what: str) -> list[tuple[float, int]]:
         """(NLL sum, tokens) of each completion of a preference task's pairs: chosen, rejected, chosen, ..."""
         opts = self.cfg.eval
-        encoded = encode(tokenizer, task, load_rows(task, "eval", opts.max_examples), "eval")
-        return nll_per_example(model, eval_examples(encoded), opts.batch_size, tokenizer.pad_token_id or 0,
+        if task.name not in self._pair_examples:
+            encoded = encode(tokenizer, task, load_rows(task, "eval", opts.max_examples), "eval")
+            self._pair_examples[task.name] = eval_examples(encoded)
+        return nll_per_example(model, self._pair_examples[task.name], opts.batch_size, tokenizer.pad_token_id or 0,
                                what=f"{task.name} {what}")
 
     def _pairs(self, model, tokenizer, task: TaskConfig) -> list[dict]:

@@ -129,7 +129,7 @@ def launch(cfg: TrainStageConfig, lota_args: list[str], out: Path) -> None:
     The processes re-read the same overrides, so each builds the engine from cfg.dist (engines.make_engine);
     the launcher only starts them: torchrun-style, which DeepSpeed needs even for one process.
     """
-    d = cfg.dist
+    d, on_gpus = cfg.dist, gpus()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(d.num_processes),
            "--num_machines", str(d.num_machines), "--mixed_precision", "no", "--dynamo_backend", "no"]
     env = {**os.environ, "LOTA_LAUNCHED": "1"}
@@ -137,7 +137,7 @@ def launch(cfg: TrainStageConfig, lota_args: list[str], out: Path) -> None:
         cmd += ["--use_deepspeed", "--zero_stage", str(ZERO_STAGES[d.engine])]
     else:  # ddp, and fsdp: lota shards with FSDP2 itself in each process (engines.FullyShardedV2)
         cmd += ["--multi_gpu"]
-        if not gpus():  # DDP over gloo; accelerate's --cpu alone would start one process
+        if not on_gpus:  # DDP over gloo; accelerate's --cpu alone would start one process
             env["ACCELERATE_USE_CPU"] = "true"
     if d.num_machines > 1:
         missing = [k for k in ("MACHINE_RANK", "MASTER_ADDR") if k not in os.environ]
@@ -148,7 +148,7 @@ def launch(cfg: TrainStageConfig, lota_args: list[str], out: Path) -> None:
                 "--main_process_port", os.environ.get("MASTER_PORT", "29500")]
     else:
         cmd += ["--main_process_port", str(free_port())]
-    if not gpus() and "OMP_NUM_THREADS" not in env:  # share the cores, don't oversubscribe
+    if not on_gpus and "OMP_NUM_THREADS" not in env:  # share the cores, don't oversubscribe
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // d.num_processes))
     env.update(terminal_env())  # the main process draws its progress bar on this terminal, through the pipe
     cmd += ["-m", "lota_cli", *lota_args]

@@ -10,10 +10,10 @@ from lota_cli.training._metrics import Metrics, finish_trackers, start_trackers
 from lota_cli.training._objectives import PrecomputedReference, SparseOffReference, make_objective
 from lota_cli.training._plan import model_shape, plan, smallest_fit
 from lota_cli.training._setup import Run, export_model, load_base, lora_task_vector, setup
-from lota_cli.training._sparse import attach_sparse, fold_sparse, sparse_off
+from lota_cli.training._sparse import attach_sparse, fold_sparse
 
-__all__ = ["Checkpointer", "DeepSpeedZero", "FullyShardedV2", "Metrics", "PrecomputedReference", "Replicated", "Run",
-           "SparseOffReference", "TrainResult", "attach_sparse", "deepspeed_config", "export_model",
+__all__ = ["Checkpointer", "DeepSpeedZero", "FullyShardedV2", "Metrics", "PrecomputedReference", "Replicated",
+           "Run", "SparseOffReference", "TrainResult", "attach_sparse", "deepspeed_config", "export_model",
            "finish_trackers", "fold_sparse", "load_base", "lora_task_vector", "make_engine", "make_objective",
            "make_optimizer", "model_shape", "optimizer_steps", "plan", "resume_point", "setup", "shutdown",
-           "smallest_fit", "sparse_off", "start_trackers", "train"]
+           "smallest_fit", "start_trackers", "train"]

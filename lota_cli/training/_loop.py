@@ -128,8 +128,8 @@ def train(model: nn.Module, trainable: dict[str, nn.Parameter], data, pad_id: in
     with StopRequest() as stop, progress_bar(steps, start, acc.is_main_process) as bar:
         for step in range(start, steps):
             t0, tokens, sums = time.perf_counter(), 0, [0.0] * len(objective.metrics)
-            micro = [step * tcfg.grad_accum + j for j in range(tcfg.grad_accum)]
-            micro = [(data.micro_indices(i), data.micro_batch(i)) for i in micro]
+            micro = [(data.micro_indices(i), data.micro_batch(i))
+                     for i in range(step * tcfg.grad_accum, (step + 1) * tcfg.grad_accum)]
             global_units = sum(objective.units(item) for _, items in micro for item in items)
             if global_units == 0:
                 raise LotaError(f"step {step + 1}'s batch has no token to train on (check task.train_on and the "

@@ -31,6 +31,11 @@ from lota_cli.models import completion_logps, token_nll_sum
 from lota_cli.training._sparse import sparse_off
 
 
+def pair_rows(items: list[Item]) -> list[Item]:
+    """A batch's rows of preference items: each pair's chosen, then its rejected sequence, a row each."""
+    return [[sequence] for item in items for sequence in item]
+
+
 class NextToken:
     """train.objective=sft."""
 
@@ -90,7 +95,7 @@ class PrecomputedReference:
                     continue
                 scored.update(first)
                 mine = MicroBatches.shard(indices, rank, world)
-                batch = collate([[seq] for j in mine for seq in data.item(j)], pad_id)
+                batch = collate(pair_rows([data.item(j) for j in mine]), pad_id)
                 logps = completion_logps(model, {k: v.to(acc.device) for k, v in batch.items()}).double()
                 for j, pair in zip(mine, logps.view(-1, 2)):
                     if first.pop(j, None) == rank:
@@ -116,7 +121,7 @@ class Preference:
         return 1
 
     def rows(self, items: list[Item]) -> list[Item]:
-        return [[sequence] for item in items for sequence in item]  # chosen, rejected, chosen, ...
+        return pair_rows(items)
 
     def start(self, model: nn.Module, data, steps: int, train: TrainConfig, pad_id: int, engine) -> None:
         if self.reference is not None:
